@@ -1,0 +1,43 @@
+"""What a backbone must provide so that a looping strategy can run any contiguous block range.
+
+A backbone is an ``nn.Module`` subclass registered through ``register_backbones``. The core
+never looks inside a block: it calls ``embed``, then ``run_block(i, h)`` for each layer in the
+order the loop plan gives, then ``head``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from pydantic import BaseModel
+from torch import nn
+
+from .flops import FlopProfile
+
+
+class Backbone(nn.Module):
+    name: ClassVar[str]
+    Params: ClassVar[type[BaseModel]]
+
+    n_layer: int
+    d_model: int
+    n_tokens: int  # vocabulary size including the MASK token
+    mask_id: int
+
+    def __init__(self, params: BaseModel, vocab_size: int, seq_len: int):
+        """``vocab_size`` counts the tokeniser's tokens; the backbone adds one MASK token
+        (id ``vocab_size``)."""
+        super().__init__()
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:  # (B, T) ids -> (B, T, C)
+        raise NotImplementedError
+
+    def run_block(self, i: int, h: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
+        raise NotImplementedError
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, n_tokens) logits
+        raise NotImplementedError
+
+    def flop_profile(self, seq_len: int) -> FlopProfile:
+        raise NotImplementedError

@@ -1,0 +1,291 @@
+"""The command line: parse, call the library, print. No logic lives here.
+
+Errors the user can fix (LoopsearchError) print as one line on stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import click
+
+from .errors import LoopsearchError
+
+STORAGE_HELP = "Optuna storage URL (default: $LOOPSEARCH_STORAGE, else sqlite:///loopsearch.db in this directory)."
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="loopsearch")
+def cli():
+    """Search where to loop a masked diffusion LM, under a fixed training-FLOP budget.
+
+    Quickstart: loopsearch study create --space early_middle; loopsearch study run; loopsearch leaderboard
+    """
+
+
+# ---- plugins -----------------------------------------------------------------------------------
+@cli.group()
+def plugins():
+    """Installed plugins (builtin and third-party)."""
+
+
+@plugins.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def plugins_list(as_json: bool):
+    """List plugins: name, kind, distribution, version and parameters.
+
+    Example: loopsearch plugins list --json
+    """
+    from .registry import get_registry
+
+    reg = get_registry()
+    rows = [{"name": i.name, "kind": i.kind, "distribution": i.distribution, "version": i.version,
+             "plugin": i.plugin, "parameters": i.params_schema()} for i in reg.all()]
+    failures = [{"plugin": f.plugin, "distribution": f.distribution, "error": f.error} for f in reg.failures]
+    if as_json:
+        click.echo(json.dumps({"plugins": rows, "failures": failures}, indent=2, default=str))
+        return
+    from rich.table import Table
+
+    table = Table(title="loopsearch plugins")
+    for col in ("kind", "name", "distribution", "version", "parameters"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        params = ", ".join(f"{k}={v.get('default', '')}" if "default" in v else k for k, v in r["parameters"].items())
+        table.add_row(r["kind"], r["name"], r["distribution"], r["version"], params)
+    console = _console()
+    console.print(table)
+    for f in failures:
+        console.print(f"[red]failed to load[/] {f['plugin']} ({f['distribution']}): {f['error']}")
+
+
+# ---- spaces --------------------------------------------------------------------------------------
+@cli.group()
+def spaces():
+    """Search spaces and study recipes."""
+
+
+@spaces.command("list")
+def spaces_list():
+    """List the search spaces and study recipes that plugins provide.
+
+    Example: loopsearch spaces list
+    """
+    from rich.table import Table
+
+    from .registry import get_registry
+    from .space import load_recipe, load_space
+
+    reg = get_registry()
+    table = Table(title="search spaces (--space) and study recipes (--recipe)")
+    for col in ("kind", "name", "from", "description"):
+        table.add_column(col, overflow="fold")
+    for name, info in sorted(reg.items("search_space").items()):
+        table.add_row("space", name, info.distribution, load_space(name).description)
+    for name, info in sorted(reg.items("study_recipe").items()):
+        table.add_row("recipe", name, info.distribution, load_recipe(name).description)
+    _console().print(table)
+
+
+# ---- studies -------------------------------------------------------------------------------------
+@cli.group()
+def study():
+    """Create, run and inspect Optuna studies."""
+
+
+def corpus_option(value: str | None) -> dict | None:
+    """--corpus: a corpus plugin name, a text file, a directory with *train*/*valid* files, or hf:NAME[/CONFIG]."""
+    if value is None:
+        return None
+    from .registry import get_registry
+
+    names = get_registry().items("corpus")
+    path = Path(value)
+    if value in names:
+        return {"name": value, "params": {}}
+    if value.startswith("hf:"):
+        dataset, _, config = value[3:].partition("/")
+        return {"name": "hub", "params": {"dataset": dataset, **({"config": config} if config else {})}}
+    if path.is_file():
+        return {"name": "text", "params": {"train": str(path.resolve())}}
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file())
+        train = [p for p in files if "train" in p.name]
+        valid = [p for p in files if "valid" in p.name]
+        if len(train) == 1:
+            params = {"train": str(train[0].resolve())}
+            if len(valid) == 1:
+                params["valid"] = str(valid[0].resolve())
+            return {"name": "text", "params": params}
+        raise LoopsearchError(f"--corpus {value}: directory needs exactly one file with 'train' in its name "
+                              f"(and optionally one with 'valid'); found {[p.name for p in files]}")
+    raise LoopsearchError(f"--corpus {value!r} is not a corpus plugin ({', '.join(sorted(names))}), "
+                          f"an existing file or directory, or hf:DATASET[/CONFIG]")
+
+
+@study.command("create")
+@click.option("--space", help="Search space: a name (see `loopsearch spaces list`) or a .toml path.")
+@click.option("--recipe", help="Study recipe (name or .toml path) giving budget, corpus, model; default: built-in defaults.")
+@click.option("--name", help="Study name (default: SPACE-YYYYmmdd-HHMMSS).")
+@click.option("--budget", help="Training FLOPs per trial: 3e13, '30 TFLOP', '2 PFLOP' or GPU time 'h100:2h@0.4'.")
+@click.option("--corpus", help="Corpus plugin name, text file, directory (train/valid files) or hf:DATASET[/CONFIG].")
+@click.option("--sampler", type=click.Choice(["tpe", "random", "qmc", "gp", "cmaes"]), help="Optuna sampler (default tpe).")
+@click.option("--seed", type=int, help="Seed of every trial (data order, masks) and of the sampler.")
+@click.option("--n-trials", type=int, help="Trials `study run` completes by default.")
+@click.option("--storage", help=STORAGE_HELP)
+def study_create(space, recipe, name, budget, corpus, sampler, seed, n_trials, storage):
+    """Create a study and store its whole spec in Optuna storage.
+
+    Example: loopsearch study create --space early_middle --name quick --budget '1 TFLOP'
+    """
+    from . import study as studies
+    from .storage import mask, storage_url
+    from .units import format_flops
+
+    base = space or (Path(recipe).stem if recipe else "study")
+    name = name or f"{Path(base).stem}-{datetime.now():%Y%m%d-%H%M%S}"
+    spec = studies.spec_from_options(name, space, recipe, budget, corpus_option(corpus), seed, sampler, n_trials)
+    studies.create(spec, storage)
+    click.echo(f"created study {name!r} in {mask(storage_url(storage))}: space {spec.space.name}, "
+               f"budget {format_flops(spec.budget)} per trial, corpus {spec.corpus.name}, {spec.n_trials} trials, "
+               f"baseline enqueued")
+    click.echo(f"next: loopsearch study run {name}")
+
+
+@study.command("run")
+@click.argument("name", required=False)
+@click.option("--n-trials", type=int, help="Run this many more trials (default: until the study has its n_trials finished).")
+@click.option("--timeout", type=float, help="Stop starting new trials after this many seconds.")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar per trial.")
+@click.option("--storage", help=STORAGE_HELP)
+def study_run(name, n_trials, timeout, progress, storage):
+    """Run trials of a study (default: the most recently created one).
+
+    Ctrl-C keeps the finished trials and marks the running one failed; run again to continue.
+
+    Example: loopsearch study run quick --n-trials 4
+    """
+    from . import study as studies
+
+    name = name or studies.latest_study(storage)
+    console = _console()
+    console.print(f"running study [bold]{name}[/]")
+
+    def done(study, trial):
+        a = trial.user_attrs
+        nll = f"val NLL {a['val_nll']:.4f}" if "val_nll" in a else a.get("rejected", "")
+        console.print(f"trial {trial.number} {trial.state.name.lower()}: {a.get('strategy', '?')} "
+                      f"[{a.get('loop_start')},{a.get('loop_end')})x{a.get('n_loops')} {nll}")
+
+    try:
+        ran = studies.run(name, storage, n_trials, timeout, progress=progress, callback=done)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: finished trials of {name!r} are kept and the running one is marked failed; "
+                   f"`loopsearch study run {name}` continues it", err=True)
+        sys.exit(130)
+    if ran == 0:
+        click.echo(f"study {name!r} already has its trials; pass --n-trials N to run more")
+    else:
+        click.echo(f"ran {ran} trials; see `loopsearch leaderboard --study {name}`")
+
+
+@study.command("list")
+@click.option("--storage", help=STORAGE_HELP)
+def study_list(storage):
+    """List the studies in a storage with their trial counts and best val NLL.
+
+    Example: loopsearch study list
+    """
+    import optuna
+    from rich.table import Table
+
+    from .storage import open_storage
+
+    table = Table(title="studies")
+    for col in ("name", "trials", "best val NLL", "created"):
+        table.add_column(col)
+    for s in optuna.get_all_study_summaries(open_storage(storage), include_best_trial=True):
+        best = f"{s.best_trial.value:.4f}" if s.best_trial is not None and s.best_trial.value is not None else ""
+        table.add_row(s.study_name, str(s.n_trials), best, f"{s.datetime_start:%Y-%m-%d %H:%M}" if s.datetime_start else "")
+    _console().print(table)
+
+
+@study.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print the stored spec as JSON.")
+@click.option("--storage", help=STORAGE_HELP)
+def study_show(name, as_json, storage):
+    """Show a study's stored spec and the state of its trials.
+
+    Example: loopsearch study show quick
+    """
+    from collections import Counter
+
+    from . import study as studies
+    from .units import format_flops
+
+    st, spec = studies.load(name, storage)
+    if as_json:
+        click.echo(json.dumps(spec.model_dump(mode="json"), indent=2))
+        return
+    counts = Counter(t.state.name.lower() for t in st.get_trials(deepcopy=False))
+    console = _console()
+    console.print(f"[bold]{spec.name}[/]  space {spec.space.name}: {spec.space.description}")
+    console.print(f"budget {format_flops(spec.budget)} per trial; corpus {spec.corpus.name} {spec.corpus.params or ''}; "
+                  f"backbone {spec.backbone.name} {spec.backbone.params or '(defaults)'}; vocab {spec.vocab_size}; "
+                  f"seed {spec.seed}; sampler {spec.sampler}; target {spec.n_trials} trials")
+    console.print(f"trials: {dict(counts) or 'none yet'}")
+    console.print(f"versions: {spec.versions}")
+
+
+# ---- leaderboard ---------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--study", "studies_", multiple=True, help="Study to include (repeat for several; default: all).")
+@click.option("--top", type=int, help="Show the K best trials of each study.")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "markdown", "parquet"]), default="table")
+@click.option("--output", type=click.Path(dir_okay=False), help="Write to this file instead of the terminal.")
+@click.option("--storage", help=STORAGE_HELP)
+def leaderboard(studies_, top, fmt, output, storage):
+    """Rank trials by validation NLL, with FLOPs and the difference from each study's baseline.
+
+    Example: loopsearch leaderboard --study quick --top 5 --format csv --output quick.csv
+    """
+    from . import leaderboard as lb
+
+    df = lb.top(lb.frame(storage, list(studies_) or None), top)
+    if fmt == "table" and not output:
+        _console().print(lb.rich_table(df))
+        return
+    text = lb.write(df, fmt, output)
+    if text is not None:
+        click.echo(text, nl=False)
+    else:
+        click.echo(f"wrote {len(df)} rows to {output}", err=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        code = cli.main(args=argv, prog_name="loopsearch", standalone_mode=False)
+    except LoopsearchError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

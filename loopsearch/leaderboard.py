@@ -1,0 +1,136 @@
+"""Results as data: Optuna storage -> polars frame -> table, CSV, JSON, Markdown or Parquet.
+
+One row per trial. ``delta_nll`` is the trial's val NLL minus its study's no-loop baseline
+(negative = better than the baseline at the same training-FLOP budget).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import polars as pl
+
+from .errors import LoopsearchError
+from .space import BASELINE_ATTR
+from .storage import open_storage
+
+FORMATS = ("table", "csv", "json", "markdown", "parquet")
+
+SCHEMA = {
+    "study": pl.String, "trial": pl.Int64, "state": pl.String, "baseline": pl.Boolean,
+    "strategy": pl.String, "loop_start": pl.Int64, "loop_end": pl.Int64, "n_loops": pl.Int64,
+    "n_layer": pl.Int64, "params": pl.String, "train_flops": pl.Float64, "budget": pl.Float64,
+    "inference_flops_per_token": pl.Float64, "val_nll": pl.Float64, "perplexity": pl.Float64,
+    "delta_nll": pl.Float64, "steps": pl.Int64, "n_params": pl.Int64, "wall_s": pl.Float64, "note": pl.String,
+}
+
+
+def _row(study: str, t: optuna.trial.FrozenTrial) -> dict:
+    a = t.user_attrs
+    searched = {k: v for k, v in t.params.items() if k not in ("strategy", "loop_start", "block_length")}
+    note = a.get("rejected") or t.system_attrs.get("fail_reason") or ""
+    return {
+        "study": study, "trial": t.number, "state": t.state.name.lower(), "baseline": bool(a.get(BASELINE_ATTR)),
+        "strategy": a.get("strategy"), "loop_start": a.get("loop_start"), "loop_end": a.get("loop_end"),
+        "n_loops": a.get("n_loops"), "n_layer": a.get("n_layer"),
+        "params": json.dumps(searched, sort_keys=True) if searched else "",
+        "train_flops": a.get("train_flops"), "budget": a.get("budget"),
+        "inference_flops_per_token": a.get("inference_flops_per_token"),
+        "val_nll": a.get("val_nll"), "perplexity": a.get("perplexity"), "delta_nll": None,
+        "steps": a.get("steps"), "n_params": a.get("n_params"), "wall_s": a.get("wall_s"),
+        "note": str(note).splitlines()[0][:120] if note else "",
+    }
+
+
+def frame(storage: str | None = None, studies: list[str] | None = None) -> pl.DataFrame:
+    store = open_storage(storage)
+    available = [s.study_name for s in optuna.get_all_study_summaries(store, include_best_trial=False)]
+    names = studies or available
+    missing = [n for n in names if n not in available]
+    if missing:
+        from .errors import StudyNotFoundError
+        from .storage import mask, storage_url
+
+        raise StudyNotFoundError(missing[0], available, mask(storage_url(storage)))
+    rows = []
+    for name in names:
+        study = optuna.load_study(study_name=name, storage=store)
+        rows += [_row(name, t) for t in study.get_trials(deepcopy=False)]
+    df = pl.DataFrame(rows, schema=SCHEMA)
+    base = (df.filter(pl.col("baseline") & pl.col("val_nll").is_not_null())
+              .group_by("study").agg(pl.col("val_nll").min().alias("_base")))
+    df = df.join(base, on="study", how="left").with_columns(delta_nll=pl.col("val_nll") - pl.col("_base")).drop("_base")
+    return df.sort(["study", "val_nll", "trial"], nulls_last=True)
+
+
+def top(df: pl.DataFrame, k: int | None) -> pl.DataFrame:
+    """The k best trials of each study by val NLL (unfinished trials last)."""
+    if k is None:
+        return df
+    return df.group_by("study", maintain_order=True).head(k)
+
+
+def write(df: pl.DataFrame, fmt: str, output: str | None = None) -> str | None:
+    """Serialise ``df``; returns the text for text formats when no output file is given."""
+    if fmt not in FORMATS:
+        raise LoopsearchError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fmt == "parquet":
+        if not output:
+            raise LoopsearchError("parquet is binary: give --output FILE.parquet")
+        df.write_parquet(output)
+        return None
+    text = {
+        "csv": lambda: df.write_csv(),
+        "json": lambda: json.dumps(df.to_dicts(), indent=2),
+        "markdown": lambda: markdown(df),
+        "table": lambda: markdown(df),
+    }[fmt]()
+    if output:
+        Path(output).write_text(text)
+        return None
+    return text
+
+
+def _fmt(col: str, v) -> str:
+    if v is None:
+        return ""
+    if col in ("train_flops", "budget", "inference_flops_per_token"):
+        return f"{v:.3g}"
+    if col in ("val_nll", "delta_nll"):
+        return f"{v:+.4f}" if col == "delta_nll" else f"{v:.4f}"
+    if col in ("perplexity", "wall_s"):
+        return f"{v:.2f}" if col == "perplexity" else f"{v:.1f}"
+    return str(v)
+
+
+DISPLAY = ["study", "trial", "state", "strategy", "loop_start", "loop_end", "n_loops", "n_layer", "params",
+           "train_flops", "inference_flops_per_token", "val_nll", "perplexity", "delta_nll", "steps", "wall_s", "note"]
+
+
+def markdown(df: pl.DataFrame) -> str:
+    cols = DISPLAY
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in df.iter_rows(named=True):
+        label = {**row, "trial": f"{row['trial']}{' (baseline)' if row['baseline'] else ''}"}
+        lines.append("| " + " | ".join(_fmt(c, label[c]).replace("|", "\\|") for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def rich_table(df: pl.DataFrame):
+    from rich.table import Table
+
+    headers = {"inference_flops_per_token": "inf FLOPs/tok", "train_flops": "train FLOPs", "loop_start": "start",
+               "loop_end": "end", "n_loops": "loops", "n_layer": "layers", "delta_nll": "Δ vs base"}
+    table = Table(title="loopsearch leaderboard (val NLL in nats/token; lower is better)")
+    for c in DISPLAY:
+        table.add_column(headers.get(c, c), justify="right" if c not in ("study", "state", "strategy", "params", "note") else "left",
+                         overflow="fold")
+    for row in df.iter_rows(named=True):
+        cells = [_fmt(c, row[c]) for c in DISPLAY]
+        if row["baseline"]:
+            cells[1] += " ★"
+        style = "dim" if row["state"] != "complete" else None
+        table.add_row(*cells, style=style)
+    return table

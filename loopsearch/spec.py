@@ -1,0 +1,229 @@
+"""Pydantic models at every boundary: search spaces, study recipes/specs, trial configs.
+
+One place turns a TOML file into a validated object (``load_toml``); errors name the file, the
+key and the allowed values. Unknown keys are rejected everywhere (``extra="forbid"``).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import SpecError
+from .units import parse_flops
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---- search-space distributions --------------------------------------------------------------
+class IntRange(Strict):
+    low: int
+    high: int
+    step: int = 1
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _order(self):
+        if self.low > self.high:
+            raise ValueError(f"low={self.low} is above high={self.high}")
+        return self
+
+
+class FloatRange(Strict):
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _order(self):
+        if self.low > self.high:
+            raise ValueError(f"low={self.low} is above high={self.high}")
+        return self
+
+
+Scalar = Union[bool, int, float, str]
+# A value in a space: a fixed scalar, a list (categorical choice), or a {low, high} range.
+Dist = Union[Scalar, list[Scalar], IntRange, FloatRange]
+
+
+class BlockSpace(Strict):
+    """Where the loop block may sit. Give ``region`` (fractions of the depth) or ``layers``
+    (absolute layer indices [lo, hi)); the block [loop_start, loop_end) lies inside it."""
+
+    region: tuple[float, float] | None = None
+    layers: tuple[int, int] | None = None
+    length: tuple[int, int] = (1, 3)
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.region is None) == (self.layers is None):
+            raise ValueError("give exactly one of region = [lo_frac, hi_frac] or layers = [lo, hi]")
+        if self.region is not None and not (0 <= self.region[0] < self.region[1] <= 1):
+            raise ValueError(f"region {list(self.region)} must satisfy 0 <= lo < hi <= 1")
+        if self.layers is not None and not (0 <= self.layers[0] < self.layers[1]):
+            raise ValueError(f"layers {list(self.layers)} must satisfy 0 <= lo < hi")
+        if not (1 <= self.length[0] <= self.length[1]):
+            raise ValueError(f"length {list(self.length)} must satisfy 1 <= min <= max")
+        return self
+
+    def bounds(self, n_layer: int) -> tuple[int, int]:
+        """The layer range [lo, hi) the block must lie in, for a model of n_layer layers."""
+        if self.layers is not None:
+            return self.layers
+        lo, hi = self.region
+        return int(lo * n_layer), max(int(lo * n_layer) + 1, round(hi * n_layer))
+
+
+class SearchSpace(Strict):
+    name: str
+    description: str = ""
+    strategies: list[str] = Field(min_length=1)
+    block: BlockSpace | None = None
+    strategy: dict[str, dict[str, Dist]] = Field(default_factory=dict, description="per-strategy parameter distributions")
+    backbone: dict[str, Dist] = Field(default_factory=dict, description="backbone parameters searched")
+    train: dict[str, Dist] = Field(default_factory=dict, description="training parameters searched (e.g. lr)")
+
+    @model_validator(mode="after")
+    def _block_needed(self):
+        loops = [s for s in self.strategies if s != "none"]
+        if loops and self.block is None:
+            raise ValueError(f"strategies {loops} loop a block: add a [block] table (region or layers, and length)")
+        unknown = set(self.strategy) - set(self.strategies)
+        if unknown:
+            raise ValueError(f"[strategy.{sorted(unknown)[0]}] is not in strategies = {self.strategies}")
+        return self
+
+
+# ---- studies -----------------------------------------------------------------------------------
+class PluginRef(Strict):
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainConfig(Strict):
+    batch_size: int = Field(16, ge=1, description="sequences per optimizer step")
+    seq_len: int = Field(64, ge=8, description="tokens per sequence")
+    lr: float = Field(3e-3, gt=0, description="peak learning rate")
+    min_lr_frac: float = Field(0.1, ge=0, le=1, description="final lr as a fraction of the peak (cosine)")
+    warmup_frac: float = Field(0.05, ge=0, lt=1, description="warmup length as a fraction of the FLOP budget")
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = Field(1.0, ge=0, description="max grad norm; 0 disables clipping")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast where it is faster")
+    compile: bool = Field(False, description="torch.compile the model (pays off on long runs)")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    min_steps: int = Field(20, ge=1, description="reject trials whose budget buys fewer optimizer steps")
+    eval_points: int = Field(4, ge=1, description="validations at equal FLOP fractions of the budget")
+    eval_sequences: int = Field(64, ge=1, description="validation sequences (fixed, from the valid split)")
+    eval_t_points: int = Field(8, ge=1, description="mask rates t of the validation ELBO grid")
+    antithetic: bool = Field(True, description="low-discrepancy sampling of t")
+
+
+def _budget(value: Any) -> float:
+    try:
+        return parse_flops(value)
+    except SpecError:
+        raise
+    except Exception as exc:
+        raise ValueError(str(exc)) from None
+
+
+class StudyRecipe(Strict):
+    """A study recipe file (studies/*.toml): everything but the name may be given."""
+
+    name: str | None = None
+    description: str = ""
+    space: str = "early_middle"
+    budget: float = Field(5e11, description="training FLOPs per trial")
+    n_trials: int = Field(6, ge=1, description="trials `study run` completes by default")
+    corpus: PluginRef = PluginRef(name="shakespeare")
+    vocab_size: int = Field(1024, ge=260, description="BPE vocabulary size (>= 256 bytes + merges)")
+    backbone: PluginRef = PluginRef(name="transformer")
+    train: TrainConfig = TrainConfig()
+    seed: int = 0
+    sampler: Literal["tpe", "random", "qmc", "gp", "cmaes"] = "tpe"
+    artifacts_dir: str = Field("loopsearch_runs", description="where trial checkpoints are written")
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _parse_budget(cls, v):
+        return _budget(v)
+
+
+class StudySpec(StudyRecipe):
+    """What is stored in the Optuna study: the recipe with the space resolved and versions."""
+
+    name: str
+    space: SearchSpace  # type: ignore[assignment]
+    versions: dict[str, str] = Field(default_factory=dict)
+
+
+class TrialConfig(Strict):
+    """Everything needed to build and train one model (saved beside its weights)."""
+
+    study: str
+    trial: int
+    backbone: PluginRef
+    strategy: PluginRef
+    loop_start: int = 0
+    loop_end: int = 0
+    corpus: PluginRef
+    vocab_size: int
+    train: TrainConfig
+    budget: float
+    seed: int
+
+
+# ---- loading ------------------------------------------------------------------------------------
+def load_toml(path: str | Path, model: type[BaseModel], text: str | None = None) -> Any:
+    """Read a TOML file into ``model``; every error is a one-line SpecError naming the file."""
+    path = Path(str(path))
+    try:
+        raw = tomllib.loads(text if text is not None else path.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"{path}: file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"{path}: malformed TOML: {exc}; fix the syntax at that line") from None
+    return validate(model, raw, str(path))
+
+
+def validate(model: type[BaseModel], data: Any, source: str) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(f"{source}: {describe_error(exc, model)}") from None
+
+
+def describe_error(exc: ValidationError, model: type[BaseModel]) -> str:
+    """The first validation error as 'key: problem (allowed: ...)', plus a count of the rest."""
+    errors = exc.errors()
+    err = errors[0]
+    loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "tagged-union"))]
+    loc = [p for p in loc if p not in {"IntRange", "FloatRange", "list[union[bool,int,float,str]]", "bool", "int", "float", "str"}]
+    key = ".".join(loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        allowed = _fields_at(model, loc[:-1])
+        msg = f"unknown key {key!r}" + (f"; allowed keys: {', '.join(allowed)}" if allowed else "")
+    elif err["type"] == "missing":
+        msg = f"missing required key {key!r}"
+    else:
+        msg = f"key {key!r}: {err['msg']} (got {err.get('input')!r})"
+    more = len(errors) - 1
+    return msg + (f" [and {more} more error{'s' if more > 1 else ''}]" if more else "")
+
+
+def _fields_at(model: type[BaseModel], loc: list[str]) -> list[str]:
+    current: Any = model
+    for part in loc:
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        current = field.annotation
+        args = getattr(current, "__args__", ())
+        current = next((a for a in args if hasattr(a, "model_fields")), current)
+    return sorted(getattr(current, "model_fields", {}))

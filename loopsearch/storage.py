@@ -1,0 +1,66 @@
+"""Optuna storage: which URL, how to open it, and how to print it safely.
+
+Default: a SQLite file ``loopsearch.db`` in the working directory. Override with ``--storage``
+or ``$LOOPSEARCH_STORAGE``. Any Optuna RDB URL works (``postgresql://user@host/db`` for many
+workers); ``journal:PATH`` opens Optuna's journal file store.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import optuna
+
+from .errors import StorageError
+
+ENV = "LOOPSEARCH_STORAGE"
+DEFAULT = "sqlite:///loopsearch.db"
+
+
+def storage_url(explicit: str | None = None) -> str:
+    return explicit or os.environ.get(ENV) or DEFAULT
+
+
+def mask(url: str) -> str:
+    """Hide a password in a URL: postgresql://user:secret@host -> postgresql://user:***@host."""
+    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
+
+
+def _check_sqlite_path(url: str) -> None:
+    path = Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None
+    if path is None or str(path) in ("", ":memory:"):
+        return
+    parent = path.parent if str(path.parent) else Path(".")
+    problem = None
+    if not parent.is_dir():
+        problem = f"directory {parent} does not exist"
+    elif path.exists() and not os.access(path, os.W_OK):
+        problem = f"{path} is not writable"
+    elif not path.exists() and not os.access(parent, os.W_OK):
+        problem = f"directory {parent} is not writable"
+    if problem:
+        raise StorageError(f"cannot use storage {mask(url)}: {problem}; pass --storage sqlite:///WRITABLE/PATH.db "
+                           f"or set {ENV}")
+
+
+def open_storage(url: str | None = None) -> optuna.storages.BaseStorage:
+    url = storage_url(url)
+    try:
+        if url.startswith("journal:"):
+            from optuna.storages.journal import JournalFileBackend
+
+            path = url[len("journal:"):]
+            parent = Path(path).parent
+            if not parent.is_dir() or not os.access(parent, os.W_OK):
+                raise StorageError(f"cannot use storage {url}: directory {parent} is not writable; pass another --storage")
+            return optuna.storages.JournalStorage(JournalFileBackend(path))
+        _check_sqlite_path(url)
+        return optuna.storages.RDBStorage(url)
+    except StorageError:
+        raise
+    except Exception as exc:
+        reason = str(exc).splitlines()[0][:200]
+        raise StorageError(f"cannot open storage {mask(url)}: {type(exc).__name__}: {mask(reason)}; "
+                           f"pass a writable --storage URL or set {ENV}") from None

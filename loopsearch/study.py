@@ -1,0 +1,288 @@
+"""The Optuna glue: a study spec stored in the study, and the objective
+(suggest -> build -> train under the FLOP budget -> evaluate -> save -> report).
+
+Everything a worker needs is in the study's user attributes (``loopsearch.spec``, plain JSON),
+so ``loopsearch study run NAME`` needs nothing but the storage. Every trial of a study uses
+the study's seed: trials see the same data order and the same validation masks (a paired
+comparison), and differ only in what was searched.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+from optuna.trial import TrialState
+
+from . import checkpoint
+from .data import prepare
+from .errors import BudgetError, LoopsearchError, SpecError, StudyNotFoundError
+from .registry import get_registry
+from .space import BASELINE, BASELINE_ATTR, Choice, build_on_meta, check_space, load_space, max_layers, suggest
+from .spec import StudyRecipe, StudySpec, TrialConfig, TrainConfig, validate
+from .storage import mask, open_storage, storage_url
+from .train import TrainResult, plan_steps, train
+from .units import format_flops
+
+SPEC_ATTR = "loopsearch.spec"
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+# ---- specs -------------------------------------------------------------------------------------
+def make_spec(recipe: StudyRecipe, name: str, space: str | None = None) -> StudySpec:
+    """Resolve a recipe into a full, checked StudySpec (space file contents, versions)."""
+    reg = get_registry()
+    space_src = space or recipe.space
+    resolved = load_space(space_src, reg)
+    data = recipe.model_dump()
+    data.update(name=name, space=resolved.model_dump(), versions={})
+    spec = validate(StudySpec, data, f"study {name!r}")
+    reg.get("corpus", spec.corpus.name)
+    bb_cls = reg.get("backbone", spec.backbone.name)
+    validate(bb_cls.Params, spec.backbone.params, f"study {name!r}: backbone {spec.backbone.name!r} params")
+    corpus_cls = reg.get("corpus", spec.corpus.name)
+    validate(corpus_cls.Params, spec.corpus.params, f"study {name!r}: corpus {spec.corpus.name!r} params")
+    check_space(spec.space, spec.backbone.name, spec.backbone.params, f"search space {space_src!r}", reg)
+    check_budget(spec)
+    spec.versions = versions(spec)
+    return spec
+
+
+def versions(spec: StudySpec) -> dict[str, str]:
+    reg = get_registry()
+    used = [reg.items("backbone")[spec.backbone.name], reg.items("corpus")[spec.corpus.name]]
+    used += [reg.items("loop_strategy")[s] for s in spec.space.strategies]
+    out = {info.distribution: info.version for info in used}
+    for dist in ("loopsearch", "torch", "optuna"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            out[dist] = "unknown"
+    return out
+
+
+def trial_config(spec: StudySpec, number: int, choice: Choice) -> TrialConfig:
+    train_cfg = validate(TrainConfig, {**spec.train.model_dump(), **choice.train}, f"trial {number} train config")
+    return TrialConfig(
+        study=spec.name, trial=number,
+        backbone={"name": spec.backbone.name, "params": {**spec.backbone.params, **choice.backbone}},
+        strategy={"name": choice.strategy, "params": choice.strategy_params},
+        loop_start=choice.loop_start, loop_end=choice.loop_end, corpus=spec.corpus,
+        vocab_size=spec.vocab_size, train=train_cfg, budget=spec.budget, seed=spec.seed,
+    )
+
+
+def meta_model(config: TrialConfig, vocab_size: int | None = None):
+    """The model a config describes, without weights (for FLOP planning)."""
+    import torch
+
+    with torch.device("meta"):
+        return checkpoint.build_model(config, vocab_size or config.vocab_size)
+
+
+def check_budget(spec: StudySpec) -> None:
+    """The baseline must afford ``min_steps`` steps: otherwise no trial of the study can run."""
+    cfg = trial_config(spec, -1, BASELINE)
+    model = meta_model(cfg)
+    steps = plan_steps(model, cfg.train, spec.budget)  # raises below one step
+    if steps < spec.train.min_steps:
+        step = model.train_step_flops(cfg.train.seq_len, cfg.train.batch_size, 1)
+        raise BudgetError(
+            f"budget {format_flops(spec.budget)} buys only {steps} steps of the no-loop baseline "
+            f"(min_steps = {spec.train.min_steps}); raise --budget to at least {step * spec.train.min_steps:.3g}")
+
+
+# ---- storage-level helpers ------------------------------------------------------------------------
+def study_names(storage: str | None = None) -> list[str]:
+    return [s.study_name for s in optuna.get_all_study_summaries(open_storage(storage), include_best_trial=False)]
+
+
+def load(name: str, storage: str | None = None) -> tuple[optuna.Study, StudySpec]:
+    store = open_storage(storage)
+    names = [s.study_name for s in optuna.get_all_study_summaries(store, include_best_trial=False)]
+    if name not in names:
+        raise StudyNotFoundError(name, names, mask(storage_url(storage)))
+    study = optuna.load_study(study_name=name, storage=store)
+    raw = study.user_attrs.get(SPEC_ATTR)
+    if raw is None:
+        raise LoopsearchError(f"study {name!r} was not created by loopsearch (no {SPEC_ATTR} attribute); "
+                              f"create one with `loopsearch study create`")
+    return study, StudySpec.model_validate(raw)
+
+
+def latest_study(storage: str | None = None) -> str:
+    names = study_names(storage)
+    if not names:
+        raise LoopsearchError(f"no studies in {mask(storage_url(storage))}; create one with "
+                              f"`loopsearch study create --space early_middle`")
+    return names[-1]
+
+
+def make_sampler(spec: StudySpec, offset: int = 0) -> optuna.samplers.BaseSampler:
+    seed = spec.seed + offset  # a resumed study must not replay the same random draws
+    return {
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, n_startup_trials=4),
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+        "qmc": lambda: optuna.samplers.QMCSampler(seed=seed),
+        "gp": lambda: optuna.samplers.GPSampler(seed=seed),
+        "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed),
+    }[spec.sampler]()
+
+
+def create(spec: StudySpec, storage: str | None = None) -> optuna.Study:
+    store = open_storage(storage)
+    if spec.name in [s.study_name for s in optuna.get_all_study_summaries(store, include_best_trial=False)]:
+        raise LoopsearchError(f"study {spec.name!r} already exists in {mask(storage_url(storage))}; "
+                              f"pick another --name or run it with `loopsearch study run {spec.name}`")
+    study = optuna.create_study(storage=store, study_name=spec.name, direction="minimize",
+                                sampler=make_sampler(spec))
+    study.set_user_attr(SPEC_ATTR, spec.model_dump(mode="json"))
+    ensure_baseline(study)
+    return study
+
+
+def ensure_baseline(study: optuna.Study) -> None:
+    """Enqueue the no-loop baseline unless one is finished, waiting or running."""
+    for t in study.get_trials(deepcopy=False):
+        if t.user_attrs.get(BASELINE_ATTR) and t.state in (*FINISHED, TrialState.WAITING, TrialState.RUNNING):
+            return
+    study.enqueue_trial({}, user_attrs={BASELINE_ATTR: True})
+
+
+# ---- the objective ---------------------------------------------------------------------------------
+class Objective:
+    """build -> train under the budget -> evaluate -> save -> report; returns val NLL (nats/token)."""
+
+    def __init__(self, spec: StudySpec, progress: bool = True):
+        self.spec, self.progress = spec, progress
+        self._data = None
+
+    def data(self):
+        if self._data is None:
+            reg = get_registry()
+            corpus_cls = reg.get("corpus", self.spec.corpus.name)
+            self._data = prepare(corpus_cls(corpus_cls.Params.model_validate(self.spec.corpus.params)),
+                                 self.spec.vocab_size)
+        return self._data
+
+    def choose(self, trial: optuna.Trial) -> Choice:
+        if trial.user_attrs.get(BASELINE_ATTR):
+            return BASELINE
+        return suggest(trial, self.spec.space, self.spec.backbone.params)
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        import torch
+
+        choice = self.choose(trial)
+        config = trial_config(self.spec, trial.number, choice)
+        data = self.data()
+        torch.manual_seed(config.seed)
+        model = checkpoint.build_model(config, data.vocab_size)
+        trial.set_user_attr("config", config.model_dump(mode="json"))
+        for key, value in describe_choice(model, config).items():
+            trial.set_user_attr(key, value)
+        self.reject_if_unaffordable(trial, model, config)
+
+        def report(gflops: int, nll: float) -> None:
+            trial.report(nll, gflops)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at {gflops} GFLOPs with val NLL {nll:.4f}")
+
+        try:
+            result = train(model, data, config.train, config.budget, config.seed, report=report,
+                           progress=self.progress, description=f"trial {trial.number} {label(config)}")
+        except FloatingPointError as exc:
+            trial.set_user_attr("rejected", str(exc))
+            raise optuna.TrialPruned(str(exc)) from None
+        out_dir = Path(self.spec.artifacts_dir) / self.spec.name / f"trial-{trial.number:04d}"
+        results = result_attrs(model, config, result)
+        checkpoint.save(out_dir, model, config, data.tokenizer_json, results)
+        results["checkpoint"] = str(out_dir.resolve())
+        for key, value in results.items():
+            trial.set_user_attr(key, value)
+        return result.val_nll
+
+    def reject_if_unaffordable(self, trial: optuna.Trial, model, config: TrialConfig) -> None:
+        try:
+            steps = plan_steps(model, config.train, config.budget)
+        except BudgetError as exc:
+            steps, reason = 0, str(exc)
+        else:
+            reason = (f"budget {format_flops(config.budget)} buys only {steps} steps of {label(config)} "
+                      f"(min_steps = {config.train.min_steps})")
+        if steps < config.train.min_steps:
+            trial.set_user_attr("rejected", reason)
+            raise optuna.TrialPruned(reason)
+
+
+def label(config: TrialConfig) -> str:
+    if config.strategy.name == "none":
+        return f"none ({config.backbone.params.get('n_layer', '?')} layers)"
+    n = config.strategy.params.get("n_loops", "")
+    return f"{config.strategy.name} [{config.loop_start},{config.loop_end})x{n}"
+
+
+def describe_choice(model, config: TrialConfig) -> dict[str, Any]:
+    seq = config.train.seq_len
+    return {
+        "strategy": config.strategy.name,
+        "loop_start": config.loop_start,
+        "loop_end": config.loop_end,
+        "n_loops": int(model.strategy.eval_loops()) if model.strategy.loops_block else 1,
+        "n_layer": model.backbone.n_layer,
+        "strategy_params": config.strategy.params,
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "inference_flops_per_token": model.inference_flops_per_token(seq),
+        "budget": config.budget,
+    }
+
+
+def result_attrs(model, config: TrialConfig, r: TrainResult) -> dict[str, Any]:
+    return {
+        "train_flops": r.train_flops, "steps": r.steps, "planned_steps": r.planned_steps, "tokens": r.tokens,
+        "val_nll": r.val_nll, "perplexity": math.exp(min(r.val_nll, 700)), "final_loss": r.final_loss,
+        "wall_s": r.wall_s, "tokens_per_s": r.tokens_per_s, "flops_per_s": r.flops_per_s,
+        "mean_train_loops": r.mean_train_loops, "history": [list(h) for h in r.history],
+    }
+
+
+# ---- running -------------------------------------------------------------------------------------------
+def run(name: str, storage: str | None = None, n_trials: int | None = None, timeout: float | None = None,
+        progress: bool = True, callback: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None) -> int:
+    """Run trials of a stored study. Without ``n_trials``, run until the study has the spec's
+    ``n_trials`` finished (complete or pruned) trials, so an interrupted run continues where it
+    stopped. Returns how many trials this call ran."""
+    study, spec = load(name, storage)
+    before = study.get_trials(deepcopy=False)
+    study.sampler = make_sampler(spec, offset=len(before))
+    ensure_baseline(study)
+    if n_trials is None:
+        n_trials = spec.n_trials - sum(t.state in FINISHED for t in before)
+        if n_trials <= 0:
+            return 0
+    callbacks = [callback] if callback else []
+    study.optimize(Objective(spec, progress), n_trials=n_trials, timeout=timeout, callbacks=callbacks,
+                   catch=(RuntimeError,))
+    return len(study.get_trials(deepcopy=False)) - len(before)
+
+
+def spec_from_options(name: str, space: str | None, recipe: str | None, budget: str | None,
+                      corpus: dict | None, seed: int | None, sampler: str | None, n_trials: int | None) -> StudySpec:
+    """Merge a recipe (or the defaults) with command-line overrides and resolve it."""
+    from .space import load_recipe
+
+    base = load_recipe(recipe) if recipe else StudyRecipe()
+    data = base.model_dump()
+    for key, value in (("budget", budget), ("corpus", corpus), ("seed", seed), ("sampler", sampler),
+                       ("n_trials", n_trials)):
+        if value is not None:
+            data[key] = value
+    merged = validate(StudyRecipe, data, "command-line options")
+    if space is None and recipe is None:
+        raise SpecError("give --space NAME|PATH (e.g. --space early_middle) or --recipe NAME|PATH")
+    return make_spec(merged, name, space)
