@@ -18,9 +18,12 @@ STORAGE_HELP = "Optuna storage URL (default: $LOOPSEARCH_STORAGE, else sqlite://
 
 
 def _console(stderr: bool = False):
+    """A rich console; when output is not a terminal (a pipe, a file, CI) tables get 200 columns
+    instead of rich's default 80 so they are not folded."""
     from rich.console import Console
 
-    return Console(stderr=stderr)
+    console = Console(stderr=stderr)
+    return console if console.is_terminal else Console(stderr=stderr, width=200)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -182,7 +185,7 @@ def study_run(name, n_trials, timeout, progress, storage):
 
     def done(study, trial):
         a = trial.user_attrs
-        nll = f"val NLL {a['val_nll']:.4f}" if "val_nll" in a else a.get("rejected", "")
+        nll = f"val NLL {a['val_nll']:.4f}" if "val_nll" in a else a.get("rejected", trial.system_attrs.get("fail_reason", ""))
         console.print(f"trial {trial.number} {trial.state.name.lower()}: {a.get('strategy', '?')} "
                       f"[{a.get('loop_start')},{a.get('loop_end')})x{a.get('n_loops')} {nll}")
 

@@ -29,13 +29,14 @@ SCHEMA = {
 
 def _row(study: str, t: optuna.trial.FrozenTrial) -> dict:
     a = t.user_attrs
-    searched = {k: v for k, v in t.params.items() if k not in ("strategy", "loop_start", "block_length")}
+    searched = {k.split(".", 1)[-1] if k.startswith(f"{a.get('strategy')}.") else k: v for k, v in t.params.items()
+                if k not in ("strategy", "loop_start", "block_length") and not k.endswith(".n_loops")}
     note = a.get("rejected") or t.system_attrs.get("fail_reason") or ""
     return {
         "study": study, "trial": t.number, "state": t.state.name.lower(), "baseline": bool(a.get(BASELINE_ATTR)),
         "strategy": a.get("strategy"), "loop_start": a.get("loop_start"), "loop_end": a.get("loop_end"),
         "n_loops": a.get("n_loops"), "n_layer": a.get("n_layer"),
-        "params": json.dumps(searched, sort_keys=True) if searched else "",
+        "params": " ".join(f"{k}={v}" for k, v in sorted(searched.items())),
         "train_flops": a.get("train_flops"), "budget": a.get("budget"),
         "inference_flops_per_token": a.get("inference_flops_per_token"),
         "val_nll": a.get("val_nll"), "perplexity": a.get("perplexity"), "delta_nll": None,
@@ -119,18 +120,27 @@ def markdown(df: pl.DataFrame) -> str:
 
 
 def rich_table(df: pl.DataFrame):
+    """A compact terminal table: the block as [start,end), study and note columns only when useful."""
     from rich.table import Table
 
-    headers = {"inference_flops_per_token": "inf FLOPs/tok", "train_flops": "train FLOPs", "loop_start": "start",
-               "loop_end": "end", "n_loops": "loops", "n_layer": "layers", "delta_nll": "Δ vs base"}
-    table = Table(title="loopsearch leaderboard (val NLL in nats/token; lower is better)")
-    for c in DISPLAY:
-        table.add_column(headers.get(c, c), justify="right" if c not in ("study", "state", "strategy", "params", "note") else "left",
-                         overflow="fold")
+    cols = ["trial", "state", "strategy", "block", "n_loops", "n_layer", "params", "train_flops",
+            "inference_flops_per_token", "val_nll", "perplexity", "delta_nll"]
+    if df["study"].n_unique() > 1:
+        cols.insert(0, "study")
+    if (df["note"] != "").any():
+        cols.append("note")
+    headers = {"inference_flops_per_token": "inf FLOP/tok", "train_flops": "train FLOP", "n_loops": "loops",
+               "n_layer": "layers", "delta_nll": "Δ base", "perplexity": "ppl≤", "val_nll": "val NLL"}
+    table = Table(title="loopsearch leaderboard: val NLL in nats/token (lower is better), ★ = no-loop baseline",
+                  title_justify="left")
+    for c in cols:
+        left = c in ("study", "state", "strategy", "params", "note", "block")
+        table.add_column(headers.get(c, c), justify="left" if left else "right",
+                         overflow="fold" if c in ("params", "note") else "ellipsis", no_wrap=c not in ("params", "note"))
     for row in df.iter_rows(named=True):
-        cells = [_fmt(c, row[c]) for c in DISPLAY]
+        row = {**row, "block": f"[{row['loop_start']},{row['loop_end']})" if row["loop_end"] else "-"}
+        cells = [_fmt(c, row[c]) for c in cols]
         if row["baseline"]:
-            cells[1] += " ★"
-        style = "dim" if row["state"] != "complete" else None
-        table.add_row(*cells, style=style)
+            cells[cols.index("trial")] += "★"
+        table.add_row(*cells, style="dim" if row["state"] != "complete" else None)
     return table

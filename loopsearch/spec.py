@@ -139,7 +139,7 @@ class StudyRecipe(Strict):
     name: str | None = None
     description: str = ""
     space: str = "early_middle"
-    budget: float = Field(5e11, description="training FLOPs per trial")
+    budget: float = Field(1e12, description="training FLOPs per trial")
     n_trials: int = Field(6, ge=1, description="trials `study run` completes by default")
     corpus: PluginRef = PluginRef(name="shakespeare")
     vocab_size: int = Field(1024, ge=260, description="BPE vocabulary size (>= 256 bytes + merges)")
@@ -147,6 +147,7 @@ class StudyRecipe(Strict):
     train: TrainConfig = TrainConfig()
     seed: int = 0
     sampler: Literal["tpe", "random", "qmc", "gp", "cmaes"] = "tpe"
+    pruner: Literal["none", "median"] = Field("none", description="prune on val NLL at equal training FLOPs")
     artifacts_dir: str = Field("loopsearch_runs", description="where trial checkpoints are written")
 
     @field_validator("budget", mode="before")

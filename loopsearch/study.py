@@ -21,7 +21,7 @@ from . import checkpoint
 from .data import prepare
 from .errors import BudgetError, LoopsearchError, SpecError, StudyNotFoundError
 from .registry import get_registry
-from .space import BASELINE, BASELINE_ATTR, Choice, build_on_meta, check_space, load_space, max_layers, suggest
+from .space import BASELINE, BASELINE_ATTR, Choice, check_space, load_space, suggest
 from .spec import StudyRecipe, StudySpec, TrialConfig, TrainConfig, validate
 from .storage import mask, open_storage, storage_url
 from .train import TrainResult, plan_steps, train
@@ -42,11 +42,13 @@ def make_spec(recipe: StudyRecipe, name: str, space: str | None = None) -> Study
     data = recipe.model_dump()
     data.update(name=name, space=resolved.model_dump(), versions={})
     spec = validate(StudySpec, data, f"study {name!r}")
-    reg.get("corpus", spec.corpus.name)
     bb_cls = reg.get("backbone", spec.backbone.name)
-    validate(bb_cls.Params, spec.backbone.params, f"study {name!r}: backbone {spec.backbone.name!r} params")
+    # store every parameter explicitly: the spec then says exactly what was trained
+    spec.backbone.params = validate(bb_cls.Params, spec.backbone.params,
+                                    f"study {name!r}: backbone {spec.backbone.name!r} params").model_dump()
     corpus_cls = reg.get("corpus", spec.corpus.name)
-    validate(corpus_cls.Params, spec.corpus.params, f"study {name!r}: corpus {spec.corpus.name!r} params")
+    spec.corpus.params = validate(corpus_cls.Params, spec.corpus.params,
+                                  f"study {name!r}: corpus {spec.corpus.name!r} params").model_dump()
     check_space(spec.space, spec.backbone.name, spec.backbone.params, f"search space {space_src!r}", reg)
     check_budget(spec)
     spec.versions = versions(spec)
@@ -134,13 +136,20 @@ def make_sampler(spec: StudySpec, offset: int = 0) -> optuna.samplers.BaseSample
     }[spec.sampler]()
 
 
+def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    """Pruners compare val NLL at equal training FLOPs (intermediate steps are GFLOPs)."""
+    if spec.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
+    return optuna.pruners.NopPruner()
+
+
 def create(spec: StudySpec, storage: str | None = None) -> optuna.Study:
     store = open_storage(storage)
     if spec.name in [s.study_name for s in optuna.get_all_study_summaries(store, include_best_trial=False)]:
         raise LoopsearchError(f"study {spec.name!r} already exists in {mask(storage_url(storage))}; "
                               f"pick another --name or run it with `loopsearch study run {spec.name}`")
     study = optuna.create_study(storage=store, study_name=spec.name, direction="minimize",
-                                sampler=make_sampler(spec))
+                                sampler=make_sampler(spec), pruner=make_pruner(spec))
     study.set_user_attr(SPEC_ATTR, spec.model_dump(mode="json"))
     ensure_baseline(study)
     return study
@@ -191,7 +200,9 @@ class Objective:
         def report(gflops: int, nll: float) -> None:
             trial.report(nll, gflops)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned at {gflops} GFLOPs with val NLL {nll:.4f}")
+                reason = f"pruned by {self.spec.pruner} pruner at {gflops} GFLOPs (val NLL {nll:.4f})"
+                trial.set_user_attr("rejected", reason)
+                raise optuna.TrialPruned(reason)
 
         try:
             result = train(model, data, config.train, config.budget, config.seed, report=report,
@@ -260,6 +271,7 @@ def run(name: str, storage: str | None = None, n_trials: int | None = None, time
     study, spec = load(name, storage)
     before = study.get_trials(deepcopy=False)
     study.sampler = make_sampler(spec, offset=len(before))
+    study.pruner = make_pruner(spec)
     ensure_baseline(study)
     if n_trials is None:
         n_trials = spec.n_trials - sum(t.state in FINISHED for t in before)
@@ -268,7 +280,8 @@ def run(name: str, storage: str | None = None, n_trials: int | None = None, time
     callbacks = [callback] if callback else []
     study.optimize(Objective(spec, progress), n_trials=n_trials, timeout=timeout, callbacks=callbacks,
                    catch=(RuntimeError,))
-    return len(study.get_trials(deepcopy=False)) - len(before)
+    started = lambda trials: sum(t.state != TrialState.WAITING for t in trials)  # noqa: E731
+    return started(study.get_trials(deepcopy=False)) - started(before)
 
 
 def spec_from_options(name: str, space: str | None, recipe: str | None, budget: str | None,
