@@ -180,6 +180,7 @@ def study_run(name, n_trials, timeout, progress, storage):
     from . import study as studies
 
     name = name or studies.latest_study(storage)
+    studies.load(name, storage)  # fail early on an unknown study
     console = _console()
     console.print(f"running study [bold]{name}[/]")
 

@@ -35,7 +35,7 @@ def _check_sqlite_path(url: str) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     problem = None
     if not parent.is_dir():
-        problem = f"directory {parent} does not exist"
+        problem = f"{parent} is not an existing directory"
     elif path.exists() and not os.access(path, os.W_OK):
         problem = f"{path} is not writable"
     elif not path.exists() and not os.access(parent, os.W_OK):

@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny models, an isolated storage/cache per test, the example plugin package."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+EXAMPLE_PLUGIN = Path(__file__).resolve().parent / "example_plugin"
+
+# A tiny study: 4 layers, d_model 32, ~30 optimizer steps per trial, a second or two each on CPU.
+TINY_RECIPE = """
+description = "tiny test study"
+space = "early_middle"
+budget = "3e9"
+n_trials = 3
+vocab_size = 300
+seed = 0
+
+[corpus]
+name = "shakespeare"
+
+[backbone]
+name = "transformer"
+params = { n_layer = 4, d_model = 32, n_heads = 2 }
+
+[train]
+batch_size = 8
+seq_len = 32
+lr = 3e-3
+min_steps = 5
+eval_points = 2
+eval_sequences = 16
+eval_t_points = 4
+"""
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One token cache for the whole session: the tokeniser is trained once."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch, cache_dir):
+    """Every test runs in its own directory with its own SQLite storage."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LOOPSEARCH_CACHE", str(cache_dir))
+    monkeypatch.setenv("LOOPSEARCH_STORAGE", f"sqlite:///{tmp_path / 'test.db'}")
+    from loopsearch.registry import set_registry
+
+    set_registry(None)
+    yield tmp_path
+    set_registry(None)
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY_RECIPE)
+    return path
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the real console script in a subprocess (as a user would)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "loopsearch", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def example_plugin_installed():
+    """The out-of-tree plugin package in tests/example_plugin, pip-installed if it is not yet."""
+    try:
+        md.distribution("loopsearch-example-plugin")
+    except md.PackageNotFoundError:
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                        str(EXAMPLE_PLUGIN)], check=True)
+        md._cache_clear() if hasattr(md, "_cache_clear") else None
+    return "loopsearch-example-plugin"
