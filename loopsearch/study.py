@@ -33,6 +33,15 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
+def _drop_interrupt_tracebacks(record) -> bool:
+    """Ctrl-C is not a failure worth a traceback: the CLI says what happened in one line."""
+    return not (record.exc_info and issubclass(record.exc_info[0], KeyboardInterrupt))
+
+
+for _handler in optuna.logging.get_logger("optuna").handlers:  # filters on handlers see child loggers' records
+    _handler.addFilter(_drop_interrupt_tracebacks)
+
+
 # ---- specs -------------------------------------------------------------------------------------
 def make_spec(recipe: StudyRecipe, name: str, space: str | None = None) -> StudySpec:
     """Resolve a recipe into a full, checked StudySpec (space file contents, versions)."""

@@ -1,0 +1,150 @@
+"""Studies end to end on tiny models: baseline first, budget respected by every trial,
+checkpoints reloadable, leaderboard formats, interruption and resumption."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import polars as pl
+import pytest
+import torch
+
+from conftest import run_cli
+from loopsearch import checkpoint, leaderboard
+from loopsearch import study as studies
+from loopsearch.data import prepare
+from loopsearch.diffusion import validation_nll
+from loopsearch.data import validation_batches
+from loopsearch.registry import get_registry
+from loopsearch.space import BASELINE_ATTR
+
+
+@pytest.fixture
+def finished_study(tiny_recipe):
+    spec = studies.spec_from_options("tiny", "early_middle", str(tiny_recipe), None, None, None, None, None)
+    studies.create(spec)
+    ran = studies.run("tiny", progress=False)
+    assert ran == 3
+    return studies.load("tiny")
+
+
+def test_baseline_is_first_and_every_trial_respects_the_budget(finished_study):
+    st, spec = finished_study
+    trials = st.get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    assert trials[0].user_attrs[BASELINE_ATTR] and trials[0].user_attrs["strategy"] == "none"
+    for t in trials:
+        a = t.user_attrs
+        cfg = studies.trial_config(spec, t.number, studies.Choice(a["strategy"], a["strategy_params"],
+                                                                    a["loop_start"], a["loop_end"]))
+        model = studies.meta_model(cfg, 300)
+        one_step = model.train_step_flops(cfg.train.seq_len, cfg.train.batch_size, model.strategy.max_train_loops())
+        assert a["train_flops"] <= spec.budget and spec.budget - a["train_flops"] < one_step
+        assert math.isfinite(a["val_nll"]) and a["perplexity"] == pytest.approx(math.exp(a["val_nll"]))
+        assert t.value == a["val_nll"]
+        # intermediate values are keyed by GFLOPs spent (fits PostgreSQL's 32-bit step column)
+        assert max(t.intermediate_values) == int(a["train_flops"] // 1e9)
+    looped = [t for t in trials if t.user_attrs["strategy"] == "fixed"]
+    assert looped and all(0 <= t.user_attrs["loop_start"] < t.user_attrs["loop_end"] <= 3 for t in looped)
+
+
+def test_spec_stored_in_study_is_complete(finished_study):
+    st, spec = finished_study
+    raw = st.user_attrs[studies.SPEC_ATTR]
+    json.dumps(raw)  # plain JSON, no pickles
+    assert raw["space"]["name"] == "early_middle" and raw["budget"] == 3e9
+    assert raw["backbone"]["params"]["n_layer"] == 4 and raw["backbone"]["params"]["mlp"] == "swiglu"
+    assert {"loopsearch", "torch", "optuna"} <= set(raw["versions"])
+
+
+def test_checkpoint_reloads_to_the_same_validation_nll(finished_study):
+    st, spec = finished_study
+    t = st.get_trials()[1]
+    model, config, tok = checkpoint.load(t.user_attrs["checkpoint"], get_registry())
+    assert (config.loop_start, config.loop_end) == (t.user_attrs["loop_start"], t.user_attrs["loop_end"])
+    data = prepare(get_registry().get("corpus", "shakespeare")(
+        get_registry().get("corpus", "shakespeare").Params()), 300)
+    val = validation_batches(data.valid, 32, 16, 8)
+    model.eval()
+    nll = validation_nll(model, val, model.backbone.mask_id, 4, seed=spec.seed + 1)
+    assert nll == pytest.approx(t.user_attrs["val_nll"], rel=1e-5)
+
+
+def test_leaderboard_rows_and_formats(finished_study, tmp_path):
+    df = leaderboard.frame(studies=["tiny"])
+    assert len(df) == 3 and df["val_nll"].is_sorted()
+    base = df.filter(pl.col("baseline"))
+    assert base["delta_nll"][0] == 0.0
+    assert df.filter(~pl.col("baseline"))["strategy"].to_list() == ["fixed", "fixed"]
+    for fmt in ("csv", "json", "markdown"):
+        text = leaderboard.write(df, fmt)
+        assert "fixed" in text and "none" in text
+    assert len(json.loads(leaderboard.write(df, "json"))) == 3
+    leaderboard.write(df, "parquet", str(tmp_path / "lb.parquet"))
+    assert pl.read_parquet(tmp_path / "lb.parquet").shape == df.shape
+    assert len(leaderboard.top(df, 1)) == 1
+
+
+def test_rerun_of_a_finished_study_runs_nothing(finished_study):
+    assert studies.run("tiny", progress=False) == 0
+    assert studies.run("tiny", n_trials=1, progress=False) == 1
+    assert len(studies.load("tiny")[0].get_trials()) == 4
+
+
+def test_trials_too_expensive_for_min_steps_are_rejected_before_training(tiny_recipe, tmp_path):
+    space = tmp_path / "heavy.toml"
+    space.write_text('name = "heavy"\nstrategies = ["fixed"]\n[block]\nlayers = [0, 4]\nlength = [4, 4]\n'
+                     '[strategy.fixed]\nn_loops = 12\n')
+    spec = studies.spec_from_options("heavy", str(space), str(tiny_recipe), None, None, None, None, None)
+    studies.create(spec)
+    studies.run("heavy", n_trials=2, progress=False)
+    trials = studies.load("heavy")[0].get_trials()
+    assert trials[0].state.name == "COMPLETE"
+    assert trials[1].state.name == "PRUNED" and "min_steps" in trials[1].user_attrs["rejected"]
+    assert "train_flops" not in trials[1].user_attrs
+
+
+def test_interrupted_study_keeps_trials_and_continues(tiny_recipe, tmp_path):
+    r = run_cli("study", "create", "--space", "early_middle", "--recipe", str(tiny_recipe), "--name", "stop",
+                "--n-trials", "4")
+    assert r.returncode == 0, r.stderr
+    storage = os.environ["LOOPSEARCH_STORAGE"]
+    proc = subprocess.Popen([sys.executable, "-m", "loopsearch", "study", "run", "stop", "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait for a finished trial and a running one
+        trials = optuna.load_study(study_name="stop", storage=storage).get_trials()
+        states = [t.state.name for t in trials]
+        if "COMPLETE" in states and "RUNNING" in states:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "continues it" in err
+    trials = optuna.load_study(study_name="stop", storage=storage).get_trials()
+    states = [t.state.name for t in trials]
+    assert "RUNNING" not in states and states.count("COMPLETE") >= 1
+    kept = {t.number for t in trials if t.state.name == "COMPLETE"}
+    r = run_cli("study", "run", "stop", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    trials = optuna.load_study(study_name="stop", storage=storage).get_trials()
+    assert sum(t.state.name == "COMPLETE" for t in trials) == 4
+    assert kept <= {t.number for t in trials if t.state.name == "COMPLETE"}
+    assert any(t.user_attrs.get(BASELINE_ATTR) and t.state.name == "COMPLETE" for t in trials)
+
+
+def test_quickstart_commands_via_cli(tiny_recipe):
+    """The README's command sequence (study create / run / leaderboard) with a tiny recipe."""
+    assert run_cli("study", "create", "--space", "early_middle", "--recipe", str(tiny_recipe)).returncode == 0
+    r = run_cli("study", "run", "--no-progress")  # no name: the most recent study
+    assert r.returncode == 0, r.stderr
+    r = run_cli("leaderboard")
+    assert r.returncode == 0 and "★" in r.stdout and "fixed" in r.stdout
+    r = run_cli("study", "list")
+    assert "early_middle-" in r.stdout
