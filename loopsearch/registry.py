@@ -106,8 +106,8 @@ class Registry:
     def _collect(self) -> dict[str, dict[str, PluginInfo]]:
         out: dict[str, dict[str, PluginInfo]] = {k: {} for k in KINDS}
         for kind, hook in KINDS.items():
-            # pluggy calls the last registered first; reverse so builtins win name clashes
-            for impl in reversed(getattr(self.pm.hook, hook).get_hookimpls()):
+            # get_hookimpls() is in registration order, builtins first: the first name registered wins
+            for impl in getattr(self.pm.hook, hook).get_hookimpls():
                 dist, version = self._dists.get(impl.plugin_name, ("<local>", ""))
                 try:
                     things = list(impl.function() or [])

@@ -135,6 +135,7 @@ beta = { low = 0.3, high = 0.9 }
 """
 
 
+@pytest.mark.slow  # trains two tiny models (~30-40 s warm, ~70 s if it trains the session's tokeniser)
 def test_study_with_plugin_strategy_end_to_end(example_plugin_installed, tiny_recipe, tmp_path, monkeypatch):
     monkeypatch.delenv("LOOPSEARCH_PLUGINS", raising=False)
     space = tmp_path / "my_damped.toml"
