@@ -9,7 +9,6 @@ Cache directory: $LOOPSEARCH_CACHE, else ~/.cache/loopsearch.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,12 +142,3 @@ def validation_batches(ids: torch.Tensor, seq_len: int, n_sequences: int, batch_
         raise LoopsearchError(f"validation split has {len(ids)} tokens, fewer than seq_len={seq_len}")
     windows = ids[: n * seq_len].view(n, seq_len)
     return list(windows.split(batch_size))
-
-
-def describe(data: PreparedData) -> dict:
-    return {"fingerprint": data.fingerprint, "vocab_size": data.vocab_size,
-            "train_tokens": int(len(data.train)), "valid_tokens": int(len(data.valid))}
-
-
-def tokenizer_vocab(tokenizer_json: str) -> int:
-    return len(json.loads(tokenizer_json)["model"]["vocab"])

@@ -11,8 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .errors import SpecError
 from .looping import check_block
 from .registry import Registry, get_registry
@@ -75,13 +73,6 @@ def _check_params(model, dists: dict[str, Dist], where: str, base: dict | None =
             validate(model, {**(base or {}), key: value}, f"{where}.{key}")
 
 
-def max_layers(space: SearchSpace, backbone_params: dict) -> int:
-    dist = space.backbone.get("n_layer")
-    if dist is None:
-        return int(backbone_params.get("n_layer", 0))
-    return int(max(_dist_values(dist)))
-
-
 def check_space(space: SearchSpace, backbone_name: str, backbone_params: dict, source: str,
                 registry: Registry | None = None) -> None:
     """Reject a space that cannot produce a valid trial for this backbone, before any training."""
@@ -136,9 +127,3 @@ def suggest(trial, space: SearchSpace, backbone_params: dict) -> Choice:
         choice.loop_end = choice.loop_start + length
         check_block(choice.loop_start, choice.loop_end, n_layer)
     return choice
-
-
-def build_on_meta(backbone_cls, params, vocab_size: int, seq_len: int):
-    """Instantiate a backbone without allocating weights (for FLOP estimates)."""
-    with torch.device("meta"):
-        return backbone_cls(params, vocab_size, seq_len)

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import SpecError
+from .errors import BudgetError, SpecError
 from .units import parse_flops
 
 
@@ -127,9 +127,7 @@ class TrainConfig(Strict):
 def _budget(value: Any) -> float:
     try:
         return parse_flops(value)
-    except SpecError:
-        raise
-    except Exception as exc:
+    except BudgetError as exc:  # reported by pydantic with the key it belongs to
         raise ValueError(str(exc)) from None
 
 

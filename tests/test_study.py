@@ -12,7 +12,6 @@ import time
 import optuna
 import polars as pl
 import pytest
-import torch
 
 from conftest import run_cli
 from loopsearch import checkpoint, leaderboard
