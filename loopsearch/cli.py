@@ -257,23 +257,61 @@ def study_show(name, as_json, storage):
 @click.option("--top", type=int, help="Show the K best trials of each study.")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "markdown", "parquet"]), default="table")
 @click.option("--output", type=click.Path(dir_okay=False), help="Write to this file instead of the terminal.")
+@click.option("--scaling", is_flag=True, help="Show inference loop scaling (from `loopsearch eval`) instead.")
 @click.option("--storage", help=STORAGE_HELP)
-def leaderboard(studies_, top, fmt, output, storage):
+def leaderboard(studies_, top, fmt, output, scaling, storage):
     """Rank trials by validation NLL, with FLOPs and the difference from each study's baseline.
 
     Example: loopsearch leaderboard --study quick --top 5 --format csv --output quick.csv
     """
     from . import leaderboard as lb
 
-    df = lb.top(lb.frame(storage, list(studies_) or None), top)
+    if scaling:
+        df = lb.scaling_frame(storage, list(studies_) or None)
+        table = lambda: lb.rich_scaling_table(df)  # noqa: E731
+    else:
+        df = lb.top(lb.frame(storage, list(studies_) or None), top)
+        table = lambda: lb.rich_table(df)  # noqa: E731
     if fmt == "table" and not output:
-        _console().print(lb.rich_table(df))
+        _console().print(table())
         return
     text = lb.write(df, fmt, output)
     if text is not None:
         click.echo(text, nl=False)
     else:
         click.echo(f"wrote {len(df)} rows to {output}", err=True)
+
+
+# ---- evaluation -------------------------------------------------------------------------------------------
+@cli.command("eval")
+@click.argument("study_name", metavar="STUDY")
+@click.argument("trial", type=int)
+@click.option("--loops", default="1,2,3,4,6,8", show_default=True, help="Loop counts to evaluate: 1,2,4,8 or 1-8.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+@click.option("--storage", help=STORAGE_HELP)
+def eval_cmd(study_name, trial, loops, device, as_json, storage):
+    """Evaluate a trained trial at several loop counts: val NLL and inference FLOPs per token.
+
+    The results are stored in the study; `loopsearch leaderboard --scaling` shows them.
+
+    Example: loopsearch eval quickstart 2 --loops 1,2,3,4,6,8
+    """
+    from . import evaluate
+    from . import study as studies
+
+    st, _ = studies.load(study_name, storage)
+    counts = evaluate.parse_loops(loops)
+    directory = evaluate.trial_checkpoint(st, trial)
+    rows = evaluate.loop_scaling(directory, counts, device)
+    evaluate.store(st, trial, directory, rows)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    from . import leaderboard as lb
+
+    _console().print(lb.rich_scaling_table(lb.scaling_frame(storage, [study_name]).filter(
+        lb.pl.col("trial") == trial)))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -66,6 +66,30 @@ def frame(storage: str | None = None, studies: list[str] | None = None) -> pl.Da
     return df.sort(["study", "val_nll", "trial"], nulls_last=True)
 
 
+SCALING_SCHEMA = {
+    "study": pl.String, "trial": pl.Int64, "strategy": pl.String, "loop_start": pl.Int64, "loop_end": pl.Int64,
+    "trained_n_loops": pl.Int64, "n_loops": pl.Int64, "inference_flops_per_token": pl.Float64,
+    "val_nll": pl.Float64, "perplexity": pl.Float64,
+}
+
+
+def scaling_frame(storage: str | None = None, studies: list[str] | None = None) -> pl.DataFrame:
+    """One row per (trial, loop count) evaluated by `loopsearch eval`."""
+    from .evaluate import stored
+
+    store = open_storage(storage)
+    names = studies or [s.study_name for s in optuna.get_all_study_summaries(store, include_best_trial=False)]
+    rows = []
+    for name in names:
+        study = optuna.load_study(study_name=name, storage=store)
+        attrs = {t.number: t.user_attrs for t in study.get_trials(deepcopy=False)}
+        for number, evals in sorted(stored(study).items()):
+            a = attrs.get(number, {})
+            rows += [{"study": name, "trial": number, "strategy": a.get("strategy"), "loop_start": a.get("loop_start"),
+                      "loop_end": a.get("loop_end"), **{k: r[k] for k in SCALING_SCHEMA if k in r}} for r in evals]
+    return pl.DataFrame(rows, schema=SCALING_SCHEMA).sort(["study", "trial", "n_loops"])
+
+
 def top(df: pl.DataFrame, k: int | None) -> pl.DataFrame:
     """The k best trials of each study by val NLL (unfinished trials last)."""
     if k is None:
@@ -111,12 +135,26 @@ DISPLAY = ["study", "trial", "state", "strategy", "loop_start", "loop_end", "n_l
 
 
 def markdown(df: pl.DataFrame) -> str:
-    cols = DISPLAY
+    cols = DISPLAY if "baseline" in df.columns else list(df.columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in df.iter_rows(named=True):
-        label = {**row, "trial": f"{row['trial']}{' (baseline)' if row['baseline'] else ''}"}
+        label = {**row, "trial": f"{row['trial']}{' (baseline)' if row.get('baseline') else ''}"}
         lines.append("| " + " | ".join(_fmt(c, label[c]).replace("|", "\\|") for c in cols) + " |")
     return "\n".join(lines) + "\n"
+
+
+def rich_scaling_table(df: pl.DataFrame):
+    from rich.table import Table
+
+    table = Table(title="inference loop scaling: val NLL (nats/token) and inference FLOPs/token per loop count",
+                  title_justify="left")
+    for c in ("study", "trial", "strategy", "block", "trained loops", "loops", "inf FLOP/tok", "val NLL", "ppl≤"):
+        table.add_column(c, justify="left" if c in ("study", "strategy", "block") else "right")
+    for r in df.iter_rows(named=True):
+        table.add_row(r["study"], str(r["trial"]), r["strategy"] or "", f"[{r['loop_start']},{r['loop_end']})",
+                      str(r["trained_n_loops"]), str(r["n_loops"]), f"{r['inference_flops_per_token']:.3g}",
+                      f"{r['val_nll']:.4f}", f"{r['perplexity']:.2f}")
+    return table
 
 
 def rich_table(df: pl.DataFrame):

@@ -138,7 +138,7 @@ class StudyRecipe(Strict):
     description: str = ""
     space: str = "early_middle"
     budget: float = Field(1e12, description="training FLOPs per trial")
-    n_trials: int = Field(6, ge=1, description="trials `study run` completes by default")
+    n_trials: int = Field(5, ge=1, description="trials `study run` completes by default")
     corpus: PluginRef = PluginRef(name="shakespeare")
     vocab_size: int = Field(1024, ge=260, description="BPE vocabulary size (>= 256 bytes + merges)")
     backbone: PluginRef = PluginRef(name="transformer")

@@ -1,0 +1,86 @@
+"""Inference-time loop scaling: evaluate a trained checkpoint at several loop counts.
+
+LoopMDM trains with S ~ U{1..n} loops so that the count can change at inference, trading compute
+for quality. ``loop_scaling`` measures that trade on the study's validation split: val NLL (the
+same fixed-mask ELBO as in training) and inference FLOPs per token (the one FLOP accounting) at
+each loop count. Results are stored in the study (``loopsearch.eval.<trial>``, plain JSON) and
+beside the checkpoint (``eval.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import optuna
+import torch
+
+from . import checkpoint
+from .data import prepare, validation_batches
+from .diffusion import validation_nll
+from .errors import LoopsearchError
+from .registry import get_registry
+from .train import resolve_device
+
+EVAL_ATTR = "loopsearch.eval."
+
+
+def parse_loops(text: str) -> list[int]:
+    """'1,2,4,8' or '1-8' -> sorted loop counts."""
+    out: set[int] = set()
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            out.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise LoopsearchError(f"cannot read --loops {text!r}; write counts like 1,2,4,8 or a range 1-8") from None
+    if not out or min(out) < 1:
+        raise LoopsearchError(f"--loops {text!r} must list loop counts >= 1, e.g. 1,2,4,8")
+    return sorted(out)
+
+
+def trial_checkpoint(study: optuna.Study, number: int) -> Path:
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    if number not in trials:
+        raise LoopsearchError(f"study {study.study_name!r} has no trial {number}; trials: "
+                              f"{', '.join(map(str, sorted(trials))) or 'none'}")
+    path = trials[number].user_attrs.get("checkpoint")
+    if not path or not (Path(path) / "model.safetensors").exists():
+        raise LoopsearchError(f"trial {number} of {study.study_name!r} has no checkpoint "
+                              f"(state {trials[number].state.name.lower()}, checkpoint {path!r}); "
+                              f"evaluate a complete trial (see `loopsearch leaderboard --study {study.study_name}`)")
+    return Path(path)
+
+
+@torch.no_grad()
+def loop_scaling(directory: str | Path, loops: list[int], device: str = "auto") -> list[dict]:
+    """Val NLL (nats/token) and inference FLOPs per token of a checkpoint at each loop count."""
+    reg = get_registry()
+    model, config, _ = checkpoint.load(directory, reg)
+    corpus_cls = reg.get("corpus", config.corpus.name)
+    data = prepare(corpus_cls(corpus_cls.Params.model_validate(config.corpus.params)), config.vocab_size)
+    dev = resolve_device(device)
+    model.to(dev).eval()
+    cfg = config.train
+    val = [b.to(dev) for b in validation_batches(data.valid, cfg.seq_len, cfg.eval_sequences, cfg.batch_size)]
+    if not model.strategy.loops_block:
+        loops = [1]  # nothing to loop: one row for the plain model
+    rows = []
+    for n in loops:
+        nll = validation_nll(model, val, model.backbone.mask_id, cfg.eval_t_points, seed=config.seed + 1, n_loops=n)
+        rows.append({"n_loops": n, "val_nll": nll, "perplexity": math.exp(min(nll, 700)),
+                     "inference_flops_per_token": model.inference_flops_per_token(cfg.seq_len, float(n)),
+                     "trained_n_loops": int(model.strategy.eval_loops())})
+    return rows
+
+
+def store(study: optuna.Study, number: int, directory: Path, rows: list[dict]) -> None:
+    study.set_user_attr(f"{EVAL_ATTR}{number}", {"loop_scaling": rows})
+    (directory / "eval.json").write_text(json.dumps({"loop_scaling": rows}, indent=2))
+
+
+def stored(study: optuna.Study) -> dict[int, list[dict]]:
+    """{trial number: loop-scaling rows} of every evaluated trial of a study."""
+    return {int(k[len(EVAL_ATTR):]): v["loop_scaling"] for k, v in study.user_attrs.items()
+            if k.startswith(EVAL_ATTR)}

@@ -1,0 +1,67 @@
+"""Inference-time loop scaling of a trained checkpoint (`loopsearch eval`)."""
+
+import json
+
+import pytest
+
+from conftest import run_cli
+from loopsearch import evaluate, leaderboard
+from loopsearch import study as studies
+from loopsearch.errors import LoopsearchError
+
+UNIFORM = """name = "uniform"
+strategies = ["fixed"]
+[block]
+layers = [1, 3]
+length = [2, 2]
+[strategy.fixed]
+n_loops = 4
+train_loops = "uniform"
+"""
+
+
+@pytest.fixture
+def trained(tiny_recipe, tmp_path):
+    space = tmp_path / "uniform.toml"
+    space.write_text(UNIFORM)
+    studies.create(studies.spec_from_options("scale", str(space), str(tiny_recipe), None, None, None, None, 2))
+    studies.run("scale", progress=False)
+    return studies.load("scale")[0]
+
+
+def test_parse_loops():
+    assert evaluate.parse_loops("1,2,4,8") == [1, 2, 4, 8]
+    assert evaluate.parse_loops("3-5,1") == [1, 3, 4, 5]
+    for bad in ("", "0,1", "a,b"):
+        with pytest.raises(LoopsearchError, match="--loops"):
+            evaluate.parse_loops(bad)
+
+
+def test_loop_scaling_rows_and_storage(trained):
+    r = run_cli("eval", "scale", "1", "--loops", "1-4,8", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert [row["n_loops"] for row in rows] == [1, 2, 3, 4, 8]
+    flops = [row["inference_flops_per_token"] for row in rows]
+    assert flops == sorted(flops) and flops[1] - flops[0] == pytest.approx(flops[2] - flops[1])
+    # the trained loop count reproduces the val NLL recorded in training
+    trial = trained.get_trials()[1]
+    at_trained = next(row for row in rows if row["n_loops"] == 4)
+    assert at_trained["val_nll"] == pytest.approx(trial.user_attrs["val_nll"], rel=1e-5)
+    assert at_trained["inference_flops_per_token"] == pytest.approx(trial.user_attrs["inference_flops_per_token"])
+    df = leaderboard.scaling_frame(studies=["scale"])
+    assert df["n_loops"].to_list() == [1, 2, 3, 4, 8] and set(df["trial"]) == {1}
+    assert (evaluate.trial_checkpoint(trained, 1) / "eval.json").exists()
+    table = run_cli("leaderboard", "--study", "scale", "--scaling")
+    assert table.returncode == 0 and "loop scaling" in table.stdout
+
+
+def test_plain_model_evaluates_once(trained):
+    r = run_cli("eval", "scale", "0", "--loops", "1,2,3", "--json")
+    assert r.returncode == 0, r.stderr
+    assert [row["n_loops"] for row in json.loads(r.stdout)] == [1]
+
+
+def test_unknown_trial_is_one_line_error(trained):
+    r = run_cli("eval", "scale", "42")
+    assert r.returncode == 2 and "no trial 42" in r.stderr and "Traceback" not in r.stderr
