@@ -315,6 +315,11 @@ def eval_cmd(study_name, trial, loops, device, as_json, storage):
 
 
 def main(argv: list[str] | None = None) -> None:
+    import logging
+
+    handler = logging.StreamHandler()  # library warnings (e.g. a plugin that failed to load) on stderr
+    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    logging.getLogger("loopsearch").addHandler(handler)
     try:
         code = cli.main(args=argv, prog_name="loopsearch", standalone_mode=False)
     except LoopsearchError as exc:

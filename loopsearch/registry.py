@@ -9,6 +9,7 @@ third-party plugins load; the builtins always load. Set it to an empty string to
 from __future__ import annotations
 
 import importlib.metadata as md
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ import pluggy
 from . import hookspecs
 from .errors import UnknownPluginError
 
+log = logging.getLogger("loopsearch")
 GROUP = "loopsearch"
 BUILTIN_DIST = "loopsearch"
 ENV_FILTER = "LOOPSEARCH_PLUGINS"
@@ -85,6 +87,8 @@ class Registry:
                 module = ep.load()
             except Exception as exc:  # a broken plugin must not take the others down
                 self.failures.append(PluginFailure(ep.name, dist, f"{type(exc).__name__}: {exc}"))
+                log.warning("plugin %s (%s) failed to load and is skipped: %s: %s "
+                            "(see `loopsearch plugins list`)", ep.name, dist, type(exc).__name__, exc)
                 continue
             self.register(module, ep.name, dist, version)
 

@@ -56,7 +56,7 @@ def test_registered_plugin_is_found_and_cannot_shadow_a_builtin():
     assert clash and "already registered by loopsearch" in clash[0].error
 
 
-def test_failing_plugin_is_reported_and_others_load(monkeypatch):
+def test_failing_plugin_is_reported_and_others_load(monkeypatch, caplog):
     class BrokenEP:
         name, value, group = "broken", "does_not_exist_xyz", "loopsearch"
         dist = types.SimpleNamespace(metadata={"Name": "broken-dist"}, version="0.0.1")
@@ -75,6 +75,7 @@ def test_failing_plugin_is_reported_and_others_load(monkeypatch):
     assert [f.plugin for f in reg.failures] == ["broken"]
     assert "does_not_exist_xyz" in reg.failures[0].error and reg.failures[0].distribution == "broken-dist"
     assert "fixed" in reg.items("loop_strategy")
+    assert any("broken" in r.getMessage() and "failed to load" in r.getMessage() for r in caplog.records)
 
 
 def test_a_hook_that_raises_is_reported():
