@@ -96,11 +96,11 @@ def train_throughput(make_strategy, dtype: str, device: torch.device, steps: int
         x0 = torch.randint(0, VOCAB, (BATCH, SEQ_LEN), generator=gen).to(device)
         n_loops = model.strategy.train_loops(gen)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            loss, applications = diffusion_loss(forward, x0, mask_id, gen, n_loops)
+            loss, out = diffusion_loss(forward, x0, mask_id, gen, n_loops)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return model.train_step_flops(SEQ_LEN, BATCH, applications)
+        return model.train_step_flops(SEQ_LEN, BATCH, out.applications, out.extra_flops)
 
     model.train()
     seconds, flops = [], []  # per step

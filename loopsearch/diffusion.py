@@ -11,14 +11,15 @@ Nothing in this module knows about Optuna, files or the trainer.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 
 T_EPS = 1e-3  # smallest mask rate sampled in training (avoids the 1/t blow-up at t -> 0)
 
-Model = Callable[[torch.Tensor], tuple[torch.Tensor, float]]
+# model(x_t, n_loops, t) -> an object with .logits (B, T, V) (loopsearch.looping.ModelOutput)
+Model = Callable[..., Any]
 
 
 def alpha(t: torch.Tensor) -> torch.Tensor:
@@ -67,12 +68,16 @@ def elbo(nll: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def diffusion_loss(model: Model, x0: torch.Tensor, mask_id: int, generator: torch.Generator,
-                   n_loops: int | None = None, antithetic: bool = True) -> tuple[torch.Tensor, float]:
-    """One MDLM training loss (nats/token) and the block applications the model executed."""
+                   n_loops: int | None = None, antithetic: bool = True) -> tuple[torch.Tensor, Any]:
+    """One MDLM training loss (nats/token, plus the strategy's auxiliary loss if any) and the
+    model's output (what the loop block executed)."""
     t = sample_t(x0.shape[0], generator, antithetic)
     xt, masked = mask_tokens(x0, t, mask_id, generator)
-    logits, applications = model(xt, n_loops)
-    return elbo(masked_nll(logits, x0, masked, mask_id), t), applications
+    out = model(xt, n_loops, t.to(x0.device))
+    loss = elbo(masked_nll(out.logits, x0, masked, mask_id), t)
+    if getattr(out, "aux_loss", None) is not None:
+        loss = loss + out.aux_loss
+    return loss, out
 
 
 def t_grid(n_points: int) -> torch.Tensor:
@@ -82,7 +87,7 @@ def t_grid(n_points: int) -> torch.Tensor:
 
 @torch.no_grad()
 def validation_nll(model: Model, batches: Iterable[torch.Tensor], mask_id: int, n_t: int = 8,
-                   seed: int = 1234, n_loops: int | None = None) -> float:
+                   seed: int = 1234, n_loops: int | None = None, **model_kwargs) -> float:
     """The ELBO on held-out data, nats/token: for every batch and every t of a fixed grid,
     mask with a fixed seed and average nll / t (a midpoint rule for the integral over t).
     The same seed gives the same masks, so two models are compared on identical inputs."""
@@ -92,7 +97,7 @@ def validation_nll(model: Model, batches: Iterable[torch.Tensor], mask_id: int, 
         for t in t_grid(n_t):
             tt = t.expand(x0.shape[0])
             xt, masked = mask_tokens(x0, tt, mask_id, generator)
-            logits, _ = model(xt, n_loops)
-            total += elbo(masked_nll(logits, x0, masked, mask_id), tt).item() * x0.shape[0]
+            out = model(xt, n_loops, tt.to(x0.device), **model_kwargs)
+            total += elbo(masked_nll(out.logits, x0, masked, mask_id), tt).item() * x0.shape[0]
             count += x0.shape[0]
     return total / max(count, 1)

@@ -8,7 +8,8 @@ runs it; the model counts the block applications it executed so FLOPs follow wha
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -16,13 +17,46 @@ from torch import nn
 
 from .backbone import Backbone
 from .errors import SpecError
-from .flops import FlopProfile, inference_flops_per_token, train_step_flops
+from .flops import TRAIN_MULTIPLIER, FlopProfile, inference_flops_per_token, train_step_flops
 
 BlockFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 class NoParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class LoopContext:
+    """What a strategy may look at while it runs the loop block."""
+
+    t: torch.Tensor | None = None  # (B,) mask rate of each sequence (None when unknown)
+    masked: torch.Tensor | None = None  # (B, T) bool: positions that are MASK in the input
+    training: bool = False
+    exit: Any = None  # an inference-time exit criterion (see loopsearch/exits.py), or None
+    readout: Callable[[torch.Tensor], torch.Tensor] | None = None  # block output -> logits (coda + head)
+
+
+@dataclass
+class LoopResult:
+    """What a strategy returns. FLOPs are charged for ``applications`` block applications per
+    sequence (a mean over the batch if sequences loop different counts) plus ``extra_flops``
+    forward FLOPs per sequence (halting heads, readouts for exit criteria)."""
+
+    h: torch.Tensor
+    applications: float
+    extra_flops: float = 0.0
+    aux_loss: torch.Tensor | None = None  # added to the training loss (e.g. a ponder cost)
+    stats: dict[str, float] = field(default_factory=dict)  # e.g. mean loops per token
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, T, n_tokens)
+    applications: float  # loop-block applications executed per sequence
+    extra_flops: float = 0.0  # other forward FLOPs per sequence beyond the profile's layers and head
+    aux_loss: torch.Tensor | None = None
+    stats: dict[str, float] = field(default_factory=dict)
 
 
 class LoopStrategy(nn.Module):
@@ -58,12 +92,36 @@ class LoopStrategy(nn.Module):
         """Loop count used for validation and, by default, inference."""
         return 1
 
-    def run(self, h: torch.Tensor, block: BlockFn, n_loops: int) -> tuple[torch.Tensor, float]:
-        """Run the loop block; return the new hidden state and the number of block applications
-        executed (averaged over tokens if a strategy stops tokens early)."""
+    def extra_flops_bound(self, n_loops: int, seq_len: int) -> float:
+        """Upper bound of ``LoopResult.extra_flops`` per sequence for a step run with n_loops."""
+        return 0.0
+
+    def run(self, h: torch.Tensor, block: BlockFn, n_loops: int, ctx: LoopContext) -> LoopResult:
+        """Run the loop block ``n_loops`` times (or fewer, if ``ctx.exit`` says stop)."""
+        if ctx.exit is not None:
+            return run_with_exit(h, block, n_loops, ctx)
         for _ in range(n_loops):
             h = block(h)
-        return h, float(n_loops)
+        return LoopResult(h, float(n_loops))
+
+
+def run_with_exit(h: torch.Tensor, block: BlockFn, n_loops: int, ctx: LoopContext,
+                  step: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> LoopResult:
+    """Loop up to ``n_loops`` times and stop the whole batch once the exit criterion holds for
+    every sequence (loops are counted for the batch: that is what ran). ``step(h, k)`` computes
+    loop k's output; by default ``block(h)``."""
+    crit = ctx.exit
+    state = crit.init(h)
+    extra = 0.0
+    done = 0
+    for k in range(n_loops):
+        new = step(h, k) if step is not None else block(h)
+        done += 1
+        stop, state, flops = crit.check(h, new, state, ctx)
+        h, extra = new, extra + flops
+        if bool(stop.all()):
+            break
+    return LoopResult(h, float(done), extra_flops=extra, stats={"loops_run": float(done)})
 
 
 class LoopedMDM(nn.Module):
@@ -84,28 +142,44 @@ class LoopedMDM(nn.Module):
     def _block(self, h: torch.Tensor) -> torch.Tensor:
         return self.run_range(h, self.loop_start, self.loop_end)
 
-    def forward(self, x: torch.Tensor, n_loops: int | None = None) -> tuple[torch.Tensor, float]:
-        """x: (B, T) token ids -> logits (B, T, n_tokens) and block applications executed."""
+    def readout(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits from the loop block's output (runs the coda and the head)."""
+        return self.backbone.head(self.run_range(h, self.loop_end, self.backbone.n_layer))
+
+    def readout_flops(self, seq_len: int) -> float:
+        """Forward FLOPs per sequence of one ``readout``."""
+        p = self.flop_profile(seq_len)
+        return sum(p.layers[self.loop_end:]) + p.head
+
+    def forward(self, x: torch.Tensor, n_loops: int | None = None, t: torch.Tensor | None = None,
+                exit=None) -> ModelOutput:
+        """x: (B, T) token ids; t: (B,) mask rates if known; exit: an inference-time exit
+        criterion. Returns logits (B, T, n_tokens) and what the loop block executed."""
         b = self.backbone
         n = self.strategy.eval_loops() if n_loops is None else n_loops
         h = b.embed(x)
         h = self.run_range(h, 0, self.loop_start)
-        applications = 0.0
+        result = LoopResult(h, 0.0)
         if self.loop_end > self.loop_start:
-            h, applications = self.strategy.run(h, self._block, n)
-        h = self.run_range(h, self.loop_end, b.n_layer)
-        return b.head(h), applications
+            ctx = LoopContext(t=t, masked=x == b.mask_id, training=self.training, exit=exit, readout=self.readout)
+            result = self.strategy.run(h, self._block, n, ctx)
+        h = self.run_range(result.h, self.loop_end, b.n_layer)
+        return ModelOutput(b.head(h), result.applications, result.extra_flops, result.aux_loss, result.stats)
 
     # ---- FLOPs of what runs (see flops.py) ---------------------------------------------------
     def flop_profile(self, seq_len: int) -> FlopProfile:
         return self.backbone.flop_profile(seq_len)
 
-    def train_step_flops(self, seq_len: int, batch_size: int, applications: float) -> float:
-        return train_step_flops(self.flop_profile(seq_len), batch_size, self.loop_start, self.loop_end, applications)
+    def train_step_flops(self, seq_len: int, batch_size: int, applications: float, extra_flops: float = 0.0) -> float:
+        """Forward + backward FLOPs of one step; ``extra_flops`` are forward FLOPs per sequence."""
+        base = train_step_flops(self.flop_profile(seq_len), batch_size, self.loop_start, self.loop_end, applications)
+        return base + TRAIN_MULTIPLIER * batch_size * extra_flops
 
-    def inference_flops_per_token(self, seq_len: int, applications: float | None = None) -> float:
+    def inference_flops_per_token(self, seq_len: int, applications: float | None = None,
+                                  extra_flops: float = 0.0) -> float:
         a = float(self.strategy.eval_loops()) if applications is None else applications
-        return inference_flops_per_token(self.flop_profile(seq_len), self.loop_start, self.loop_end, a)
+        profile = self.flop_profile(seq_len)
+        return inference_flops_per_token(profile, self.loop_start, self.loop_end, a) + extra_flops / seq_len
 
 
 def check_block(loop_start: int, loop_end: int, n_layer: int, loops_block: bool = True) -> None:

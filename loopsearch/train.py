@@ -72,7 +72,9 @@ def lr_at(progress: float, cfg: TrainConfig) -> float:
 def plan_steps(model: LoopedMDM, cfg: TrainConfig, budget: float) -> int:
     """Optimizer steps the budget buys at the strategy's mean loop count; raises BudgetError
     when the budget cannot pay for a single step at the largest loop count."""
-    worst = model.train_step_flops(cfg.seq_len, cfg.batch_size, model.strategy.max_train_loops())
+    n_max = model.strategy.max_train_loops()
+    worst = model.train_step_flops(cfg.seq_len, cfg.batch_size, n_max,
+                                   model.strategy.extra_flops_bound(n_max, cfg.seq_len))
     if budget < worst:
         raise BudgetError(
             f"budget {format_flops(budget)} is below one training step ({format_flops(worst)} for this model "
@@ -120,23 +122,25 @@ def train(model: LoopedMDM, data: PreparedData, cfg: TrainConfig, budget: float,
     with _progress(progress, description, budget) as bar:
         while True:
             n_loops = model.strategy.train_loops(gen)
-            step_flops = model.train_step_flops(cfg.seq_len, cfg.batch_size, n_loops)
+            extra_bound = model.strategy.extra_flops_bound(n_loops, cfg.seq_len)
+            step_flops = model.train_step_flops(cfg.seq_len, cfg.batch_size, n_loops, extra_bound)
             if spent + step_flops > budget:
                 break
             for group in opt.param_groups:
                 group["lr"] = lr_at(spent / budget, cfg)
             x0 = random_batch(data.train, cfg.batch_size, cfg.seq_len, gen).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss, applications = diffusion_loss(forward, x0, mask_id, gen, n_loops, cfg.antithetic)
+                loss, out = diffusion_loss(forward, x0, mask_id, gen, n_loops, cfg.antithetic)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             # count what ran (a strategy may stop early); never more than the pre-checked bound
-            spent += model.train_step_flops(cfg.seq_len, cfg.batch_size, min(applications, n_loops))
+            spent += min(step_flops, model.train_step_flops(cfg.seq_len, cfg.batch_size, out.applications,
+                                                            out.extra_flops))
             steps += 1
-            loops_sum += applications
+            loops_sum += out.applications
             loss_val = loss.item()
             if not math.isfinite(loss_val):
                 raise FloatingPointError(f"non-finite training loss {loss_val} at step {steps}; lower lr ({cfg.lr})")

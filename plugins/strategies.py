@@ -14,7 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from loopsearch import hookimpl
-from loopsearch.looping import BlockFn, LoopStrategy
+from loopsearch.looping import BlockFn, LoopContext, LoopResult, LoopStrategy, run_with_exit
 
 
 class NoLoop(LoopStrategy):
@@ -53,13 +53,19 @@ class FixedLoops(LoopStrategy):
     def eval_loops(self) -> int:
         return self.params.n_loops
 
-    def run(self, h: torch.Tensor, block: BlockFn, n_loops: int) -> tuple[torch.Tensor, float]:
+    def run(self, h: torch.Tensor, block: BlockFn, n_loops: int, ctx: LoopContext) -> LoopResult:
         if not self.params.reinject:
-            return super().run(h, block, n_loops)
-        e = h
+            return super().run(h, block, n_loops, ctx)
+        e = h  # the block's input, re-injected before every loop after the first
+
+        def step(h: torch.Tensor, k: int) -> torch.Tensor:
+            return block(h if k == 0 else h + e)
+
+        if ctx.exit is not None:
+            return run_with_exit(h, block, n_loops, ctx, step)
         for k in range(n_loops):
-            h = block(h if k == 0 else h + e)
-        return h, float(n_loops)
+            h = step(h, k)
+        return LoopResult(h, float(n_loops))
 
 
 @hookimpl

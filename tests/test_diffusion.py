@@ -6,6 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from loopsearch.looping import ModelOutput
 from loopsearch.diffusion import (elbo, mask_tokens, masked_nll, sample_t, subs_log_probs, t_grid,
                                   validation_nll)
 
@@ -60,8 +61,8 @@ def test_uniform_model_validation_nll_is_log_vocab():
     (in expectation over masks; the t grid's midpoint rule is exact here because E[masked]/t = 1)."""
     V = 20
 
-    def model(x, n_loops=None):
-        return torch.zeros(*x.shape, V + 1), 1.0
+    def model(x, n_loops=None, t=None):
+        return ModelOutput(torch.zeros(*x.shape, V + 1), 1.0)
 
     batches = [torch.randint(0, V, (8, 256))]
     nll = validation_nll(model, batches, mask_id=V, n_t=8, seed=0)
@@ -70,6 +71,6 @@ def test_uniform_model_validation_nll_is_log_vocab():
 
 def test_validation_is_deterministic_and_grid_is_midpoints():
     assert torch.allclose(t_grid(4), torch.tensor([0.125, 0.375, 0.625, 0.875]))
-    model = lambda x, n=None: (torch.randn(*x.shape, 11, generator=torch.Generator().manual_seed(1)), 1.0)  # noqa
+    model = lambda x, n=None, t=None: ModelOutput(torch.randn(*x.shape, 11, generator=torch.Generator().manual_seed(1)), 1.0)  # noqa
     b = [torch.randint(0, 10, (2, 16))]
     assert validation_nll(model, b, 10, seed=3) == validation_nll(model, b, 10, seed=3)

@@ -33,8 +33,9 @@ def test_training_step_flops_match_flop_counter(cfg):
     out = {}
 
     def step():
-        logits, out["apps"] = model(x)
-        logits.float().logsumexp(-1).sum().backward()
+        res = model(x)
+        out["apps"] = res.applications
+        res.logits.float().logsumexp(-1).sum().backward()
 
     counted = measured(step)
     analytic = model.train_step_flops(seq_len, batch_size=3, applications=out["apps"])

@@ -12,7 +12,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 import loopsearch
-from loopsearch.looping import BlockFn, LoopStrategy
+from loopsearch.looping import BlockFn, LoopContext, LoopResult, LoopStrategy
 
 
 class DampedParams(BaseModel):
@@ -37,11 +37,11 @@ class Damped(LoopStrategy):
     def eval_loops(self) -> int:
         return self.params.n_loops
 
-    def run(self, h: torch.Tensor, block: BlockFn, n_loops: int) -> tuple[torch.Tensor, float]:
+    def run(self, h: torch.Tensor, block: BlockFn, n_loops: int, ctx: LoopContext) -> LoopResult:
         beta = self.params.beta
         for _ in range(n_loops):
             h = (1 - beta) * h + beta * block(h)
-        return h, float(n_loops)  # every loop runs the whole block: FLOPs count n_loops applications
+        return LoopResult(h, float(n_loops))  # every loop runs the whole block: FLOPs count n_loops applications
 
 
 @loopsearch.hookimpl
