@@ -39,6 +39,12 @@ def register_corpora():
 
 
 @hookspec
+def register_exit_criteria():
+    """Return inference-time exit criteria for looped blocks (see loopsearch/looping.py:
+    ``run_with_exit``): classes with ``name``, ``Params``, ``init(h)`` and ``check(...)``."""
+
+
+@hookspec
 def register_search_spaces():
     """Return paths (or importlib.resources files) of search-space TOML files."""
 

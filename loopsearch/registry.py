@@ -30,6 +30,7 @@ KINDS = {
     "loop_strategy": "register_loop_strategies",
     "sampler": "register_samplers",
     "corpus": "register_corpora",
+    "exit_criterion": "register_exit_criteria",
     "search_space": "register_search_spaces",
     "study_recipe": "register_study_recipes",
 }

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import optuna
 from optuna.trial import TrialState
+from pydantic import ValidationError
 
 from . import checkpoint
 from .data import prepare
@@ -200,7 +201,12 @@ class Objective:
         config = trial_config(self.spec, trial.number, choice)
         data = self.data()
         torch.manual_seed(config.seed)
-        model = checkpoint.build_model(config, data.vocab_size)
+        try:
+            model = checkpoint.build_model(config, data.vocab_size)
+        except (ValidationError, SpecError) as exc:  # a combination a plugin rejects: this trial only
+            reason = f"invalid configuration: {str(exc).splitlines()[0][:300]}"
+            trial.set_user_attr("rejected", reason)
+            raise optuna.TrialPruned(reason) from None
         trial.set_user_attr("config", config.model_dump(mode="json"))
         for key, value in describe_choice(model, config).items():
             trial.set_user_attr(key, value)
@@ -243,7 +249,8 @@ class Objective:
 def label(config: TrialConfig) -> str:
     if config.strategy.name == "none":
         return f"none ({config.backbone.params.get('n_layer', '?')} layers)"
-    n = config.strategy.params.get("n_loops", "")
+    p = config.strategy.params
+    n = p.get("n_loops", p.get("max_loops", ""))
     return f"{config.strategy.name} [{config.loop_start},{config.loop_end})x{n}"
 
 

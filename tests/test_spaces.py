@@ -53,3 +53,14 @@ def test_bad_strategy_parameter_names_allowed(tiny_recipe, tmp_path):
                     'n_loops = { low = 0, high = 3 }\n')
     with pytest.raises(SpecError, match="n_loops"):
         studies.spec_from_options("p", str(path), str(tiny_recipe), None, None, None, None, None)
+
+
+def test_jointly_invalid_parameters_prune_one_trial_not_the_study(tiny_recipe, tmp_path):
+    """d_model 48 and n_heads 16 are each valid but together give odd head sizes."""
+    path = tmp_path / "joint.toml"
+    path.write_text('name = "joint"\nstrategies = ["none"]\n[backbone]\nd_model = [48]\nn_heads = [16]\n')
+    studies.create(studies.spec_from_options("joint", str(path), str(tiny_recipe), None, None, None, None, None))
+    studies.run("joint", n_trials=2, progress=False)
+    trials = studies.load("joint")[0].get_trials()
+    assert trials[0].state.name == "COMPLETE"
+    assert trials[1].state.name == "PRUNED" and "invalid configuration" in trials[1].user_attrs["rejected"]

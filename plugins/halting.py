@@ -1,0 +1,1 @@
+"""The ``halting`` looping strategy: learned per-token halting (ACT family)."""
