@@ -287,23 +287,32 @@ def leaderboard(studies_, top, fmt, output, scaling, storage):
 @click.argument("study_name", metavar="STUDY")
 @click.argument("trial", type=int)
 @click.option("--loops", default="1,2,3,4,6,8", show_default=True, help="Loop counts to evaluate: 1,2,4,8 or 1-8.")
+@click.option("--exit", "exit_specs", multiple=True, metavar="SPEC",
+              help="Also evaluate with an exit criterion, the loop count as a cap: NAME or NAME:key=value,... "
+                   "(e.g. hidden_delta:tol=0.01, kl, argmax:patience=2). Repeatable.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 @click.option("--storage", help=STORAGE_HELP)
-def eval_cmd(study_name, trial, loops, device, as_json, storage):
+def eval_cmd(study_name, trial, loops, exit_specs, device, as_json, storage):
     """Evaluate a trained trial at several loop counts: val NLL and inference FLOPs per token.
 
+    With --exit, each loop count is also evaluated as the cap of an early-exit criterion; the
+    rows then give the mean loops executed and the FLOPs that really ran.
     The results are stored in the study; `loopsearch leaderboard --scaling` shows them.
 
-    Example: loopsearch eval quickstart 2 --loops 1,2,3,4,6,8
+    Example: loopsearch eval quickstart 2 --loops 1,2,3,4,6,8 --exit hidden_delta:tol=0.01
     """
+    from .exits import parse_exit
+
     from . import evaluate
     from . import study as studies
 
-    st, _ = studies.load(study_name, storage)
     counts = evaluate.parse_loops(loops)
+    exits = [parse_exit(spec) for spec in exit_specs]
+    evaluate.check_exits(exits)  # unknown names and bad parameters fail before any work
+    st, _ = studies.load(study_name, storage)
     directory = evaluate.trial_checkpoint(st, trial)
-    rows = evaluate.loop_scaling(directory, counts, device)
+    rows = evaluate.loop_scaling(directory, counts, device, exits)
     evaluate.store(st, trial, directory, rows)
     if as_json:
         click.echo(json.dumps(rows, indent=2))

@@ -3,7 +3,9 @@
 LoopMDM trains with S ~ U{1..n} loops so that the count can change at inference, trading compute
 for quality. ``loop_scaling`` measures that trade on the study's validation split: val NLL (the
 same fixed-mask ELBO as in training) and inference FLOPs per token (the one FLOP accounting) at
-each loop count. Results are stored in the study (``loopsearch.eval.<trial>``, plain JSON) and
+each loop count, and with inference-time exit criteria (plugins/exits.py), for which the loop
+count is a cap: there the FLOPs are what ran (mean loops executed, plus the criteria's readouts).
+Results are stored in the study (``loopsearch.eval.<trial>``, plain JSON) and
 beside the checkpoint (``eval.json``).
 """
 
@@ -53,9 +55,53 @@ def trial_checkpoint(study: optuna.Study, number: int) -> Path:
     return Path(path)
 
 
+class _Recorder:
+    """Calls the model and records what each forward pass executed (per-sequence loop-block
+    applications and extra FLOPs, weighted by batch size)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.sequences = 0
+        self.applications = 0.0
+        self.extra_flops = 0.0
+
+    def __call__(self, x, *args, **kwargs):
+        out = self.model(x, *args, **kwargs)
+        b = x.shape[0]
+        self.sequences += b
+        self.applications += b * float(out.applications)
+        self.extra_flops += b * float(out.extra_flops)
+        return out
+
+    def means(self) -> tuple[float, float]:
+        n = max(self.sequences, 1)
+        return self.applications / n, self.extra_flops / n
+
+
+ExitSpec = tuple[str, dict]
+
+
+def check_exits(exits: list[ExitSpec] | None) -> list[tuple[str, str, dict]]:
+    """Validate exit criteria before any work: [(label, name, params)] (one-line errors)."""
+    from .exits import exit_label, exit_params
+
+    out = []
+    for name, params in exits or []:
+        _, p = exit_params(name, params)
+        out.append((exit_label(name, p), name, dict(params or {})))
+    return out
+
+
 @torch.no_grad()
-def loop_scaling(directory: str | Path, loops: list[int], device: str = "auto") -> list[dict]:
-    """Val NLL (nats/token) and inference FLOPs per token of a checkpoint at each loop count."""
+def loop_scaling(directory: str | Path, loops: list[int], device: str = "auto",
+                 exits: list[ExitSpec] | None = None) -> list[dict]:
+    """Val NLL (nats/token) and inference FLOPs per token of a checkpoint at each loop count,
+    without an exit criterion ("none") and with each of ``exits`` ([(name, params)]), for which
+    the loop count is a cap. ``mean_loops`` and the FLOPs are what the forward passes executed
+    (loop-block applications per sequence, plus the criteria's readouts)."""
+    from .exits import make_exit
+
+    criteria = check_exits(exits)
     reg = get_registry()
     model, config, _ = checkpoint.load(directory, reg)
     corpus_cls = reg.get("corpus", config.corpus.name)
@@ -65,19 +111,34 @@ def loop_scaling(directory: str | Path, loops: list[int], device: str = "auto") 
     cfg = config.train
     val = [b.to(dev) for b in validation_batches(data.valid, cfg.seq_len, cfg.eval_sequences, cfg.batch_size)]
     if not model.strategy.loops_block:
-        loops = [1]  # nothing to loop: one row for the plain model
+        loops, criteria = [1], []  # nothing to loop (or exit from): one row for the plain model
     rows = []
     for n in loops:
-        nll = validation_nll(model, val, model.backbone.mask_id, cfg.eval_t_points, seed=config.seed + 1, n_loops=n)
-        rows.append({"n_loops": n, "val_nll": nll, "perplexity": math.exp(min(nll, 700)),
-                     "inference_flops_per_token": model.inference_flops_per_token(cfg.seq_len, float(n)),
-                     "trained_n_loops": int(model.strategy.eval_loops())})
+        for label, name, params in [("none", None, None), *criteria]:
+            crit = None if name is None else make_exit(name, params, model, cfg.seq_len)
+            rec = _Recorder(model)
+            kwargs = {} if crit is None else {"exit": crit}
+            nll = validation_nll(rec, val, model.backbone.mask_id, cfg.eval_t_points, seed=config.seed + 1,
+                                 n_loops=n, **kwargs)
+            apps, extra = rec.means()
+            shown = apps if model.strategy.loops_block else 1.0  # the plain model runs every layer once
+            rows.append({"n_loops": n, "exit": label, "val_nll": nll, "perplexity": math.exp(min(nll, 700)),
+                         "mean_loops": shown,
+                         "inference_flops_per_token": model.inference_flops_per_token(cfg.seq_len, apps, extra),
+                         "trained_n_loops": int(model.strategy.eval_loops())})
     return rows
 
 
-def store(study: optuna.Study, number: int, directory: Path, rows: list[dict]) -> None:
-    study.set_user_attr(f"{EVAL_ATTR}{number}", {"loop_scaling": rows})
-    (directory / "eval.json").write_text(json.dumps({"loop_scaling": rows}, indent=2))
+def store(study: optuna.Study, number: int, directory: Path, rows: list[dict]) -> list[dict]:
+    """Store rows with the trial, merged with its earlier ones: a new row replaces an old one for
+    the same loop count and exit criterion. Returns all the trial's rows."""
+    key = lambda r: (r["n_loops"], r.get("exit", "none"))  # noqa: E731
+    new = {key(r) for r in rows}
+    old = [r for r in stored(study).get(number, []) if key(r) not in new]
+    merged = sorted(old + rows, key=lambda r: (r["n_loops"], r.get("exit", "none") != "none", r.get("exit", "none")))
+    study.set_user_attr(f"{EVAL_ATTR}{number}", {"loop_scaling": merged})
+    (directory / "eval.json").write_text(json.dumps({"loop_scaling": merged}, indent=2))
+    return merged
 
 
 def stored(study: optuna.Study) -> dict[int, list[dict]]:

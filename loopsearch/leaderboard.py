@@ -68,13 +68,14 @@ def frame(storage: str | None = None, studies: list[str] | None = None) -> pl.Da
 
 SCALING_SCHEMA = {
     "study": pl.String, "trial": pl.Int64, "strategy": pl.String, "loop_start": pl.Int64, "loop_end": pl.Int64,
-    "trained_n_loops": pl.Int64, "n_loops": pl.Int64, "inference_flops_per_token": pl.Float64,
-    "val_nll": pl.Float64, "perplexity": pl.Float64,
+    "trained_n_loops": pl.Int64, "n_loops": pl.Int64, "exit": pl.String, "mean_loops": pl.Float64,
+    "inference_flops_per_token": pl.Float64, "val_nll": pl.Float64, "perplexity": pl.Float64,
 }
 
 
 def scaling_frame(storage: str | None = None, studies: list[str] | None = None) -> pl.DataFrame:
-    """One row per (trial, loop count) evaluated by `loopsearch eval`."""
+    """One row per (trial, loop count, exit criterion) evaluated by `loopsearch eval`: ``n_loops``
+    is the loop count (the cap, with an exit criterion), ``mean_loops`` what ran on average."""
     from .evaluate import stored
 
     store = open_storage(storage)
@@ -86,8 +87,10 @@ def scaling_frame(storage: str | None = None, studies: list[str] | None = None) 
         for number, evals in sorted(stored(study).items()):
             a = attrs.get(number, {})
             rows += [{"study": name, "trial": number, "strategy": a.get("strategy"), "loop_start": a.get("loop_start"),
-                      "loop_end": a.get("loop_end"), **{k: r[k] for k in SCALING_SCHEMA if k in r}} for r in evals]
-    return pl.DataFrame(rows, schema=SCALING_SCHEMA).sort(["study", "trial", "n_loops"])
+                      "loop_end": a.get("loop_end"), "exit": "none", "mean_loops": float(r["n_loops"]),  # older rows
+                      **{k: r[k] for k in SCALING_SCHEMA if k in r}} for r in evals]
+    df = pl.DataFrame(rows, schema=SCALING_SCHEMA)
+    return df.sort(["study", "trial", "n_loops", pl.col("exit") != "none", "exit"])
 
 
 def top(df: pl.DataFrame, k: int | None) -> pl.DataFrame:
@@ -146,14 +149,16 @@ def markdown(df: pl.DataFrame) -> str:
 def rich_scaling_table(df: pl.DataFrame):
     from rich.table import Table
 
-    table = Table(title="inference loop scaling: val NLL (nats/token) and inference FLOPs/token per loop count",
+    table = Table(title="inference loop scaling: val NLL (nats/token) and inference FLOPs/token per loop count "
+                        "(the cap, with an exit criterion; mean loops = what ran)",
                   title_justify="left")
-    for c in ("study", "trial", "strategy", "block", "trained loops", "loops", "inf FLOP/tok", "val NLL", "ppl≤"):
-        table.add_column(c, justify="left" if c in ("study", "strategy", "block") else "right")
+    for c in ("study", "trial", "strategy", "block", "trained loops", "loops", "exit", "mean loops", "inf FLOP/tok",
+              "val NLL", "ppl≤"):
+        table.add_column(c, justify="left" if c in ("study", "strategy", "block", "exit") else "right")
     for r in df.iter_rows(named=True):
         table.add_row(r["study"], str(r["trial"]), r["strategy"] or "", f"[{r['loop_start']},{r['loop_end']})",
-                      str(r["trained_n_loops"]), str(r["n_loops"]), f"{r['inference_flops_per_token']:.3g}",
-                      f"{r['val_nll']:.4f}", f"{r['perplexity']:.2f}")
+                      str(r["trained_n_loops"]), str(r["n_loops"]), r["exit"] or "none", f"{r['mean_loops']:.2f}",
+                      f"{r['inference_flops_per_token']:.3g}", f"{r['val_nll']:.4f}", f"{r['perplexity']:.2f}")
     return table
 
 

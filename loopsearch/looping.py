@@ -33,7 +33,7 @@ class LoopContext:
     t: torch.Tensor | None = None  # (B,) mask rate of each sequence (None when unknown)
     masked: torch.Tensor | None = None  # (B, T) bool: positions that are MASK in the input
     training: bool = False
-    exit: Any = None  # an inference-time exit criterion (see loopsearch/exits.py), or None
+    exit: Any = None  # an inference-time exit criterion (loopsearch/exits.py), or None
     readout: Callable[[torch.Tensor], torch.Tensor] | None = None  # block output -> logits (coda + head)
 
 
@@ -117,6 +117,9 @@ def run_with_exit(h: torch.Tensor, block: BlockFn, n_loops: int, ctx: LoopContex
     for k in range(n_loops):
         new = step(h, k) if step is not None else block(h)
         done += 1
+        if k == n_loops - 1:  # the cap: no check (a readout-based check would cost FLOPs for nothing)
+            h = new
+            break
         stop, state, flops = crit.check(h, new, state, ctx)
         h, extra = new, extra + flops
         if bool(stop.all()):
@@ -176,8 +179,12 @@ class LoopedMDM(nn.Module):
         return base + TRAIN_MULTIPLIER * batch_size * extra_flops
 
     def inference_flops_per_token(self, seq_len: int, applications: float | None = None,
-                                  extra_flops: float = 0.0) -> float:
+                                  extra_flops: float | None = None) -> float:
+        """Forward FLOPs per token of one network call. Defaults: the strategy's inference loop
+        count and the upper bound of its extra FLOPs at that count (what a call may cost)."""
         a = float(self.strategy.eval_loops()) if applications is None else applications
+        if extra_flops is None:
+            extra_flops = self.strategy.extra_flops_bound(int(round(a)), seq_len) if self.strategy.loops_block else 0.0
         profile = self.flop_profile(seq_len)
         return inference_flops_per_token(profile, self.loop_start, self.loop_end, a) + extra_flops / seq_len
 

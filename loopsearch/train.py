@@ -80,7 +80,9 @@ def plan_steps(model: LoopedMDM, cfg: TrainConfig, budget: float) -> int:
             f"budget {format_flops(budget)} is below one training step ({format_flops(worst)} for this model "
             f"at batch {cfg.batch_size} x seq {cfg.seq_len}); raise --budget to at least {worst:.3g}"
         )
-    mean = model.train_step_flops(cfg.seq_len, cfg.batch_size, model.strategy.expected_train_loops())
+    expected = model.strategy.expected_train_loops()
+    mean = model.train_step_flops(cfg.seq_len, cfg.batch_size, expected,
+                                  model.strategy.extra_flops_bound(int(round(expected)), cfg.seq_len))
     return int(budget // mean)
 
 

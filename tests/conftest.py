@@ -84,3 +84,26 @@ def example_plugin_installed():
                         str(EXAMPLE_PLUGIN)], check=True)
         md._cache_clear() if hasattr(md, "_cache_clear") else None
     return "loopsearch-example-plugin"
+
+
+UNIFORM = """name = "uniform"
+strategies = ["fixed"]
+[block]
+layers = [1, 3]
+length = [2, 2]
+[strategy.fixed]
+n_loops = 4
+train_loops = "uniform"
+"""
+
+
+@pytest.fixture
+def trained(tiny_recipe, tmp_path):
+    """A tiny finished study 'scale': the baseline (trial 0) and fixed [1,3) x4, uniform-trained (trial 1)."""
+    from loopsearch import study as studies
+
+    space = tmp_path / "uniform.toml"
+    space.write_text(UNIFORM)
+    studies.create(studies.spec_from_options("scale", str(space), str(tiny_recipe), None, None, None, None, 2))
+    studies.run("scale", progress=False)
+    return studies.load("scale")[0]

@@ -6,28 +6,7 @@ import pytest
 
 from conftest import run_cli
 from loopsearch import evaluate, leaderboard
-from loopsearch import study as studies
 from loopsearch.errors import LoopsearchError
-
-UNIFORM = """name = "uniform"
-strategies = ["fixed"]
-[block]
-layers = [1, 3]
-length = [2, 2]
-[strategy.fixed]
-n_loops = 4
-train_loops = "uniform"
-"""
-
-
-@pytest.fixture
-def trained(tiny_recipe, tmp_path):
-    space = tmp_path / "uniform.toml"
-    space.write_text(UNIFORM)
-    studies.create(studies.spec_from_options("scale", str(space), str(tiny_recipe), None, None, None, None, 2))
-    studies.run("scale", progress=False)
-    return studies.load("scale")[0]
-
 
 def test_parse_loops():
     assert evaluate.parse_loops("1,2,4,8") == [1, 2, 4, 8]
@@ -42,6 +21,7 @@ def test_loop_scaling_rows_and_storage(trained):
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
     assert [row["n_loops"] for row in rows] == [1, 2, 3, 4, 8]
+    assert all(row["exit"] == "none" and row["mean_loops"] == row["n_loops"] for row in rows)
     flops = [row["inference_flops_per_token"] for row in rows]
     assert flops == sorted(flops) and flops[1] - flops[0] == pytest.approx(flops[2] - flops[1])
     # the trained loop count reproduces the val NLL recorded in training
@@ -51,9 +31,10 @@ def test_loop_scaling_rows_and_storage(trained):
     assert at_trained["inference_flops_per_token"] == pytest.approx(trial.user_attrs["inference_flops_per_token"])
     df = leaderboard.scaling_frame(studies=["scale"])
     assert df["n_loops"].to_list() == [1, 2, 3, 4, 8] and set(df["trial"]) == {1}
+    assert set(df["exit"]) == {"none"} and df["mean_loops"].to_list() == [1.0, 2.0, 3.0, 4.0, 8.0]
     assert (evaluate.trial_checkpoint(trained, 1) / "eval.json").exists()
     table = run_cli("leaderboard", "--study", "scale", "--scaling")
-    assert table.returncode == 0 and "loop scaling" in table.stdout
+    assert table.returncode == 0 and "loop scaling" in table.stdout and "mean loops" in table.stdout
 
 
 def test_plain_model_evaluates_once(trained):

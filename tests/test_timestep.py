@@ -212,7 +212,7 @@ def test_exit_criterion_runs_to_the_batch_maximum():
     model = timestep_model(**LINEAR_1_4)
     x = torch.randint(0, 51, (3, SEQ))
     out = model(x, t=torch.tensor([0.1, 0.3, 0.6]), exit=Never())
-    assert out.applications == 3.0 and out.extra_flops == 21.0
+    assert out.applications == 3.0 and out.extra_flops == 14.0  # checks after loops 1 and 2; none at the cap
     assert torch.allclose(out.logits, reference_logits(model, x, 3), atol=1e-6)
 
 
