@@ -64,6 +64,8 @@ class _Recorder:
         self.sequences = 0
         self.applications = 0.0
         self.extra_flops = 0.0
+        self.token_loops = 0.0  # per-token loop counts, for strategies that report them (halting)
+        self.token_sequences = 0
 
     def __call__(self, x, *args, **kwargs):
         out = self.model(x, *args, **kwargs)
@@ -71,11 +73,17 @@ class _Recorder:
         self.sequences += b
         self.applications += b * float(out.applications)
         self.extra_flops += b * float(out.extra_flops)
+        if "mean_token_loops" in out.stats:
+            self.token_loops += b * float(out.stats["mean_token_loops"])
+            self.token_sequences += b
         return out
 
     def means(self) -> tuple[float, float]:
         n = max(self.sequences, 1)
         return self.applications / n, self.extra_flops / n
+
+    def mean_token_loops(self) -> float | None:
+        return self.token_loops / self.token_sequences if self.token_sequences else None
 
 
 ExitSpec = tuple[str, dict]
@@ -123,7 +131,7 @@ def loop_scaling(directory: str | Path, loops: list[int], device: str = "auto",
             apps, extra = rec.means()
             shown = apps if model.strategy.loops_block else 1.0  # the plain model runs every layer once
             rows.append({"n_loops": n, "exit": label, "val_nll": nll, "perplexity": math.exp(min(nll, 700)),
-                         "mean_loops": shown,
+                         "mean_loops": shown, "mean_token_loops": rec.mean_token_loops(),
                          "inference_flops_per_token": model.inference_flops_per_token(cfg.seq_len, apps, extra),
                          "trained_n_loops": int(model.strategy.eval_loops())})
     return rows

@@ -68,7 +68,7 @@ def frame(storage: str | None = None, studies: list[str] | None = None) -> pl.Da
 
 SCALING_SCHEMA = {
     "study": pl.String, "trial": pl.Int64, "strategy": pl.String, "loop_start": pl.Int64, "loop_end": pl.Int64,
-    "trained_n_loops": pl.Int64, "n_loops": pl.Int64, "exit": pl.String, "mean_loops": pl.Float64,
+    "trained_n_loops": pl.Int64, "n_loops": pl.Int64, "exit": pl.String, "mean_loops": pl.Float64, "mean_token_loops": pl.Float64,
     "inference_flops_per_token": pl.Float64, "val_nll": pl.Float64, "perplexity": pl.Float64,
 }
 
@@ -152,12 +152,13 @@ def rich_scaling_table(df: pl.DataFrame):
     table = Table(title="inference loop scaling: val NLL (nats/token) and inference FLOPs/token per loop count "
                         "(the cap, with an exit criterion; mean loops = what ran)",
                   title_justify="left")
-    for c in ("study", "trial", "strategy", "block", "trained loops", "loops", "exit", "mean loops", "inf FLOP/tok",
-              "val NLL", "ppl≤"):
+    for c in ("study", "trial", "strategy", "block", "trained loops", "loops", "exit", "mean loops", "token loops",
+              "inf FLOP/tok", "val NLL", "ppl≤"):
         table.add_column(c, justify="left" if c in ("study", "strategy", "block", "exit") else "right")
     for r in df.iter_rows(named=True):
         table.add_row(r["study"], str(r["trial"]), r["strategy"] or "", f"[{r['loop_start']},{r['loop_end']})",
                       str(r["trained_n_loops"]), str(r["n_loops"]), r["exit"] or "none", f"{r['mean_loops']:.2f}",
+                      "" if r.get("mean_token_loops") is None else f"{r['mean_token_loops']:.2f}",
                       f"{r['inference_flops_per_token']:.3g}", f"{r['val_nll']:.4f}", f"{r['perplexity']:.2f}")
     return table
 
