@@ -22,6 +22,7 @@ from . import checkpoint
 from .data import prepare, validation_batches
 from .diffusion import validation_nll
 from .errors import LoopsearchError
+from .looping import ExecutionRecorder
 from .registry import get_registry
 from .train import resolve_device
 
@@ -53,37 +54,6 @@ def trial_checkpoint(study: optuna.Study, number: int) -> Path:
                               f"(state {trials[number].state.name.lower()}, checkpoint {path!r}); "
                               f"evaluate a complete trial (see `loopsearch leaderboard --study {study.study_name}`)")
     return Path(path)
-
-
-class _Recorder:
-    """Calls the model and records what each forward pass executed (per-sequence loop-block
-    applications and extra FLOPs, weighted by batch size)."""
-
-    def __init__(self, model):
-        self.model = model
-        self.sequences = 0
-        self.applications = 0.0
-        self.extra_flops = 0.0
-        self.token_loops = 0.0  # per-token loop counts, for strategies that report them (halting)
-        self.token_sequences = 0
-
-    def __call__(self, x, *args, **kwargs):
-        out = self.model(x, *args, **kwargs)
-        b = x.shape[0]
-        self.sequences += b
-        self.applications += b * float(out.applications)
-        self.extra_flops += b * float(out.extra_flops)
-        if "mean_token_loops" in out.stats:
-            self.token_loops += b * float(out.stats["mean_token_loops"])
-            self.token_sequences += b
-        return out
-
-    def means(self) -> tuple[float, float]:
-        n = max(self.sequences, 1)
-        return self.applications / n, self.extra_flops / n
-
-    def mean_token_loops(self) -> float | None:
-        return self.token_loops / self.token_sequences if self.token_sequences else None
 
 
 ExitSpec = tuple[str, dict]
@@ -124,7 +94,7 @@ def loop_scaling(directory: str | Path, loops: list[int], device: str = "auto",
     for n in loops:
         for label, name, params in [("none", None, None), *criteria]:
             crit = None if name is None else make_exit(name, params, model, cfg.seq_len)
-            rec = _Recorder(model)
+            rec = ExecutionRecorder(model)
             kwargs = {} if crit is None else {"exit": crit}
             nll = validation_nll(rec, val, model.backbone.mask_id, cfg.eval_t_points, seed=config.seed + 1,
                                  n_loops=n, **kwargs)

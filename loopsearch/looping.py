@@ -200,3 +200,37 @@ def check_block(loop_start: int, loop_end: int, n_layer: int, loops_block: bool 
             f"loop block [{loop_start}, {loop_end}) is outside the model's {n_layer} layers; "
             f"need 0 <= loop_start < loop_end <= {n_layer}"
         )
+
+
+class ExecutionRecorder:
+    """Calls the model and records what each forward pass executed (per-sequence loop-block
+    applications and extra FLOPs, weighted by batch size)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.reset()
+
+    def reset(self) -> None:
+        self.sequences = 0
+        self.applications = 0.0
+        self.extra_flops = 0.0
+        self.token_loops = 0.0  # per-token loop counts, for strategies that report them (halting)
+        self.token_sequences = 0
+
+    def __call__(self, x, *args, **kwargs):
+        out = self.model(x, *args, **kwargs)
+        b = x.shape[0]
+        self.sequences += b
+        self.applications += b * float(out.applications)
+        self.extra_flops += b * float(out.extra_flops)
+        if "mean_token_loops" in out.stats:
+            self.token_loops += b * float(out.stats["mean_token_loops"])
+            self.token_sequences += b
+        return out
+
+    def means(self) -> tuple[float, float]:
+        n = max(self.sequences, 1)
+        return self.applications / n, self.extra_flops / n
+
+    def mean_token_loops(self) -> float | None:
+        return self.token_loops / self.token_sequences if self.token_sequences else None

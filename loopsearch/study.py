@@ -275,6 +275,10 @@ def result_attrs(model, config: TrialConfig, r: TrainResult) -> dict[str, Any]:
         "val_nll": r.val_nll, "perplexity": math.exp(min(r.val_nll, 700)), "final_loss": r.final_loss,
         "wall_s": r.wall_s, "tokens_per_s": r.tokens_per_s, "flops_per_s": r.flops_per_s,
         "mean_train_loops": r.mean_train_loops, "history": [list(h) for h in r.history],
+        # executed by the final validation (the model's own inference mode; halting stops early)
+        "inference_flops_per_token": model.inference_flops_per_token(
+            config.train.seq_len, r.eval_applications if model.strategy.loops_block else None, r.eval_extra_flops),
+        "eval_loops_run": r.eval_applications, "mean_token_loops": r.eval_token_loops, "train_stats": r.train_stats,
     }
 
 

@@ -20,7 +20,7 @@ import torch
 from .data import PreparedData, random_batch, validation_batches
 from .diffusion import diffusion_loss, validation_nll
 from .errors import BudgetError
-from .looping import LoopedMDM
+from .looping import ExecutionRecorder, LoopedMDM
 from .spec import TrainConfig
 from .units import format_flops
 
@@ -42,6 +42,11 @@ class TrainResult:
     flops_per_s: float  # achieved training FLOP/s
     mean_train_loops: float
     history: list[tuple[float, float]] = field(default_factory=list)  # (train FLOPs, val nll)
+    # what the final validation executed, per sequence (the model's own inference mode)
+    eval_applications: float = 0.0
+    eval_extra_flops: float = 0.0
+    eval_token_loops: float | None = None  # mean loops per masked token, for strategies that report it
+    train_stats: dict[str, float] = field(default_factory=dict)  # strategy stats averaged over steps
 
 
 def resolve_device(name: str) -> torch.device:
@@ -108,10 +113,13 @@ def train(model: LoopedMDM, data: PreparedData, cfg: TrainConfig, budget: float,
     checkpoints = [budget * (i + 1) / cfg.eval_points for i in range(cfg.eval_points)]
     history: list[tuple[float, float]] = []
 
+    recorder = ExecutionRecorder(forward)
+
     def evaluate(spent: float) -> float:
         model.eval()
+        recorder.reset()  # keep what the latest validation executed
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            nll = validation_nll(forward, val, mask_id, cfg.eval_t_points, seed=seed + 1)
+            nll = validation_nll(recorder, val, mask_id, cfg.eval_t_points, seed=seed + 1)
         model.train()
         history.append((spent, nll))
         if report is not None:
@@ -119,6 +127,7 @@ def train(model: LoopedMDM, data: PreparedData, cfg: TrainConfig, budget: float,
         return nll
 
     spent, steps, loops_sum, loss_val = 0.0, 0, 0.0, float("nan")
+    stats_sum: dict[str, float] = {}
     model.train()
     start = time.perf_counter()
     with _progress(progress, description, budget) as bar:
@@ -143,6 +152,8 @@ def train(model: LoopedMDM, data: PreparedData, cfg: TrainConfig, budget: float,
                                                             out.extra_flops))
             steps += 1
             loops_sum += out.applications
+            for key, value in out.stats.items():
+                stats_sum[key] = stats_sum.get(key, 0.0) + float(value)
             loss_val = loss.item()
             if not math.isfinite(loss_val):
                 raise FloatingPointError(f"non-finite training loss {loss_val} at step {steps}; lower lr ({cfg.lr})")
@@ -155,8 +166,10 @@ def train(model: LoopedMDM, data: PreparedData, cfg: TrainConfig, budget: float,
     nll = evaluate(spent)
     wall = time.perf_counter() - start
     tokens = steps * cfg.batch_size * cfg.seq_len
+    eval_apps, eval_extra = recorder.means()
     return TrainResult(spent, budget, steps, planned, tokens, nll, loss_val, wall, tokens / wall,
-                       spent / wall, loops_sum / steps, history)
+                       spent / wall, loops_sum / steps, history, eval_apps, eval_extra,
+                       recorder.mean_token_loops(), {k: v / steps for k, v in stats_sum.items()})
 
 
 class _NullBar:

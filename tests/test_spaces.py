@@ -9,7 +9,7 @@ from loopsearch.space import load_space, suggest
 from loopsearch.spec import SearchSpace, validate
 
 
-@pytest.mark.parametrize("space", ["early_middle", "anywhere", "depth"])
+@pytest.mark.parametrize("space", ["early_middle", "anywhere", "depth", "strategies"])
 def test_builtin_space_runs_a_trial(space, tiny_recipe):
     studies.create(studies.spec_from_options(space, space, str(tiny_recipe), None, None, None, "random", None))
     studies.run(space, n_trials=2, progress=False)

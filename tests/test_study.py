@@ -147,3 +147,22 @@ def test_quickstart_commands_via_cli(tiny_recipe):
     assert r.returncode == 0 and "★" in r.stdout and "fixed" in r.stdout
     r = run_cli("study", "list")
     assert "early_middle-" in r.stdout
+
+
+def test_halting_trial_reports_executed_inference_flops(tiny_recipe, tmp_path):
+    space = tmp_path / "halt.toml"
+    space.write_text('name = "halt"\nstrategies = ["halting"]\n[block]\nlayers = [1, 3]\nlength = [2, 2]\n'
+                     '[strategy.halting]\nmax_loops = 4\n')
+    studies.create(studies.spec_from_options("halt", str(space), str(tiny_recipe), None, None, None, None, None))
+    studies.run("halt", n_trials=2, progress=False)
+    st, spec = studies.load("halt")
+    a = st.get_trials()[1].user_attrs
+    cfg = studies.TrialConfig.model_validate(a["config"])
+    model = studies.meta_model(cfg, 300)
+    bound = model.inference_flops_per_token(cfg.train.seq_len)  # all 4 loops and every halting head
+    assert 1 <= a["eval_loops_run"] <= 4 and 1 <= a["mean_token_loops"] <= a["eval_loops_run"]
+    assert a["inference_flops_per_token"] <= bound
+    executed_blocks = model.inference_flops_per_token(cfg.train.seq_len, a["eval_loops_run"], 0.0)
+    head_per_loop = 2 * cfg.train.seq_len * 32 / cfg.train.seq_len  # halting head, FLOPs per token per loop
+    assert executed_blocks <= a["inference_flops_per_token"] <= executed_blocks + 4 * head_per_loop
+    assert "ponder" in a["train_stats"] and a["train_stats"]["loops_run"] == 4
