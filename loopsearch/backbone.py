@@ -39,5 +39,13 @@ class Backbone(nn.Module):
     def head(self, h: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, n_tokens) logits
         raise NotImplementedError
 
+    def attention_probs(self, i: int, h: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, H, T, T)
+        """Optional: the attention probabilities layer ``i`` applies to ``h`` (rows sum to 1),
+        used by ``loopsearch analyze attention``."""
+        raise NotImplementedError(
+            f"backbone {getattr(self, 'name', type(self).__name__)!r} does not expose attention "
+            f"probabilities (implement Backbone.attention_probs(i, h) to analyse its attention)"
+        )
+
     def flop_profile(self, seq_len: int) -> FlopProfile:
         raise NotImplementedError

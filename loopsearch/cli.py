@@ -323,6 +323,45 @@ def eval_cmd(study_name, trial, loops, exit_specs, device, as_json, storage):
         lb.pl.col("trial") == trial)))
 
 
+# ---- analysis ----------------------------------------------------------------------------------------------
+@cli.group()
+def analyze():
+    """Look inside a trained trial."""
+
+
+@analyze.command("attention")
+@click.argument("study_name", metavar="STUDY")
+@click.argument("trial", type=int)
+@click.option("--rates", default="0.15,0.5,0.85", show_default=True, help="Mask rates, each in (0, 1).")
+@click.option("--loops", "n_loops", type=int, default=None,
+              help="Loop count of the block (default: the strategy's inference count).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+@click.option("--storage", help=STORAGE_HELP)
+def analyze_attention(study_name, trial, rates, n_loops, device, as_json, storage):
+    """Share of attention mass masked queries put on masked vs unmasked keys, per layer and loop.
+
+    On the study's validation split, at each mask rate; "uniform share" is the fraction of keys
+    that are masked (what uniform attention would give). The loop block is applied as a plain
+    repetition (the fixed strategy's reinject included; halting's freezing is not reproduced).
+
+    Example: loopsearch analyze attention quickstart 2 --rates 0.15,0.5,0.85
+    """
+    from . import analysis, evaluate
+    from . import study as studies
+
+    parsed = analysis.parse_rates(rates)
+    if n_loops is not None and n_loops < 1:
+        raise LoopsearchError(f"--loops must be >= 1, got {n_loops}")
+    st, _ = studies.load(study_name, storage)
+    directory = evaluate.trial_checkpoint(st, trial)
+    rows = analysis.trial_attention_shares(directory, parsed, n_loops, device)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    _console().print(analysis.rich_table(rows))
+
+
 def main(argv: list[str] | None = None) -> None:
     import logging
 

@@ -87,6 +87,15 @@ class Block(nn.Module):
         h = h + self.proj(y.transpose(1, 2).reshape(B, T, C))
         return h + self.mlp(self.norm2(h))
 
+    def attention_probs(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The softmax attention probabilities (B, H, T_query, T_key) that ``forward`` applies to
+        the values: the same math as its ``scaled_dot_product_attention``, written out."""
+        B, T, C = h.shape
+        q, k, _ = self.qkv(self.norm1(h)).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        scores = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5
+        return scores.softmax(dim=-1).to(h.dtype)
+
 
 class Transformer(Backbone):
     name = "transformer"
@@ -122,6 +131,10 @@ class Transformer(Backbone):
     def run_block(self, i: int, h: torch.Tensor) -> torch.Tensor:
         T = h.shape[1]
         return self.blocks[i](h, self.cos[:T], self.sin[:T])
+
+    def attention_probs(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        T = h.shape[1]
+        return self.blocks[i].attention_probs(h, self.cos[:T], self.sin[:T])
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm_f(h))

@@ -1,0 +1,150 @@
+"""Where masked positions look: attention shares per layer and loop iteration.
+
+The looping paper's evidence that looping promotes mask-to-mask interaction: at several mask
+rates, on validation data, measure for every layer application (prelude layers once, each
+iteration of the loop block, coda layers once) the share of attention mass that masked query
+positions put on masked keys versus unmasked keys, beside the share a uniform attention would
+put on masked keys (the fraction of keys that are masked) for reference.
+
+The walk follows the model's forward: ``backbone.embed``, then ``backbone.run_block(i, h)`` in
+the looped order, with ``backbone.attention_probs(i, h)`` read before each application. The loop
+block is applied ``n_loops`` times as a plain repetition; the ``fixed`` strategy's ``reinject``
+(adding the block's input before every loop after the first) is reproduced, but other
+strategy-specific execution (e.g. halting's per-token freezing) is not: for such strategies the
+shares describe the plainly repeated block.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import torch
+
+from .diffusion import mask_tokens
+from .errors import LoopsearchError
+
+
+def parse_rates(text: str) -> list[float]:
+    """'0.15,0.5,0.85' -> mask rates, each in (0, 1) (one-line errors)."""
+    try:
+        rates = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise LoopsearchError(f"cannot read --rates {text!r}; write mask rates like 0.15,0.5,0.85") from None
+    if not rates:
+        raise LoopsearchError(f"--rates {text!r} lists no mask rates; write e.g. 0.15,0.5,0.85")
+    bad = [r for r in rates if not (0.0 < r < 1.0) or math.isnan(r)]
+    if bad:
+        raise LoopsearchError(f"--rates {text!r}: mask rates must lie strictly between 0 and 1, got {bad[0]:g}")
+    return rates
+
+
+def layer_schedule(model, n_loops: int | None = None) -> list[tuple[int, int]]:
+    """[(layer, loop)] in the order the looped model applies its layers; loop is 1-based
+    (1 for prelude and coda layers)."""
+    n_layer = model.backbone.n_layer
+    s, e = model.loop_start, model.loop_end
+    if not model.strategy.loops_block or e <= s:
+        return [(i, 1) for i in range(n_layer)]
+    n = model.strategy.eval_loops() if n_loops is None else n_loops
+    if n < 1:
+        raise LoopsearchError(f"--loops must be >= 1, got {n}")
+    return ([(i, 1) for i in range(s)] + [(i, k) for k in range(1, n + 1) for i in range(s, e)]
+            + [(i, 1) for i in range(e, n_layer)])
+
+
+def _reinjects(model) -> bool:
+    return getattr(model.strategy, "name", None) == "fixed" and bool(getattr(model.strategy.params, "reinject", False))
+
+
+def _shares(probs: torch.Tensor, masked: torch.Tensor) -> tuple[float, float, int]:
+    """Sums over (batch, head, masked query) of the mass on masked keys and of the masked-key
+    fraction of that row; and the number of such (batch, head, query) triples."""
+    m = masked.to(probs.dtype)  # (B, T)
+    on_masked = (probs * m[:, None, None, :]).sum(-1)  # (B, H, Tq)
+    frac = m.mean(-1)  # (B,) share of keys that are masked
+    q = m[:, None, :].expand_as(on_masked)  # weight: masked queries only
+    uniform = frac[:, None, None].expand_as(on_masked)
+    return float((on_masked * q).sum()), float((uniform * q).sum()), int(q.sum())
+
+
+@torch.no_grad()
+def attention_shares(model, batches: Iterable[torch.Tensor], mask_id: int,
+                     rates: Sequence[float] = (0.15, 0.5, 0.85), seed: int = 0,
+                     n_loops: int | None = None) -> list[dict]:
+    """Rows {"t", "layer", "loop", "mask_to_mask", "mask_to_unmasked", "masked_key_fraction"}:
+    for each mask rate t and each layer application, the attention mass masked queries place on
+    masked keys (mean over batch, heads and masked queries), its complement, and the share a
+    uniform attention would give (the fraction of masked keys, weighted the same way)."""
+    b = model.backbone
+    was_training = model.training
+    model.eval()
+    batches = list(batches)
+    schedule = layer_schedule(model, n_loops)
+    reinject = _reinjects(model)
+    s = model.loop_start
+    rows: list[dict] = []
+    try:
+        for t in rates:
+            gen = torch.Generator().manual_seed(seed)
+            acc = [[0.0, 0.0, 0] for _ in schedule]
+            for x0 in batches:
+                rate = torch.full((x0.shape[0],), float(t))
+                xt, masked = mask_tokens(x0, rate, mask_id, gen)
+                h = b.embed(xt)
+                block_input = None
+                for j, (i, k) in enumerate(schedule):
+                    if i == s and model.loop_end > s and model.strategy.loops_block:
+                        if k == 1:
+                            block_input = h
+                        elif reinject:
+                            h = h + block_input
+                    try:
+                        probs = b.attention_probs(i, h)
+                    except NotImplementedError as exc:
+                        raise LoopsearchError(str(exc)) from None
+                    mm, uni, n = _shares(probs, masked)
+                    acc[j][0] += mm
+                    acc[j][1] += uni
+                    acc[j][2] += n
+                    h = b.run_block(i, h)
+            for (i, k), (mm, uni, n) in zip(schedule, acc):
+                share = mm / n if n else math.nan
+                rows.append({"t": float(t), "layer": i, "loop": k, "mask_to_mask": share,
+                             "mask_to_unmasked": 1.0 - share if n else math.nan,
+                             "masked_key_fraction": uni / n if n else math.nan})
+    finally:
+        model.train(was_training)
+    return rows
+
+
+def trial_attention_shares(directory, rates: Sequence[float], n_loops: int | None = None,
+                           device: str = "auto") -> list[dict]:
+    """``attention_shares`` of a checkpoint on its study's validation split (the same windows
+    ``loopsearch eval`` uses; the masks are drawn with the config's seed + 1)."""
+    from . import checkpoint
+    from .data import prepare, validation_batches
+    from .registry import get_registry
+    from .train import resolve_device
+
+    reg = get_registry()
+    model, config, _ = checkpoint.load(directory, reg)
+    corpus_cls = reg.get("corpus", config.corpus.name)
+    data = prepare(corpus_cls(corpus_cls.Params.model_validate(config.corpus.params)), config.vocab_size)
+    dev = resolve_device(device)
+    model.to(dev).eval()
+    cfg = config.train
+    val = [x.to(dev) for x in validation_batches(data.valid, cfg.seq_len, cfg.eval_sequences, cfg.batch_size)]
+    return attention_shares(model, val, model.backbone.mask_id, rates, seed=config.seed + 1, n_loops=n_loops)
+
+
+def rich_table(rows: list[dict]):
+    from rich.table import Table
+
+    table = Table(title="attention of masked queries")
+    for name in ("t", "layer", "loop", "mask→mask", "mask→unmasked", "uniform share"):
+        table.add_column(name, justify="right")
+    for r in rows:
+        table.add_row(f"{r['t']:g}", str(r["layer"]), str(r["loop"]), f"{r['mask_to_mask']:.3f}",
+                      f"{r['mask_to_unmasked']:.3f}", f"{r['masked_key_fraction']:.3f}")
+    return table
