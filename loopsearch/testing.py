@@ -1,0 +1,322 @@
+"""A conformance suite for looping strategies (builtin or third-party).
+
+A strategy author subclasses :class:`StrategyConformance` in a pytest test module::
+
+    from loopsearch.testing import StrategyConformance
+
+    class TestMyStrategy(StrategyConformance):
+        strategy = "my_strategy"                      # its registered name
+        params = {"n_loops": 3}                       # a valid configuration (its Params)
+        one_loop_params = {"n_loops": 1}              # one loop == the plain model; None if n/a
+
+pytest then runs every ``test_*`` method below on that configuration: the Params model rejects
+unknown keys, one loop equals the plain (non-looped) model, the analytic FLOP accounting
+matches ``torch.utils.flop_counter.FlopCounterMode``, the model is deterministic under a seed,
+every parameter gets a gradient, the loop counts are consistent, and a tiny Optuna study with
+the strategy runs to completion under its FLOP budget.
+
+The base class has no ``Test`` prefix, so pytest does not collect it by itself. The strategy is
+looked up through the plugin registry (``loopsearch.registry.get_registry()``): the package
+defining it must be installed (its ``loopsearch`` entry point is what is tested).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, ClassVar
+
+import pytest
+import torch
+from pydantic import ValidationError
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from .diffusion import diffusion_loss, mask_tokens
+from .looping import LoopedMDM
+
+__all__ = ["StrategyConformance", "TINY_RECIPE", "measured_flops", "space_toml"]
+
+# A tiny study: 4 layers, d_model 32, a few dozen optimizer steps per trial (seconds on a CPU).
+TINY_RECIPE = """
+description = "tiny conformance study"
+space = "early_middle"
+budget = "3e9"
+n_trials = 3
+vocab_size = 300
+seed = 0
+
+[corpus]
+name = "shakespeare"
+
+[backbone]
+name = "transformer"
+params = { n_layer = 4, d_model = 32, n_heads = 2 }
+
+[train]
+batch_size = 8
+seq_len = 32
+lr = 3e-3
+min_steps = 5
+eval_points = 2
+eval_sequences = 16
+eval_t_points = 4
+"""
+
+FLOP_TOLERANCE = 0.02  # relative difference allowed between the analytic and the counted FLOPs
+
+
+def measured_flops(fn) -> int:
+    """FLOPs ``fn()`` executes, counted by FlopCounterMode. The math SDPA backend is forced:
+    FlopCounterMode counts the fused CPU attention kernel as 0 FLOPs."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"cannot write {value!r} to a search space")
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} {value!r} to a search space; "
+                    f"set study_space to the space's TOML text instead")
+
+
+def space_toml(strategy: str, params: dict[str, Any], block: tuple[int, int]) -> str:
+    """A search space holding one configuration: ``strategy`` with ``params`` fixed, looping
+    exactly the layers ``block`` = (loop_start, loop_end)."""
+    start, end = block
+    lines = [f'name = "conformance_{strategy}"', f"strategies = [{json.dumps(strategy)}]", "",
+             "[block]", f"layers = [{start}, {end}]", f"length = [{end - start}, {end - start}]", "",
+             f"[strategy.{strategy}]"]
+    lines += [f"{key} = {_toml_value(value)}" for key, value in params.items()]
+    return "\n".join(lines) + "\n"
+
+
+class StrategyConformance:
+    """Inherit this in a ``Test...`` class and set ``strategy`` and ``params`` (see the module
+    docstring). Every class attribute below may be overridden."""
+
+    strategy: ClassVar[str] = ""  # the registered name of the strategy under test
+    params: ClassVar[dict[str, Any]] = {}  # its Params, as a dict
+    one_loop_params: ClassVar[dict[str, Any] | None] = None  # params giving exactly one loop; None: skip
+    block: ClassVar[tuple[int, int]] = (1, 3)  # (loop_start, loop_end)
+    backbone: ClassVar[str] = "transformer"
+    n_layer: ClassVar[int] = 4
+    d_model: ClassVar[int] = 32
+    n_heads: ClassVar[int] = 2
+    vocab: ClassVar[int] = 50
+    seq_len: ClassVar[int] = 16
+    batch_size: ClassVar[int] = 4
+    seed: ClassVar[int] = 0
+    study_space: ClassVar[str | None] = None  # TOML text of the study's space; None: space_toml(...)
+    study_recipe: ClassVar[str] = TINY_RECIPE
+
+    # ---- builders ------------------------------------------------------------------------------
+    @classmethod
+    def registry(cls):
+        from .registry import get_registry
+
+        return get_registry()
+
+    @classmethod
+    def strategy_class(cls):
+        if not cls.strategy:
+            raise TypeError(f"{cls.__name__}: set the class attribute `strategy` to the registered name")
+        return cls.registry().get("loop_strategy", cls.strategy)
+
+    @classmethod
+    def make_backbone(cls, seed: int | None = None):
+        bb_cls = cls.registry().get("backbone", cls.backbone)
+        torch.manual_seed(cls.seed if seed is None else seed)
+        params = bb_cls.Params.model_validate(
+            {"n_layer": cls.n_layer, "d_model": cls.d_model, "n_heads": cls.n_heads})
+        return bb_cls(params, cls.vocab, cls.seq_len)
+
+    @classmethod
+    def make_model(cls, params: dict[str, Any] | None = None, seed: int | None = None,
+                   strategy: str | None = None, block: tuple[int, int] | None = None) -> LoopedMDM:
+        """A tiny LoopedMDM with the strategy under test (or ``strategy``) built through the
+        registry; the same seed gives the same weights."""
+        backbone = cls.make_backbone(seed)
+        st_cls = cls.registry().get("loop_strategy", strategy) if strategy else cls.strategy_class()
+        start, end = cls.block if block is None else block
+        st = st_cls(st_cls.Params.model_validate(cls.params if params is None else params), start, end,
+                    backbone.d_model)
+        return LoopedMDM(backbone, st)
+
+    @classmethod
+    def plain_model(cls, seed: int | None = None) -> LoopedMDM:
+        """The non-looped model (strategy ``none``) on the same backbone."""
+        return cls.make_model({}, seed, strategy="none", block=(0, 0))
+
+    @classmethod
+    def batch(cls, model: LoopedMDM, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x0, x_t, t): clean tokens, the same tokens masked at rates t spread over (0, 1)."""
+        gen = torch.Generator().manual_seed(seed)
+        b = cls.batch_size
+        x0 = torch.randint(0, cls.vocab, (b, cls.seq_len), generator=gen)
+        t = (torch.arange(b, dtype=torch.float32) + 0.5) / b
+        xt, _ = mask_tokens(x0, t, model.backbone.mask_id, gen)
+        return x0, xt, t
+
+    # ---- the checks ----------------------------------------------------------------------------
+    def test_params_model_forbids_unknown_keys(self):
+        Params = self.strategy_class().Params
+        Params.model_validate(self.params)  # the configuration under test is valid
+        with pytest.raises(ValidationError):
+            Params.model_validate({**self.params, "no_such_parameter_xyz": 1})
+
+    def test_one_loop_equals_plain_model(self):
+        if self.one_loop_params is None:
+            pytest.skip(f"{self.strategy}: one_loop_params is None (n_loops = 1 equivalence does not apply)")
+        plain = self.plain_model(seed=self.seed)
+        looped = self.make_model(self.one_loop_params, seed=self.seed + 1)  # different init: the load must matter
+        missing, unexpected = looped.load_state_dict(plain.state_dict(), strict=False)
+        assert not unexpected, f"plain-model weights with no place in the looped model: {unexpected}"
+        assert all(k.startswith("strategy.") for k in missing), f"backbone weights not loaded: {missing}"
+        plain.eval(), looped.eval()
+        _, xt, t = self.batch(plain)
+        all_masked = torch.full_like(xt, plain.backbone.mask_id)
+        with torch.no_grad():
+            for x, tt in ((xt, t), (all_masked, torch.ones_like(t))):
+                ref, out = plain(x, None, tt), looped(x, None, tt)
+                assert out.applications == 1.0, f"one loop reported {out.applications} block applications"
+                assert torch.equal(out.logits, ref.logits), (
+                    f"{self.strategy} with {self.one_loop_params} differs from the plain model: max |diff| "
+                    f"{(out.logits - ref.logits).abs().max().item():.3g}")
+
+    def test_training_flops_match_flop_counter(self):
+        model = self.make_model()
+        model.train()
+        _, xt, t = self.batch(model)
+        n = model.strategy.train_loops(torch.Generator().manual_seed(self.seed))
+        got = {}
+
+        def step():
+            out = model(xt, n, t)
+            loss = out.logits.float().logsumexp(-1).sum()
+            if out.aux_loss is not None:
+                loss = loss + out.aux_loss
+            loss.backward()
+            got["out"] = out
+
+        counted = measured_flops(step)
+        out = got["out"]
+        analytic = model.train_step_flops(self.seq_len, self.batch_size, out.applications, out.extra_flops)
+        assert counted > 0
+        assert abs(analytic - counted) / counted < FLOP_TOLERANCE, (
+            f"training step: analytic {analytic:.6g} vs FlopCounterMode {counted:.6g} FLOPs "
+            f"(applications {out.applications}, extra_flops {out.extra_flops})")
+
+    def test_inference_flops_match_flop_counter(self):
+        model = self.make_model()
+        model.eval()
+        _, xt, t = self.batch(model)
+        got = {}
+        with torch.no_grad():
+            counted = measured_flops(lambda: got.setdefault("out", model(xt, None, t)))
+        out = got["out"]
+        analytic = model.inference_flops_per_token(self.seq_len, out.applications, out.extra_flops) \
+            * self.seq_len * self.batch_size
+        assert counted > 0
+        assert abs(analytic - counted) / counted < FLOP_TOLERANCE, (
+            f"inference: analytic {analytic:.6g} vs FlopCounterMode {counted:.6g} FLOPs "
+            f"(applications {out.applications}, extra_flops {out.extra_flops})")
+        bound = model.inference_flops_per_token(self.seq_len)  # the default: eval_loops and the extra bound
+        assert analytic <= bound * self.seq_len * self.batch_size * (1 + 1e-9), (
+            "an inference call cost more than inference_flops_per_token() (eval_loops, extra_flops_bound) says")
+
+    def _train_step(self, seed: int):
+        model = self.make_model(seed=seed)
+        model.train()
+        x0, _, _ = self.batch(model)
+        gen = torch.Generator().manual_seed(seed)
+        n = model.strategy.train_loops(gen)
+        loss, out = diffusion_loss(model, x0, model.backbone.mask_id, gen, n_loops=n)
+        return model, loss, out
+
+    def test_deterministic_under_seed(self):
+        _, loss_a, out_a = self._train_step(self.seed)
+        _, loss_b, out_b = self._train_step(self.seed)
+        assert torch.equal(out_a.logits, out_b.logits), "same seed, same input: different logits"
+        assert torch.equal(loss_a, loss_b), f"same seed, same input: losses {loss_a.item()} != {loss_b.item()}"
+        assert out_a.applications == out_b.applications and out_a.extra_flops == out_b.extra_flops
+        _, loss_c, _ = self._train_step(self.seed + 1)
+        assert not torch.equal(loss_a, loss_c), "the seed has no effect on the model or the loss"
+
+    def test_gradients_reach_every_parameter(self):
+        model, loss, _ = self._train_step(self.seed)
+        assert torch.isfinite(loss), f"non-finite training loss {loss.item()}"
+        loss.backward()
+        named = list(model.named_parameters())  # shared (tied) tensors appear once
+        assert named
+        problems = []
+        for name, p in named:
+            if not p.requires_grad:
+                continue
+            if p.grad is None:
+                problems.append(f"{name}: no gradient")
+            elif not torch.isfinite(p.grad).all():
+                problems.append(f"{name}: non-finite gradient")
+            elif not p.grad.abs().sum() > 0:
+                problems.append(f"{name}: gradient is all zero")
+        assert not problems, "parameters the loss does not train: " + "; ".join(problems)
+        strategy_params = [n for n, _ in named if n.startswith("strategy.")]
+        own = list(model.strategy.parameters())
+        assert len(strategy_params) == len({id(p) for p in own}), "strategy parameters missing from the model"
+
+    def test_loop_counts_are_consistent(self):
+        st = self.make_model().strategy
+        gen = torch.Generator().manual_seed(self.seed)
+        hi = st.max_train_loops()
+        assert isinstance(hi, int) and hi >= 1, f"max_train_loops() = {hi!r}"
+        draws = [st.train_loops(gen) for _ in range(64)]
+        assert all(isinstance(n, int) and 1 <= n <= hi for n in draws), (
+            f"train_loops() outside [1, max_train_loops() = {hi}]: {sorted(set(draws))}")
+        expected = st.expected_train_loops()
+        assert math.isfinite(expected) and 1.0 <= expected <= hi, (
+            f"expected_train_loops() = {expected} is outside [1, {hi}]")
+        again = torch.Generator().manual_seed(self.seed)
+        assert [st.train_loops(again) for _ in range(64)] == draws, "train_loops() is not reproducible"
+        ev = st.eval_loops()
+        assert isinstance(ev, int) and ev >= 1, f"eval_loops() = {ev!r}"
+
+    def test_runs_in_a_study(self, tmp_path, monkeypatch):
+        import optuna
+
+        from . import study as studies
+        from .space import BASELINE_ATTR
+
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setenv("LOOPSEARCH_STORAGE", f"sqlite:///{tmp_path / 'conformance.db'}")
+        import os
+
+        if not os.environ.get("LOOPSEARCH_CACHE"):
+            monkeypatch.setenv("LOOPSEARCH_CACHE", str(tmp_path / "cache"))
+        space = tmp_path / "space.toml"
+        space.write_text(self.study_space if self.study_space is not None
+                         else space_toml(self.strategy, self.params, self.block))
+        recipe = tmp_path / "recipe.toml"
+        recipe.write_text(self.study_recipe)
+        name = f"conformance-{self.strategy}"
+        studies.create(studies.spec_from_options(name, str(space), str(recipe), None, None, None, None, 2))
+        studies.run(name, n_trials=2, progress=False)
+        study, spec = studies.load(name)
+        trials = study.get_trials(deepcopy=False)
+        looped = [t for t in trials if not t.user_attrs.get(BASELINE_ATTR)]
+        assert looped, "the study ran no trial of the strategy"
+        for t in looped:
+            a = t.user_attrs
+            assert t.state == optuna.trial.TrialState.COMPLETE, (
+                f"trial {t.number} {t.state.name}: {a.get('rejected', 'see the log')}")
+            assert a["strategy"] == self.strategy
+            assert math.isfinite(a["val_nll"]) and t.value == a["val_nll"]
+            assert 0 < a["train_flops"] <= spec.budget, (a["train_flops"], spec.budget)
