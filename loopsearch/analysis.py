@@ -122,19 +122,9 @@ def trial_attention_shares(directory, rates: Sequence[float], n_loops: int | Non
                            device: str = "auto") -> list[dict]:
     """``attention_shares`` of a checkpoint on its study's validation split (the same windows
     ``loopsearch eval`` uses; the masks are drawn with the config's seed + 1)."""
-    from . import checkpoint
-    from .data import prepare, validation_batches
-    from .registry import get_registry
-    from .train import resolve_device
+    from .evaluate import load_for_validation
 
-    reg = get_registry()
-    model, config, _ = checkpoint.load(directory, reg)
-    corpus_cls = reg.get("corpus", config.corpus.name)
-    data = prepare(corpus_cls(corpus_cls.Params.model_validate(config.corpus.params)), config.vocab_size)
-    dev = resolve_device(device)
-    model.to(dev).eval()
-    cfg = config.train
-    val = [x.to(dev) for x in validation_batches(data.valid, cfg.seq_len, cfg.eval_sequences, cfg.batch_size)]
+    model, config, val = load_for_validation(directory, device)
     return attention_shares(model, val, model.backbone.mask_id, rates, seed=config.seed + 1, n_loops=n_loops)
 
 

@@ -70,6 +70,20 @@ def check_exits(exits: list[ExitSpec] | None) -> list[tuple[str, str, dict]]:
     return out
 
 
+def load_for_validation(directory: str | Path, device: str = "auto"):
+    """A trial's checkpoint in eval mode on ``device``, its TrialConfig, and the validation
+    batches the trial was scored on (the study's corpus, the same fixed windows)."""
+    reg = get_registry()
+    model, config, _ = checkpoint.load(directory, reg)
+    corpus_cls = reg.get("corpus", config.corpus.name)
+    data = prepare(corpus_cls(corpus_cls.Params.model_validate(config.corpus.params)), config.vocab_size)
+    dev = resolve_device(device)
+    model.to(dev).eval()
+    cfg = config.train
+    val = [b.to(dev) for b in validation_batches(data.valid, cfg.seq_len, cfg.eval_sequences, cfg.batch_size)]
+    return model, config, val
+
+
 @torch.no_grad()
 def loop_scaling(directory: str | Path, loops: list[int], device: str = "auto",
                  exits: list[ExitSpec] | None = None) -> list[dict]:
@@ -80,14 +94,8 @@ def loop_scaling(directory: str | Path, loops: list[int], device: str = "auto",
     from .exits import make_exit
 
     criteria = check_exits(exits)
-    reg = get_registry()
-    model, config, _ = checkpoint.load(directory, reg)
-    corpus_cls = reg.get("corpus", config.corpus.name)
-    data = prepare(corpus_cls(corpus_cls.Params.model_validate(config.corpus.params)), config.vocab_size)
-    dev = resolve_device(device)
-    model.to(dev).eval()
+    model, config, val = load_for_validation(directory, device)
     cfg = config.train
-    val = [b.to(dev) for b in validation_batches(data.valid, cfg.seq_len, cfg.eval_sequences, cfg.batch_size)]
     if not model.strategy.loops_block:
         loops, criteria = [1], []  # nothing to loop (or exit from): one row for the plain model
     rows = []

@@ -10,35 +10,13 @@ from pathlib import Path
 
 import pytest
 
+# A tiny study (4 layers, d_model 32, ~30 steps a trial): one definition, shared with plugin authors.
+from loopsearch.testing import TINY_RECIPE
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 EXAMPLE_PLUGIN = Path(__file__).resolve().parent / "example_plugin"
 
-# A tiny study: 4 layers, d_model 32, ~30 optimizer steps per trial, a second or two each on CPU.
-TINY_RECIPE = """
-description = "tiny test study"
-space = "early_middle"
-budget = "3e9"
-n_trials = 3
-vocab_size = 300
-seed = 0
-
-[corpus]
-name = "shakespeare"
-
-[backbone]
-name = "transformer"
-params = { n_layer = 4, d_model = 32, n_heads = 2 }
-
-[train]
-batch_size = 8
-seq_len = 32
-lr = 3e-3
-min_steps = 5
-eval_points = 2
-eval_sequences = 16
-eval_t_points = 4
-"""
 
 
 @pytest.fixture(scope="session")
