@@ -323,6 +323,176 @@ def eval_cmd(study_name, trial, loops, exit_specs, device, as_json, storage):
         lb.pl.col("trial") == trial)))
 
 
+# ---- sampling ------------------------------------------------------------------------------------------------
+@cli.command("sample")
+@click.argument("study_name", metavar="STUDY")
+@click.argument("trial", type=int)
+@click.option("--sampler", default="ancestral", show_default=True,
+              help="Sampler plugin: ancestral, cached, confidence, threshold (see `loopsearch plugins list`).")
+@click.option("--steps", type=int, help="Sampler steps (network calls at most; default: one per generated token).")
+@click.option("--loop-schedule", "loops", metavar="SCHEDULE",
+              help="Loops per network call: N, constant:N, decreasing:LO-HI, increasing:LO-HI or middle:LO-HI, "
+                   "optionally @mask_rate (default: the trial's own loop count).")
+@click.option("--exit", "exit_spec", metavar="SPEC", help="Exit criterion for the loops, the scheduled count its cap: "
+                                                          "NAME or NAME:key=value,... (e.g. hidden_delta:tol=0.01).")
+@click.option("--model-schedule", metavar="RANGES",
+              help="Use other trials' models for ranges of steps: START-END:TRIAL,... fractions of the steps, "
+                   "e.g. 0-0.3:0 (the baseline for the first 30%).")
+@click.option("--prompt", help="Text the samples start with (conditional generation).")
+@click.option("--suffix", help="Text the samples end with (infilling between --prompt and --suffix).")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
+              help="Sampler parameter, repeatable (e.g. --param threshold=0.8 --param block_length=8).")
+@click.option("-n", "--n-samples", "n", type=int, default=4, show_default=True, help="Samples to draw (one batch).")
+@click.option("--seq-len", type=int, help="Tokens per sample (default and maximum: the trial's training length).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampler's noise.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--json", "as_json", is_flag=True, help="Print samples and cost as JSON.")
+@click.option("--storage", help=STORAGE_HELP)
+def sample_cmd(study_name, trial, sampler, steps, loops, exit_spec, model_schedule, prompt, suffix, params, n,
+               seq_len, seed, device, as_json, storage):
+    """Generate text from a trained trial, and say what it cost in network calls, loops and FLOPs.
+
+    Example: loopsearch sample quickstart 1 --sampler confidence --steps 32 --loop-schedule middle:1-4 --prompt "ROMEO:"
+    """
+    from . import evaluate, generation
+    from . import study as studies
+    from .exits import parse_exit
+    from .sampling import get_sampler, parse_loop_schedule
+
+    schedule = parse_loop_schedule(loops) if loops else None
+    exit_ = parse_exit(exit_spec) if exit_spec else None
+    if exit_ is not None:
+        evaluate.check_exits([exit_])
+    sampler_params = generation.parse_params(params)
+    get_sampler(sampler, sampler_params)  # unknown names and bad parameters fail before any work
+    ranges = generation.parse_model_schedule(model_schedule) if model_schedule else []
+    if n < 1:
+        raise LoopsearchError(f"--n-samples must be >= 1, got {n}")
+    st, _ = studies.load(study_name, storage)
+    loaded = generation.load_trial(evaluate.trial_checkpoint(st, trial), device)
+    models = [(a, b, generation.load_trial(evaluate.trial_checkpoint(st, k), device).model) for a, b, k in ranges]
+    result, texts = generation.sample_trial(loaded, n=n, sampler=sampler, steps=steps, seed=seed,
+                                            params=sampler_params, loops=schedule, exit=exit_, prompt=prompt,
+                                            suffix=suffix, seq_len=seq_len, models=models)
+    cost = result.cost.as_dict()
+    if as_json:
+        click.echo(json.dumps({"samples": texts, "tokens": result.tokens.cpu().tolist(), "cost": cost,
+                               "loops_per_call": result.cost.loops_per_call}, indent=2))
+        return
+    from rich.markup import escape
+
+    console = _console()
+    for i, text in enumerate(texts):
+        console.rule(f"sample {i}")
+        console.print(escape(text))
+    console.rule()
+    console.print(f"{sampler}: {cost['network_calls']} network calls ({cost['cached_calls']} cached steps), "
+                  f"{cost['mean_loops']:.2f} loops per call, {cost['flops']:.3g} FLOPs = "
+                  f"{cost['flops_per_token']:.3g} per generated token, {cost['wall_s']:.2f} s, "
+                  f"{cost['tokens_per_s']:.0f} tokens/s")
+
+
+# ---- generation and zero-shot metrics ----------------------------------------------------------------------
+@cli.command("evaluate")
+@click.argument("study_name", metavar="STUDY")
+@click.argument("trial", type=int)
+@click.option("--metric", type=click.Choice(["genppl", "zeroshot", "task"]), required=True,
+              help="genppl: samples scored by the study's reference LM (+ unigram entropy); zeroshot: ELBO bound "
+                   "on --data; task: exact-match accuracy on --task by conditional sampling.")
+@click.option("--data", "data_paths", multiple=True, metavar="PATH",
+              help="zeroshot: text file(s) to evaluate (wiki.test.raw, lambada_test.jsonl, ptb.test.txt, any .txt).")
+@click.option("--sequences", type=int, default=64, show_default=True,
+              help="zeroshot: windows of seq_len tokens evaluated (0: the whole file).")
+@click.option("--task", default="addition", show_default=True, help="task: addition or gsm8k.")
+@click.option("--task-param", "task_params", multiple=True, metavar="KEY=VALUE",
+              help="task parameter, repeatable (e.g. --task-param digits=3, --task-param path=test.jsonl for gsm8k).")
+@click.option("--n", "n_problems", type=int, default=64, show_default=True, help="task: problems evaluated.")
+@click.option("--sampler", default="confidence", show_default=True, help="genppl/task: sampler plugin.")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Sampler parameter, repeatable.")
+@click.option("--steps", type=int, help="Sampler steps (default: one per generated token).")
+@click.option("--loop-schedule", "loops", metavar="SCHEDULE", help="Loops per network call (see `loopsearch sample --help`).")
+@click.option("--exit", "exit_spec", metavar="SPEC", help="Exit criterion for the loops while sampling, e.g. hidden_delta:tol=0.01.")
+@click.option("-n", "--n-samples", "n_samples", type=int, default=16, show_default=True, help="genppl: samples drawn.")
+@click.option("--reference", type=click.Path(file_okay=False),
+              help="genppl: reference LM directory (default: the study's, trained on first use; see `loopsearch reference train`).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampler's noise / the zero-shot masks.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result rows as JSON.")
+@click.option("--storage", help=STORAGE_HELP)
+def evaluate_cmd(study_name, trial, metric, data_paths, sequences, task, task_params, n_problems, sampler, params,
+                 steps, loops, exit_spec, n_samples, reference, seed, device, as_json, storage):
+    """Measure a trained trial: generative perplexity, zero-shot perplexity or task accuracy.
+
+    Results are stored with the trial (the leaderboard shows them). For val NLL at several loop
+    counts use `loopsearch eval`.
+
+    Examples: loopsearch evaluate quickstart 1 --metric genppl --sampler cached --steps 128;
+    loopsearch evaluate quickstart 1 --metric zeroshot --data ../shared/data/wikitext-2/wiki.test.raw
+    """
+    from . import evaluate, generation, metrics
+    from . import study as studies
+    from .exits import parse_exit
+    from .sampling import get_sampler, parse_loop_schedule
+
+    sampler_params = generation.parse_params(params)
+    get_sampler(sampler, sampler_params)
+    if loops:
+        parse_loop_schedule(loops)  # a bad schedule fails before any work
+    exit_ = parse_exit(exit_spec) if exit_spec else None
+    if exit_ is not None:
+        evaluate.check_exits([exit_])
+    if metric == "zeroshot" and not data_paths:
+        raise LoopsearchError("--metric zeroshot needs --data PATH (e.g. ../shared/data/wikitext-2/wiki.test.raw)")
+    st, spec = studies.load(study_name, storage)
+    loaded = generation.load_trial(evaluate.trial_checkpoint(st, trial), device)
+    sampling = dict(sampler=sampler, params=sampler_params, steps=steps, seed=seed, loops=loops, exit=exit_)
+    if metric == "genppl":
+        ref = reference or metrics.ensure_reference(spec)
+        rows = [metrics.gen_ppl_metric(loaded, ref, n_samples=n_samples, **sampling)]
+    elif metric == "zeroshot":
+        rows = [metrics.zeroshot_metric(loaded, path, sequences=sequences or None, seed=seed) for path in data_paths]
+    else:
+        rows = [metrics.task_metric(loaded, task, generation.parse_params(task_params), n=n_problems, **sampling)]
+    for row in rows:
+        metrics.store(st, trial, row)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    _console().print(metrics.rich_table(rows, f"{study_name} trial {trial}"))
+
+
+@cli.group()
+def reference():
+    """The reference causal LM that scores samples (generative perplexity)."""
+
+
+@reference.command("train")
+@click.argument("study_name", metavar="STUDY")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
+              help="Reference LM setting, repeatable: n_layer, d_model, n_heads, seq_len, batch_size, lr, steps, "
+                   "budget (FLOPs), seed, device.")
+@click.option("--force", is_flag=True, help="Retrain even if the study already has a reference.")
+@click.option("--storage", help=STORAGE_HELP)
+def reference_train(study_name, params, force, storage):
+    """Train a small causal transformer on the study's corpus and tokeniser, for gen-PPL.
+
+    It is stored in ARTIFACTS_DIR/STUDY/reference; `loopsearch evaluate --metric genppl` and
+    gen_ppl study objectives use it (and train it with the defaults on first use if missing).
+
+    Example: loopsearch reference train quickstart --param steps=600
+    """
+    from . import generation, metrics
+    from . import study as studies
+
+    _, spec = studies.load(study_name, storage)
+    path = metrics.reference_path(spec)
+    if (path / "model.safetensors").exists() and not force:
+        raise LoopsearchError(f"study {study_name!r} already has a reference LM in {path}; pass --force to retrain it")
+    info = metrics.train_reference_for(spec, generation.parse_params(params), progress=True)
+    click.echo(f"reference LM for {study_name!r} in {path}: val NLL {info['val_nll']:.4f} nats/token "
+               f"(ppl {info['val_ppl']:.2f}) after {info['steps']} steps, {info['wall_s']:.0f} s")
+
+
 # ---- analysis ----------------------------------------------------------------------------------------------
 @cli.group()
 def analyze():

@@ -23,11 +23,29 @@ SCHEMA = {
     "strategy": pl.String, "loop_start": pl.Int64, "loop_end": pl.Int64, "n_loops": pl.Int64,
     "n_layer": pl.Int64, "params": pl.String, "train_flops": pl.Float64, "budget": pl.Float64,
     "inference_flops_per_token": pl.Float64, "val_nll": pl.Float64, "perplexity": pl.Float64,
-    "delta_nll": pl.Float64, "steps": pl.Int64, "n_params": pl.Int64, "wall_s": pl.Float64, "note": pl.String,
+    "delta_nll": pl.Float64, "steps": pl.Int64, "n_params": pl.Int64, "wall_s": pl.Float64,
+    # generation metrics (study objectives, or the latest `loopsearch evaluate` of the trial)
+    "gen_ppl": pl.Float64, "sample_entropy": pl.Float64, "task_accuracy": pl.Float64, "zeroshot_bpb": pl.Float64,
+    "note": pl.String,
 }
 
 
-def _row(study: str, t: optuna.trial.FrozenTrial) -> dict:
+def _metric_values(a: dict, evaluated: list[dict]) -> dict:
+    """gen-PPL, entropy, task accuracy and zero-shot bits/byte of a trial: its objective values if
+    the study optimised them, else the latest ``loopsearch evaluate`` row of each metric."""
+    out = {"gen_ppl": a.get("gen_ppl"), "sample_entropy": a.get("sample_entropy"),
+           "task_accuracy": a.get("task_accuracy"), "zeroshot_bpb": a.get("zeroshot_nll")}
+    for r in evaluated:  # in the order they were stored: later rows win
+        if r.get("metric") == "genppl" and a.get("gen_ppl") is None:
+            out.update(gen_ppl=r.get("gen_ppl"), sample_entropy=r.get("sample_entropy"))
+        elif r.get("metric") == "task" and a.get("task_accuracy") is None:
+            out["task_accuracy"] = r.get("accuracy")
+        elif r.get("metric") == "zeroshot" and a.get("zeroshot_nll") is None:
+            out["zeroshot_bpb"] = r.get("bits_per_byte")
+    return out
+
+
+def _row(study: str, t: optuna.trial.FrozenTrial, evaluated: list[dict] | None = None) -> dict:
     a = t.user_attrs
     searched = {k.split(".", 1)[-1] if k.startswith(f"{a.get('strategy')}.") else k: v for k, v in t.params.items()
                 if k not in ("strategy", "loop_start", "block_length") and not k.endswith(".n_loops")}
@@ -41,6 +59,7 @@ def _row(study: str, t: optuna.trial.FrozenTrial) -> dict:
         "inference_flops_per_token": a.get("inference_flops_per_token"),
         "val_nll": a.get("val_nll"), "perplexity": a.get("perplexity"), "delta_nll": None,
         "steps": a.get("steps"), "n_params": a.get("n_params"), "wall_s": a.get("wall_s"),
+        **_metric_values(a, evaluated or []),
         "note": str(note).splitlines()[0][:120] if note else "",
     }
 
@@ -57,8 +76,11 @@ def frame(storage: str | None = None, studies: list[str] | None = None) -> pl.Da
         raise StudyNotFoundError(missing[0], available, mask(storage_url(storage)))
     rows = []
     for name in names:
+        from .metrics import stored
+
         study = optuna.load_study(study_name=name, storage=store)
-        rows += [_row(name, t) for t in study.get_trials(deepcopy=False)]
+        evaluated = stored(study)
+        rows += [_row(name, t, evaluated.get(t.number)) for t in study.get_trials(deepcopy=False)]
     df = pl.DataFrame(rows, schema=SCHEMA)
     base = (df.filter(pl.col("baseline") & pl.col("val_nll").is_not_null())
               .group_by("study").agg(pl.col("val_nll").min().alias("_base")))
@@ -128,17 +150,22 @@ def _fmt(col: str, v) -> str:
         return f"{v:.3g}"
     if col in ("val_nll", "delta_nll"):
         return f"{v:+.4f}" if col == "delta_nll" else f"{v:.4f}"
+    if col in ("gen_ppl", "sample_entropy", "task_accuracy", "zeroshot_bpb"):
+        return f"{v:.2f}" if col == "gen_ppl" else f"{v:.3f}"
     if col in ("perplexity", "wall_s"):
         return f"{v:.2f}" if col == "perplexity" else f"{v:.1f}"
     return str(v)
 
 
 DISPLAY = ["study", "trial", "state", "strategy", "loop_start", "loop_end", "n_loops", "n_layer", "params",
-           "train_flops", "inference_flops_per_token", "val_nll", "perplexity", "delta_nll", "steps", "wall_s", "note"]
+           "train_flops", "inference_flops_per_token", "val_nll", "perplexity", "delta_nll", "steps", "wall_s",
+           "gen_ppl", "sample_entropy", "task_accuracy", "zeroshot_bpb", "note"]
 
 
 def markdown(df: pl.DataFrame) -> str:
     cols = DISPLAY if "baseline" in df.columns else list(df.columns)
+    optional = ("gen_ppl", "sample_entropy", "task_accuracy", "zeroshot_bpb")
+    cols = [c for c in cols if c not in optional or df[c].is_not_null().any()]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in df.iter_rows(named=True):
         label = {**row, "trial": f"{row['trial']}{' (baseline)' if row.get('baseline') else ''}"}
@@ -171,9 +198,11 @@ def rich_table(df: pl.DataFrame):
             "inference_flops_per_token", "val_nll", "perplexity", "delta_nll"]
     if df["study"].n_unique() > 1:
         cols.insert(0, "study")
+    cols += [c for c in ("gen_ppl", "sample_entropy", "task_accuracy", "zeroshot_bpb") if df[c].is_not_null().any()]
     if (df["note"] != "").any():
         cols.append("note")
-    headers = {"inference_flops_per_token": "inf FLOP/tok", "train_flops": "train FLOP", "n_loops": "loops",
+    headers = {"gen_ppl": "gen PPL", "sample_entropy": "entropy", "task_accuracy": "task acc",
+               "zeroshot_bpb": "0-shot bits/B","inference_flops_per_token": "inf FLOP/tok", "train_flops": "train FLOP", "n_loops": "loops",
                "n_layer": "layers", "delta_nll": "Δ base", "perplexity": "ppl≤", "val_nll": "val NLL"}
     table = Table(title="loopsearch leaderboard: val NLL in nats/token (lower is better), ★ = no-loop baseline",
                   title_justify="left")

@@ -124,6 +124,52 @@ class TrainConfig(Strict):
     antithetic: bool = Field(True, description="low-discrepancy sampling of t")
 
 
+METRICS = {  # study objectives and their directions
+    "val_nll": "minimize",  # validation ELBO, nats/token (always measured)
+    "gen_ppl": "minimize",  # generative perplexity of samples under the study's reference causal LM
+    "zeroshot_nll": "minimize",  # ELBO on a held-out text file (e.g. WikiText-2), bits per byte
+    "task_accuracy": "maximize",  # exact match on a reasoning task by conditional sampling
+}
+
+
+class ObjectiveSpec(Strict):
+    """What a study optimises: one metric, or several (a multi-objective study, Pareto front).
+    The sampler settings apply to gen_ppl and task_accuracy."""
+
+    metrics: list[Literal["val_nll", "gen_ppl", "zeroshot_nll", "task_accuracy"]] = Field(
+        default_factory=lambda: ["val_nll"], min_length=1,
+        description="objectives in order: val_nll, gen_ppl, zeroshot_nll (bits/byte), task_accuracy")
+    sampler: PluginRef = Field(default_factory=lambda: PluginRef(name="confidence"),
+                               description="sampler plugin (and params) for generation metrics")
+    steps: int | None = Field(None, ge=1, description="sampler steps (default: one per generated token)")
+    loops: str | None = Field(None, description="loop schedule while sampling (default: the trial's own count)")
+    n_samples: int = Field(16, ge=1, description="gen_ppl: unconditional samples drawn")
+    task: PluginRef = Field(default_factory=lambda: PluginRef(name="addition"),
+                            description="task_accuracy: the task (addition or gsm8k) and its params")
+    n_task: int = Field(64, ge=1, description="task_accuracy: problems evaluated (from the task's test split)")
+    zeroshot: str | None = Field(None, description="zeroshot_nll: path of the text file (WikiText-2, LAMBADA, PTB)")
+    zeroshot_sequences: int = Field(64, ge=1, description="zeroshot_nll: windows of seq_len tokens evaluated")
+    reference: dict[str, Any] = Field(default_factory=dict,
+                                      description="gen_ppl: parameters of the reference LM trained on first use")
+    seed: int = Field(0, description="seed of the sampler's noise")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if len(set(self.metrics)) != len(self.metrics):
+            raise ValueError(f"metrics {self.metrics} lists one twice")
+        if "zeroshot_nll" in self.metrics and not self.zeroshot:
+            raise ValueError("metric zeroshot_nll needs zeroshot = PATH of a text file (e.g. wiki.test.raw)")
+        return self
+
+    @property
+    def directions(self) -> list[str]:
+        return [METRICS[m] for m in self.metrics]
+
+    @property
+    def multi(self) -> bool:
+        return len(self.metrics) > 1
+
+
 def _budget(value: Any) -> float:
     try:
         return parse_flops(value)
@@ -147,6 +193,7 @@ class StudyRecipe(Strict):
     sampler: Literal["tpe", "random", "qmc", "gp", "cmaes"] = "tpe"
     pruner: Literal["none", "median"] = Field("none", description="prune on val NLL at equal training FLOPs")
     artifacts_dir: str = Field("loopsearch_runs", description="where trial checkpoints are written")
+    objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec, description="what the study optimises")
 
     @field_validator("budget", mode="before")
     @classmethod

@@ -61,8 +61,37 @@ def make_spec(recipe: StudyRecipe, name: str, space: str | None = None) -> Study
                                   f"study {name!r}: corpus {spec.corpus.name!r} params").model_dump()
     check_space(spec.space, spec.backbone.name, spec.backbone.params, f"search space {space_src!r}", reg)
     check_budget(spec)
+    check_objective(spec)
     spec.versions = versions(spec)
     return spec
+
+
+def check_objective(spec: StudySpec) -> None:
+    """Fail at creation, not after the first trial's training, on a bad objective setting."""
+    obj = spec.objective
+    if obj.metrics == ["val_nll"]:
+        return
+    from .sampling import get_sampler, parse_loop_schedule
+
+    where = f"study {spec.name!r}: [objective]"
+    if {"gen_ppl", "task_accuracy"} & set(obj.metrics):
+        get_sampler(obj.sampler.name, obj.sampler.params)
+        if obj.loops:
+            parse_loop_schedule(obj.loops)
+    if "task_accuracy" in obj.metrics:
+        from .tasks import get_task
+
+        get_task(obj.task.name, obj.task.params)
+    if "zeroshot_nll" in obj.metrics and not Path(obj.zeroshot).is_file():
+        raise SpecError(f"{where} zeroshot = {obj.zeroshot!r} is not a file; give the path of a text file "
+                        f"(e.g. ../shared/data/wikitext-2/wiki.test.raw)")
+    if "gen_ppl" in obj.metrics:
+        from .reference import ReferenceConfig
+
+        validate(ReferenceConfig, obj.reference, f"{where} reference")
+    if spec.pruner != "none" and obj.metrics != ["val_nll"]:
+        raise SpecError(f"{where} pruner {spec.pruner!r} compares val NLL during training, but the objective is "
+                        f"{obj.metrics}; set pruner = \"none\" or metrics = [\"val_nll\"]")
 
 
 def versions(spec: StudySpec) -> dict[str, str]:
@@ -158,7 +187,7 @@ def create(spec: StudySpec, storage: str | None = None) -> optuna.Study:
     if spec.name in [s.study_name for s in optuna.get_all_study_summaries(store, include_best_trial=False)]:
         raise LoopsearchError(f"study {spec.name!r} already exists in {mask(storage_url(storage))}; "
                               f"pick another --name or run it with `loopsearch study run {spec.name}`")
-    study = optuna.create_study(storage=store, study_name=spec.name, direction="minimize",
+    study = optuna.create_study(storage=store, study_name=spec.name, directions=spec.objective.directions,
                                 sampler=make_sampler(spec), pruner=make_pruner(spec))
     study.set_user_attr(SPEC_ATTR, spec.model_dump(mode="json"))
     ensure_baseline(study)
@@ -213,6 +242,8 @@ class Objective:
         self.reject_if_unaffordable(trial, model, config)
 
         def report(gflops: int, nll: float) -> None:
+            if self.spec.objective.metrics != ["val_nll"]:
+                return  # pruners compare the objective's intermediate values: only val NLL has them
             trial.report(nll, gflops)
             if trial.should_prune():
                 reason = f"pruned by {self.spec.pruner} pruner at {gflops} GFLOPs (val NLL {nll:.4f})"
@@ -231,7 +262,24 @@ class Objective:
         results["checkpoint"] = str(out_dir.resolve())
         for key, value in results.items():
             trial.set_user_attr(key, value)
-        return result.val_nll
+        return self.objective_values(trial, out_dir, result.val_nll)
+
+    def objective_values(self, trial: optuna.Trial, directory: Path, val_nll: float) -> float | tuple[float, ...]:
+        """The study's objectives for a trained trial; metrics beyond val NLL are measured on
+        the checkpoint (loopsearch/metrics.py) and stored with the trial."""
+        obj = self.spec.objective
+        values = []
+        for metric in obj.metrics:
+            if metric == "val_nll":
+                values.append(val_nll)
+                continue
+            from . import metrics
+
+            row = metrics.objective_metric(metric, directory, self.spec)
+            for key, value in row.items():
+                trial.set_user_attr(key, value)
+            values.append(row[metric])
+        return values[0] if len(values) == 1 else tuple(values)
 
     def reject_if_unaffordable(self, trial: optuna.Trial, model, config: TrialConfig) -> None:
         try:

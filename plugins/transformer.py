@@ -1,5 +1,8 @@
 """The builtin backbone: a bidirectional pre-norm transformer (RMSNorm, rotary, SwiGLU or GELU).
 
+With ``causal = true`` it is a causal (left-to-right) LM instead: loopsearch/reference.py trains one
+as the reference model that scores diffusion samples (generative perplexity).
+
 Small enough to read in one sitting; it exposes its blocks so a looping strategy can run any
 contiguous range of them several times (see loopsearch/looping.py).
 """
@@ -27,6 +30,8 @@ class TransformerParams(BaseModel):
     mlp_ratio: float = Field(4.0, gt=0, description="MLP width / d_model (SwiGLU uses 2/3 of it, as LLaMA)")
     rope_base: float = Field(10000.0, gt=0, description="rotary base")
     tie_embeddings: bool = Field(True, description="share input embedding and output head weights")
+    causal: bool = Field(False, description="causal attention mask (a left-to-right LM, for the gen-PPL "
+                                            "reference); false: bidirectional, as MDLM needs")
 
     @model_validator(mode="after")
     def _heads(self):
@@ -73,6 +78,7 @@ class Block(nn.Module):
     def __init__(self, p: TransformerParams):
         super().__init__()
         self.n_heads = p.n_heads
+        self.causal = p.causal
         self.norm1 = nn.RMSNorm(p.d_model)
         self.qkv = nn.Linear(p.d_model, 3 * p.d_model, bias=False)
         self.proj = nn.Linear(p.d_model, p.d_model, bias=False)
@@ -83,7 +89,7 @@ class Block(nn.Module):
         B, T, C = h.shape
         q, k, v = self.qkv(self.norm1(h)).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, H, T, hd)
-        y = F.scaled_dot_product_attention(q, k, v)  # bidirectional: no causal mask
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # bidirectional unless causal
         h = h + self.proj(y.transpose(1, 2).reshape(B, T, C))
         return h + self.mlp(self.norm2(h))
 
@@ -94,6 +100,9 @@ class Block(nn.Module):
         q, k, _ = self.qkv(self.norm1(h)).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         scores = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5
+        if self.causal:  # query i sees keys j <= i, as is_causal=True in forward
+            future = torch.ones(T, T, dtype=torch.bool, device=h.device).triu(1)
+            scores = scores.masked_fill(future, float("-inf"))
         return scores.softmax(dim=-1).to(h.dtype)
 
 
@@ -141,6 +150,8 @@ class Transformer(Backbone):
 
     def flop_profile(self, seq_len: int) -> FlopProfile:
         p = self.params
+        # Full T x T attention also when causal: FlopCounterMode counts SDPA's math path, which
+        # computes every score and then masks, so the causal model keeps the same analytic count.
         layer = transformer_layer_flops(seq_len, p.d_model, p.d_ff, gated_mlp=p.mlp == "swiglu")
         return FlopProfile(seq_len, (layer,) * p.n_layer, head_flops(seq_len, p.d_model, self.n_tokens))
 
