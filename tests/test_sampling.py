@@ -257,3 +257,18 @@ def test_gumbel_noise_is_float64_and_seeded():
 def test_prompt_that_fills_the_sequence_is_an_error():
     with pytest.raises(LoopsearchError, match="leaves nothing to generate"):
         make_init(1, 4, 99, prefix=[1, 2, 3, 4])
+
+
+def test_readme_sampler_example_works():
+    """The plugin guide's sampler, exactly as printed in the README."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = readme.index("import torch\nfrom loopsearch import hookimpl\nfrom loopsearch.sampling import Sampler")
+    code = readme[start:readme.index("```", start)]
+    ns: dict = {}
+    exec(code, ns)
+    assert ns["register_samplers"]() == [ns["LeftToRight"]]
+    m = tiny_model(vocab=VOCAB, seq_len=T).eval()
+    res = generate(m, make_init(2, T, m.backbone.mask_id, prefix=[1, 2]), sampler=ns["LeftToRight"](None), steps=14)
+    assert res.cost.network_calls == 14 and res.tokens[:, :2].tolist() == [[1, 2], [1, 2]]
