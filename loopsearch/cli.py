@@ -282,6 +282,57 @@ def leaderboard(studies_, top, fmt, output, scaling, storage):
         click.echo(f"wrote {len(df)} rows to {output}", err=True)
 
 
+# ---- reports and comparisons ------------------------------------------------------------------------------
+@cli.command("report")
+@click.argument("study_name", metavar="STUDY")
+@click.option("--output", type=click.Path(file_okay=False), help="Directory to write (default: report-STUDY/).")
+@click.option("--format", "fmt", type=click.Choice(["html", "md"]), default="html", show_default=True,
+              help="report.html (self-contained apart from the PNGs beside it) or report.md.")
+@click.option("--storage", help=STORAGE_HELP)
+def report_cmd(study_name, output, fmt, storage):
+    """Write a study's report: one page with PNG plots and the leaderboard.
+
+    Plots: val NLL vs training FLOPs per trial, loop placement heatmap (vs the baseline),
+    inference loop scaling (from `loopsearch eval`), Pareto front (multi-objective studies) and
+    parameter importances. Sections without data say so on the page.
+
+    Example: loopsearch report quickstart --output report-quickstart --format md
+    """
+    from . import report
+
+    result = report.write(study_name, output, fmt, storage)
+    console = _console()
+    console.print(f"wrote [bold]{result.page}[/] with {len(result.images)} plots: "
+                  f"{', '.join(p.name for p in result.images) or 'none'}")
+    for s in result.skipped:
+        console.print(f"[dim]{s.title}: {s.note}[/]")
+
+
+@cli.command("compare")
+@click.argument("names", metavar="STUDY...", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the rows and warnings as JSON.")
+@click.option("--storage", help=STORAGE_HELP)
+def compare_cmd(names, as_json, storage):
+    """Compare studies side by side: budget, corpus, backbone, baseline and best trial of each.
+
+    Warns (yellow) when budgets, corpora, backbones or vocab sizes differ: then val NLLs are not
+    comparable across studies, only each best trial's difference from its own baseline.
+    `loopsearch leaderboard --study A --study B` lists their trials side by side.
+
+    Example: loopsearch compare em deep
+    """
+    from . import report
+
+    rows, warnings = report.comparison(list(names), storage)
+    if as_json:
+        click.echo(json.dumps({"studies": rows, "warnings": warnings}, indent=2))
+    else:
+        _console().print(report.rich_comparison(rows))
+    err = _console(stderr=True)
+    for w in warnings:
+        err.print(f"[yellow]warning: {w}[/]")
+
+
 # ---- evaluation -------------------------------------------------------------------------------------------
 @cli.command("eval")
 @click.argument("study_name", metavar="STUDY")
