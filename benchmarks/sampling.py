@@ -1,6 +1,7 @@
 """Sampling benchmark: every sampler and loop schedule on one trained checkpoint.
 
-For each setting: network calls, loop-block applications per call, FLOPs per generated token
+For each setting: network calls, network passes per sample (the cached sampler runs only the
+sequences that changed), loop-block applications per call, FLOPs per generated token
 (the one FLOP accounting), tokens/s, generative perplexity under the study's reference causal LM
 (mean over samples, with its standard error) and the samples' unigram entropy. Adaptive loop
 schedules are compared with the constant schedule of the same sampler: their FLOP saving and
@@ -39,6 +40,7 @@ def settings(max_loops: int, steps: int) -> list[dict]:
     rows = [dict(sampler="ancestral", steps=steps, loops=f"constant:{max_loops}"),
             dict(sampler="ancestral", steps=4 * steps, loops=f"constant:{max_loops}"),
             dict(sampler="cached", steps=4 * steps, loops=f"constant:{max_loops}"),
+            dict(sampler="cached", steps=4 * steps, loops=f"middle:1-{max_loops}"),
             dict(sampler="threshold", steps=steps, loops=f"constant:{max_loops}", params={"threshold": 0.9}),
             dict(sampler="confidence", steps=steps, loops=f"constant:{max_loops}")]
     if max_loops > 1:
@@ -47,8 +49,8 @@ def settings(max_loops: int, steps: int) -> list[dict]:
                  dict(sampler="confidence", steps=steps, loops=f"decreasing:1-{max_loops}"),
                  dict(sampler="confidence", steps=steps, loops=f"increasing:1-{max_loops}"),
                  dict(sampler="confidence", steps=steps, loops=f"middle:1-{max_loops}"),
-                 dict(sampler="confidence", steps=steps, loops=f"constant:{max_loops}",
-                      exit=("hidden_delta", {"tol": 0.05})),
+                 *[dict(sampler="confidence", steps=steps, loops=f"constant:{max_loops}",
+                        exit=("hidden_delta", {"tol": tol})) for tol in (0.15, 0.3)],
                  dict(sampler="ancestral", steps=steps, loops=f"middle:1-{max_loops}")]
     return rows
 
@@ -87,7 +89,8 @@ def run(args) -> list[dict]:
         label = f"{s['sampler']} {s['steps']} steps, loops {s['loops']}" + (
             f", exit {s['exit'][0]}:tol={s['exit'][1]['tol']}" if s.get("exit") else "")
         out.append({"setting": label, "sampler": s["sampler"], "steps": s["steps"], "loops": s["loops"],
-                    "exit": bool(s.get("exit")), "calls": c.network_calls, "mean_loops": c.mean_loops,
+                    "exit": bool(s.get("exit")), "calls": c.network_calls,
+                    "passes": c.sequence_calls / max(c.sequences, 1), "mean_loops": c.mean_loops,
                     "flops_per_token": c.flops_per_token, "tokens_per_s": c.tokens_per_s, "gen_ppl": ppl,
                     "log_se": se, "entropy": unigram_entropy(result.tokens.cpu())})
         print(f"  {label}: {c.network_calls} calls, {c.flops_per_token:.3g} FLOP/token, gen-PPL {ppl:.1f}",
@@ -113,14 +116,15 @@ def compare(rows: list[dict], max_loops: int) -> None:
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| setting | calls | loops/call | FLOP/gen token | FLOP saving | tokens/s | gen PPL (±1 se) | "
+    head = ("| setting | calls | passes/sample | loops/call | FLOP/gen token | FLOP saving | tokens/s | gen PPL (±1 se) | "
             "Δ gen PPL | entropy |")
-    lines = [head, "|" + "---|" * 9]
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         ppl = r["gen_ppl"]
         band = f"{ppl:.1f} ({ppl * math.exp(-r['log_se']):.1f}-{ppl * math.exp(r['log_se']):.1f})"
         cell = lambda k, f: "" if r.get(k) is None else f.format(r[k])  # noqa: E731
-        lines.append(f"| {r['setting']} | {cell('calls', '{}')} | {cell('mean_loops', '{:.2f}')} | "
+        lines.append(f"| {r['setting']} | {cell('calls', '{}')} | {cell('passes', '{:.1f}')} | "
+                     f"{cell('mean_loops', '{:.2f}')} | "
                      f"{cell('flops_per_token', '{:.3g}')} | {cell('flop_saving', '{:+.0%}')} | "
                      f"{cell('tokens_per_s', '{:.0f}')} | {band} | {cell('delta_gen_ppl', '{:+.1f}')} | "
                      f"{r['entropy']:.3f} |")

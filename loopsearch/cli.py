@@ -6,6 +6,7 @@ Errors the user can fix (LoopsearchError) print as one line on stderr with exit 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -141,11 +142,14 @@ def corpus_option(value: str | None) -> dict | None:
 @click.option("--name", help="Study name (default: SPACE-YYYYmmdd-HHMMSS).")
 @click.option("--budget", help="Training FLOPs per trial: 3e13, '30 TFLOP', '2 PFLOP' or GPU time 'h100:2h@0.4'.")
 @click.option("--corpus", help="Corpus plugin name, text file, directory (train/valid files) or hf:DATASET[/CONFIG].")
-@click.option("--sampler", type=click.Choice(["tpe", "random", "qmc", "gp", "cmaes"]), help="Optuna sampler (default tpe).")
+@click.option("--sampler", type=click.Choice(["auto", "tpe", "random", "qmc", "gp", "cmaes", "nsga2"]),
+              help="Optuna sampler (default auto: tpe, or nsga2 for a multi-objective study).")
+@click.option("--pruner", type=click.Choice(["none", "median", "successive_halving", "hyperband"]),
+              help="Stop weak trials early, comparing val NLL at equal training GFLOPs (default none).")
 @click.option("--seed", type=int, help="Seed of every trial (data order, masks) and of the sampler.")
-@click.option("--n-trials", type=int, help="Trials `study run` completes by default.")
+@click.option("--n-trials", type=int, help="Finished trials the study is run to (all workers together).")
 @click.option("--storage", help=STORAGE_HELP)
-def study_create(space, recipe, name, budget, corpus, sampler, seed, n_trials, storage):
+def study_create(space, recipe, name, budget, corpus, sampler, pruner, seed, n_trials, storage):
     """Create a study and store its whole spec in Optuna storage.
 
     Example: loopsearch study create --space early_middle --name quick --budget '1 TFLOP'
@@ -156,7 +160,8 @@ def study_create(space, recipe, name, budget, corpus, sampler, seed, n_trials, s
 
     base = space or (Path(recipe).stem if recipe else "study")
     name = name or f"{Path(base).stem}-{datetime.now():%Y%m%d-%H%M%S}"
-    spec = studies.spec_from_options(name, space, recipe, budget, corpus_option(corpus), seed, sampler, n_trials)
+    spec = studies.spec_from_options(name, space, recipe, budget, corpus_option(corpus), seed, sampler, n_trials,
+                                     pruner)
     studies.create(spec, storage)
     click.echo(f"created study {name!r} in {mask(storage_url(storage))}: space {spec.space.name}, "
                f"budget {format_flops(spec.budget)} per trial, corpus {spec.corpus.name}, {spec.n_trials} trials, "
@@ -164,42 +169,116 @@ def study_create(space, recipe, name, budget, corpus, sampler, seed, n_trials, s
     click.echo(f"next: loopsearch study run {name}")
 
 
+def _flops_option(ctx, param, value):
+    """--study-budget / --checkpoint-every: FLOPs as 3e13 or '30 TFLOP'."""
+    if value is None:
+        return None
+    from .errors import BudgetError
+    from .units import parse_flops
+
+    try:
+        return parse_flops(value)
+    except BudgetError as exc:
+        raise BudgetError(f"--{param.name.replace('_', '-')}: {exc}") from None
+
+
 @study.command("run")
 @click.argument("name", required=False)
-@click.option("--n-trials", type=int, help="Run this many more trials (default: until the study has its n_trials finished).")
-@click.option("--timeout", type=float, help="Stop starting new trials after this many seconds.")
+@click.option("--n-trials", type=int, help="Run until this many more trials have finished (all workers together; "
+                                           "default: until the study has its n_trials finished).")
+@click.option("--timeout", type=float, help="Stop starting new trials after this many seconds (per process).")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Local worker processes (cores // N torch threads each, one GPU each on a GPU machine); "
+                   "on a SQLite file they run on a journal file beside it.")
+@click.option("--study-budget", callback=_flops_option, metavar="FLOPS",
+              help="Total training FLOPs of all trials of the study, across all workers (e.g. '50 TFLOP').")
+@click.option("--checkpoint-every", callback=_flops_option, metavar="FLOPS",
+              help="Save each trial's training state every this many FLOPs, so a retry resumes "
+                   "(default: [train] checkpoint_every of the study, else never).")
+@click.option("--device", help="auto, cpu, cuda or cuda:N (default: [train] device of the study).")
+@click.option("--heartbeat", type=click.IntRange(min=1), default=30, show_default=True, metavar="SECONDS",
+              help="Heartbeat (RDB) or lease (journal) interval of a running trial.")
+@click.option("--grace", type=click.IntRange(min=1), metavar="SECONDS",
+              help="A running trial silent this long is failed and retried from its checkpoint (default: 4 heartbeats).")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar per trial.")
 @click.option("--storage", help=STORAGE_HELP)
-def study_run(name, n_trials, timeout, progress, storage):
+@click.option("--worker-id", type=int, default=0, hidden=True)
+@click.option("--threads", type=int, hidden=True)
+@click.option("--until", type=int, hidden=True)
+def study_run(name, n_trials, timeout, workers, study_budget, checkpoint_every, device, heartbeat, grace, progress,
+              storage, worker_id, threads, until):
     """Run trials of a study (default: the most recently created one).
 
+    Any number of processes and hosts may run one study on shared storage (PostgreSQL, or a
+    journal:PATH file on one host); the trial target and --study-budget hold for all of them.
+    A trial whose worker dies is failed after --grace seconds and retried from its last checkpoint.
     Ctrl-C keeps the finished trials and marks the running one failed; run again to continue.
 
-    Example: loopsearch study run quick --n-trials 4
+    Examples: loopsearch study run quick --n-trials 4;
+    loopsearch study run quick --workers 4 --study-budget '20 TFLOP' --checkpoint-every 1e11
     """
     from . import study as studies
 
     name = name or studies.latest_study(storage)
     studies.load(name, storage)  # fail early on an unknown study
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     console = _console()
-    console.print(f"running study [bold]{name}[/]")
+    prefix = f"[worker {worker_id}] " if worker_id else ""
+    follower = int(os.environ.get("RANK", "0")) > 0  # torchrun: rank 0 speaks for the trial
+    say = lambda message: follower or console.print(f"{prefix}{message}", highlight=False, markup=False)  # noqa: E731
+    options = dict(study_budget=study_budget, checkpoint_every=checkpoint_every, device=device, heartbeat=heartbeat,
+                   grace=grace)
+    if workers > 1:
+        from . import workers as pool
+
+        console.print(f"running study [bold]{name}[/] with {workers} worker processes")
+        try:
+            codes = pool.spawn(name, storage, workers, n_trials=n_trials, timeout=timeout, say=say, **options)
+        except KeyboardInterrupt:
+            click.echo(f"interrupted: finished trials of {name!r} are kept and the running ones are marked failed; "
+                       f"`loopsearch study run {name}` continues it", err=True)
+            sys.exit(130)
+        st, _ = studies.load(name, storage)
+        counts = _state_counts(st)
+        click.echo(f"workers exited with {codes}; study {name!r}: {counts}; see `loopsearch leaderboard --study {name}`")
+        if any(code not in (0,) for code in codes):
+            sys.exit(1)
+        return
+    say(f"running study {name}")
 
     def done(study, trial):
         a = trial.user_attrs
-        nll = f"val NLL {a['val_nll']:.4f}" if "val_nll" in a else a.get("rejected", trial.system_attrs.get("fail_reason", ""))
-        console.print(f"trial {trial.number} {trial.state.name.lower()}: {a.get('strategy', '?')} "
-                      f"[{a.get('loop_start')},{a.get('loop_end')})x{a.get('n_loops')} {nll}")
+        nll = f"val NLL {a['val_nll']:.4f}" if "val_nll" in a else a.get("rejected", a.get("failed", trial.system_attrs.get("fail_reason", "")))
+        resumed = f" (resumed at {a['resumed_from_flops']:.3g} FLOPs)" if "resumed_from_flops" in a else ""
+        say(f"trial {trial.number} {trial.state.name.lower()}: {a.get('strategy', '?')} "
+            f"[{a.get('loop_start')},{a.get('loop_end')})x{a.get('n_loops')} {nll}{resumed}")
 
     try:
-        ran = studies.run(name, storage, n_trials, timeout, progress=progress, callback=done)
+        ran = studies.run(name, storage, n_trials, timeout, progress=progress, callback=done, until=until,
+                          worker=worker_id, say=say, **options)
     except KeyboardInterrupt:
         click.echo(f"interrupted: finished trials of {name!r} are kept and the running one is marked failed; "
                    f"`loopsearch study run {name}` continues it", err=True)
         sys.exit(130)
-    if ran == 0:
+    if worker_id or follower:
+        say(f"ran {ran} trials")
+    elif ran == 0:
         click.echo(f"study {name!r} already has its trials; pass --n-trials N to run more")
     else:
         click.echo(f"ran {ran} trials; see `loopsearch leaderboard --study {name}`")
+
+
+def _state_counts(st) -> dict[str, int]:
+    """Trials per state, without the surplus ones workers did not run."""
+    from collections import Counter
+
+    from .leaderboard import SURPLUS_ATTR
+
+    return dict(Counter(t.state.name.lower() for t in st.get_trials(deepcopy=False)
+                        if not t.user_attrs.get(SURPLUS_ATTR)))
 
 
 @study.command("list")
@@ -232,8 +311,6 @@ def study_show(name, as_json, storage):
 
     Example: loopsearch study show quick
     """
-    from collections import Counter
-
     from . import study as studies
     from .units import format_flops
 
@@ -241,12 +318,13 @@ def study_show(name, as_json, storage):
     if as_json:
         click.echo(json.dumps(spec.model_dump(mode="json"), indent=2))
         return
-    counts = Counter(t.state.name.lower() for t in st.get_trials(deepcopy=False))
+    counts = _state_counts(st)
     console = _console()
     console.print(f"[bold]{spec.name}[/]  space {spec.space.name}: {spec.space.description}")
     console.print(f"budget {format_flops(spec.budget)} per trial; corpus {spec.corpus.name} {spec.corpus.params or ''}; "
                   f"backbone {spec.backbone.name} {spec.backbone.params or '(defaults)'}; vocab {spec.vocab_size}; "
-                  f"seed {spec.seed}; sampler {spec.sampler}; target {spec.n_trials} trials")
+                  f"seed {spec.seed}; sampler {spec.sampler}; pruner {spec.pruner}; target {spec.n_trials} trials; "
+                  f"objectives {', '.join(spec.objective.metrics)}")
     console.print(f"trials: {dict(counts) or 'none yet'}")
     console.print(f"versions: {spec.versions}")
 
@@ -258,11 +336,16 @@ def study_show(name, as_json, storage):
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "markdown", "parquet"]), default="table")
 @click.option("--output", type=click.Path(dir_okay=False), help="Write to this file instead of the terminal.")
 @click.option("--scaling", is_flag=True, help="Show inference loop scaling (from `loopsearch eval`) instead.")
+@click.option("--pareto", is_flag=True, help="Only the Pareto-optimal trials of each study (its best trial if "
+                                             "single-objective).")
 @click.option("--storage", help=STORAGE_HELP)
-def leaderboard(studies_, top, fmt, output, scaling, storage):
+def leaderboard(studies_, top, fmt, output, scaling, pareto, storage):
     """Rank trials by validation NLL, with FLOPs and the difference from each study's baseline.
 
-    Example: loopsearch leaderboard --study quick --top 5 --format csv --output quick.csv
+    Pruned trials are listed with the training FLOPs they used before they were stopped.
+
+    Examples: loopsearch leaderboard --study quick --top 5 --format csv --output quick.csv;
+    loopsearch leaderboard --study multi --pareto
     """
     from . import leaderboard as lb
 
@@ -270,8 +353,10 @@ def leaderboard(studies_, top, fmt, output, scaling, storage):
         df = lb.scaling_frame(storage, list(studies_) or None)
         table = lambda: lb.rich_scaling_table(df)  # noqa: E731
     else:
-        df = lb.top(lb.frame(storage, list(studies_) or None), top)
-        table = lambda: lb.rich_table(df)  # noqa: E731
+        df = lb.frame(storage, list(studies_) or None)
+        df = lb.top(lb.pareto(df, storage) if pareto else df, top)
+        title = "Pareto-optimal trials of each study (no trial is better in every objective)" if pareto else None
+        table = lambda: lb.rich_table(df, title)  # noqa: E731
     if fmt == "table" and not output:
         _console().print(table())
         return
@@ -437,7 +522,8 @@ def sample_cmd(study_name, trial, sampler, steps, loops, exit_spec, model_schedu
         console.rule(f"sample {i}")
         console.print(escape(text))
     console.rule()
-    console.print(f"{sampler}: {cost['network_calls']} network calls ({cost['cached_calls']} cached steps), "
+    console.print(f"{sampler}: {cost['network_calls']} network calls ({cost['sequence_calls']} sequence passes, "
+                  f"{cost['cached_calls']} steps fully cached), "
                   f"{cost['mean_loops']:.2f} loops per call, {cost['flops']:.3g} FLOPs = "
                   f"{cost['flops_per_token']:.3g} per generated token, {cost['wall_s']:.2f} s, "
                   f"{cost['tokens_per_s']:.0f} tokens/s")

@@ -68,11 +68,20 @@ def elbo(nll: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def diffusion_loss(model: Model, x0: torch.Tensor, mask_id: int, generator: torch.Generator,
-                   n_loops: int | None = None, antithetic: bool = True) -> tuple[torch.Tensor, Any]:
+                   n_loops: int | None = None, antithetic: bool = True,
+                   shard: tuple[int, int] | None = None) -> tuple[torch.Tensor, Any]:
     """One MDLM training loss (nats/token, plus the strategy's auxiliary loss if any) and the
-    model's output (what the loop block executed)."""
+    model's output (what the loop block executed).
+
+    ``shard=(rank, world)`` (data parallel): mask rates and masks are drawn for the whole batch,
+    as in one process, and only rows [rank*B/world, (rank+1)*B/world) run through the model; the
+    mean of the shards' losses is the whole batch's loss."""
     t = sample_t(x0.shape[0], generator, antithetic)
     xt, masked = mask_tokens(x0, t, mask_id, generator)
+    if shard is not None:
+        rank, world = shard
+        rows = slice(rank * x0.shape[0] // world, (rank + 1) * x0.shape[0] // world)
+        x0, xt, masked, t = x0[rows], xt[rows], masked[rows], t[rows]
     out = model(xt, n_loops, t.to(x0.device))
     loss = elbo(masked_nll(out.logits, x0, masked, mask_id), t)
     if getattr(out, "aux_loss", None) is not None:

@@ -16,6 +16,8 @@ from .errors import LoopsearchError
 from .space import BASELINE_ATTR
 from .storage import open_storage
 
+SURPLUS_ATTR = "loopsearch.surplus"  # a trial a worker did not run: the study's limit was reached (workers.py)
+
 FORMATS = ("table", "csv", "json", "markdown", "parquet")
 
 SCHEMA = {
@@ -45,11 +47,25 @@ def _metric_values(a: dict, evaluated: list[dict]) -> dict:
     return out
 
 
-def _row(study: str, t: optuna.trial.FrozenTrial, evaluated: list[dict] | None = None) -> dict:
+def _note(t: optuna.trial.FrozenTrial, retried_as: dict[int, int]) -> str:
+    """Why a trial stopped, or how it resumed: pruned (at which GFLOPs), rejected, failed (out of
+    memory), its worker died (and which trial retried it), resumed from a checkpoint."""
+    a = t.user_attrs
+    note = a.get("rejected") or a.get("failed") or t.system_attrs.get("fail_reason")
+    if not note and t.state == optuna.trial.TrialState.FAIL and t.number in retried_as:
+        note = f"worker died (no heartbeat); retried as trial {retried_as[t.number]}"
+    if not note and "resumed_from_flops" in a:
+        note = (f"resumed trial {t.system_attrs.get('failed_trial', '?')} from its checkpoint at "
+                f"{a['resumed_from_flops']:.3g} FLOPs ({a.get('flops_lost', 0):.3g} lost)")
+    return str(note or "")
+
+
+def _row(study: str, t: optuna.trial.FrozenTrial, evaluated: list[dict] | None = None,
+         retried_as: dict[int, int] | None = None) -> dict:
     a = t.user_attrs
     searched = {k.split(".", 1)[-1] if k.startswith(f"{a.get('strategy')}.") else k: v for k, v in t.params.items()
                 if k not in ("strategy", "loop_start", "block_length") and not k.endswith(".n_loops")}
-    note = a.get("rejected") or t.system_attrs.get("fail_reason") or ""
+    note = _note(t, retried_as or {})
     return {
         "study": study, "trial": t.number, "state": t.state.name.lower(), "baseline": bool(a.get(BASELINE_ATTR)),
         "strategy": a.get("strategy"), "loop_start": a.get("loop_start"), "loop_end": a.get("loop_end"),
@@ -80,7 +96,9 @@ def frame(storage: str | None = None, studies: list[str] | None = None) -> pl.Da
 
         study = optuna.load_study(study_name=name, storage=store)
         evaluated = stored(study)
-        rows += [_row(name, t, evaluated.get(t.number)) for t in study.get_trials(deepcopy=False)]
+        trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get(SURPLUS_ATTR)]
+        retried_as = {t.system_attrs["retry_history"][-1]: t.number for t in trials if t.system_attrs.get("retry_history")}
+        rows += [_row(name, t, evaluated.get(t.number), retried_as) for t in trials]
     df = pl.DataFrame(rows, schema=SCHEMA)
     base = (df.filter(pl.col("baseline") & pl.col("val_nll").is_not_null())
               .group_by("study").agg(pl.col("val_nll").min().alias("_base")))
@@ -113,6 +131,19 @@ def scaling_frame(storage: str | None = None, studies: list[str] | None = None) 
                       **{k: r[k] for k in SCALING_SCHEMA if k in r}} for r in evals]
     df = pl.DataFrame(rows, schema=SCALING_SCHEMA)
     return df.sort(["study", "trial", "n_loops", pl.col("exit") != "none", "exit"])
+
+
+def pareto(df: pl.DataFrame, storage: str | None = None) -> pl.DataFrame:
+    """Only the Pareto-optimal trials of each study (Optuna's ``best_trials``: no other complete
+    trial is at least as good in every objective and better in one). For a single-objective
+    study that is its best trial."""
+    store = open_storage(storage)
+    keep = []
+    for name in df["study"].unique(maintain_order=True).to_list():
+        study = optuna.load_study(study_name=name, storage=store)
+        keep += [(name, t.number) for t in study.best_trials]
+    wanted = pl.DataFrame(keep, schema={"study": pl.String, "trial": pl.Int64}, orient="row")
+    return df.join(wanted, on=["study", "trial"], how="semi")
 
 
 def top(df: pl.DataFrame, k: int | None) -> pl.DataFrame:
@@ -190,7 +221,7 @@ def rich_scaling_table(df: pl.DataFrame):
     return table
 
 
-def rich_table(df: pl.DataFrame):
+def rich_table(df: pl.DataFrame, title: str | None = None):
     """A compact terminal table: the block as [start,end), study and note columns only when useful."""
     from rich.table import Table
 
@@ -204,8 +235,8 @@ def rich_table(df: pl.DataFrame):
     headers = {"gen_ppl": "gen PPL", "sample_entropy": "entropy", "task_accuracy": "task acc",
                "zeroshot_bpb": "0-shot bits/B","inference_flops_per_token": "inf FLOP/tok", "train_flops": "train FLOP", "n_loops": "loops",
                "n_layer": "layers", "delta_nll": "Δ base", "perplexity": "ppl≤", "val_nll": "val NLL"}
-    table = Table(title="loopsearch leaderboard: val NLL in nats/token (lower is better), ★ = no-loop baseline",
-                  title_justify="left")
+    table = Table(title=(title or "loopsearch leaderboard") + ": val NLL in nats/token (lower is better), "
+                        "★ = no-loop baseline", title_justify="left")
     for c in cols:
         left = c in ("study", "state", "strategy", "params", "note", "block")
         table.add_column(headers.get(c, c), justify="left" if left else "right",

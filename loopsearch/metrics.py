@@ -96,7 +96,7 @@ def gen_ppl_metric(loaded: Loaded, reference: str | Path, *, sampler: str = "con
 
 def cost_fields(cost) -> dict[str, Any]:
     d = cost.as_dict()
-    return {k: d[k] for k in ("network_calls", "cached_calls", "mean_loops", "flops", "flops_per_token",
+    return {k: d[k] for k in ("network_calls", "sequence_calls", "cached_calls", "mean_loops", "flops", "flops_per_token",
                               "wall_s", "tokens_per_s", "generated_tokens")}
 
 

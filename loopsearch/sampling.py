@@ -115,8 +115,9 @@ class SampleCost:
 
     sequences: int = 0
     generated_tokens: int = 0  # MASK positions at the start, over all sequences
-    network_calls: int = 0  # denoiser calls (each over the whole batch)
-    cached_calls: int = 0  # steps that reused the previous call's output (the cached sampler)
+    network_calls: int = 0  # denoiser calls
+    sequence_calls: int = 0  # sequences run through the network, summed over calls
+    cached_calls: int = 0  # steps that made no call: every sequence reused its cached output
     loop_iterations: float = 0.0  # loop-block applications per sequence, summed over calls
     flops: float = 0.0
     wall_s: float = 0.0
@@ -202,9 +203,13 @@ class Denoiser:
         return self._exits[id(model)]
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor, step: int, steps: int) -> torch.Tensor:
-        """Log-probs (B, T, V) float64 over the clean vocabulary (MASK at -inf) for input x."""
+    def __call__(self, x: torch.Tensor, step: int, steps: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-probs (B, T, V) float64 over the clean vocabulary (MASK at -inf) for input x.
+        ``rows`` (bool (B,)): run only these sequences (the others are not charged); the model
+        and loop count are still those of the whole batch's step."""
         model, n_loops = self.plan(x, step, steps)
+        if rows is not None:
+            x = x[rows]
         B, T = x.shape
         t = (x == self.mask_id).float().mean(dim=1)  # each sequence's mask rate, as in training
         crit = self._exit_for(model)
@@ -214,6 +219,7 @@ class Denoiser:
                                                      float(out.extra_flops))
         c = self.cost
         c.network_calls += 1
+        c.sequence_calls += B
         c.loop_iterations += apps
         c.loops_per_call.append(apps)
         c.flops += flops_tok * T * B

@@ -122,6 +122,14 @@ class TrainConfig(Strict):
     eval_sequences: int = Field(64, ge=1, description="validation sequences (fixed, from the valid split)")
     eval_t_points: int = Field(8, ge=1, description="mask rates t of the validation ELBO grid")
     antithetic: bool = Field(True, description="low-discrepancy sampling of t")
+    checkpoint_every: float | None = Field(
+        None, gt=0, description="save the training state (weights, optimizer, RNG, data position, FLOPs spent) every "
+                                "this many training FLOPs, so a retried trial resumes instead of starting over")
+
+    @field_validator("checkpoint_every", mode="before")
+    @classmethod
+    def _parse_checkpoint_every(cls, v):
+        return None if v is None else _budget(v)
 
 
 METRICS = {  # study objectives and their directions
@@ -129,16 +137,22 @@ METRICS = {  # study objectives and their directions
     "gen_ppl": "minimize",  # generative perplexity of samples under the study's reference causal LM
     "zeroshot_nll": "minimize",  # ELBO on a held-out text file (e.g. WikiText-2), bits per byte
     "task_accuracy": "maximize",  # exact match on a reasoning task by conditional sampling
+    "inference_flops": "minimize",  # inference FLOPs per token the final validation executed
 }
+
+SAMPLERS = ("auto", "tpe", "random", "qmc", "gp", "cmaes", "nsga2")  # auto: tpe, or nsga2 when multi-objective
+MULTI_OBJECTIVE_SAMPLERS = ("auto", "tpe", "random", "qmc", "gp", "nsga2")
+PRUNERS = ("none", "median", "successive_halving", "hyperband")
 
 
 class ObjectiveSpec(Strict):
     """What a study optimises: one metric, or several (a multi-objective study, Pareto front).
     The sampler settings apply to gen_ppl and task_accuracy."""
 
-    metrics: list[Literal["val_nll", "gen_ppl", "zeroshot_nll", "task_accuracy"]] = Field(
+    metrics: list[Literal["val_nll", "gen_ppl", "zeroshot_nll", "task_accuracy", "inference_flops"]] = Field(
         default_factory=lambda: ["val_nll"], min_length=1,
-        description="objectives in order: val_nll, gen_ppl, zeroshot_nll (bits/byte), task_accuracy")
+        description="objectives in order: val_nll, gen_ppl, zeroshot_nll (bits/byte), task_accuracy, "
+                    "inference_flops (per token)")
     sampler: PluginRef = Field(default_factory=lambda: PluginRef(name="confidence"),
                                description="sampler plugin (and params) for generation metrics")
     steps: int | None = Field(None, ge=1, description="sampler steps (default: one per generated token)")
@@ -190,8 +204,10 @@ class StudyRecipe(Strict):
     backbone: PluginRef = PluginRef(name="transformer")
     train: TrainConfig = TrainConfig()
     seed: int = 0
-    sampler: Literal["tpe", "random", "qmc", "gp", "cmaes"] = "tpe"
-    pruner: Literal["none", "median"] = Field("none", description="prune on val NLL at equal training FLOPs")
+    sampler: Literal[SAMPLERS] = Field(  # type: ignore[valid-type]
+        "auto", description="Optuna sampler; auto = tpe, or nsga2 for a multi-objective study")
+    pruner: Literal[PRUNERS] = Field(  # type: ignore[valid-type]
+        "none", description="prune on val NLL at equal training FLOPs: none, median, successive_halving, hyperband")
     artifacts_dir: str = Field("loopsearch_runs", description="where trial checkpoints are written")
     objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec, description="what the study optimises")
 

@@ -24,8 +24,10 @@ def storage_url(explicit: str | None = None) -> str:
 
 
 def mask(url: str) -> str:
-    """Hide a password in a URL: postgresql://user:secret@host -> postgresql://user:***@host."""
-    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
+    """Hide passwords in a URL or a message that contains one: postgresql://user:secret@host ->
+    postgresql://user:***@host, and ?password=secret -> ?password=***."""
+    url = re.sub(r"(://[^:/@\s]+):[^@\s]*@", r"\1:***@", url)
+    return re.sub(r"(?i)([?&;\s]password=)[^&;\s]*", r"\1***", url)
 
 
 def _check_sqlite_path(url: str) -> None:
@@ -45,7 +47,23 @@ def _check_sqlite_path(url: str) -> None:
                            f"or set {ENV}")
 
 
-def open_storage(url: str | None = None) -> optuna.storages.BaseStorage:
+def journal_path(url: str) -> Path | None:
+    """The file of a ``journal:PATH`` URL, else None."""
+    return Path(url[len("journal:"):]) if url.startswith("journal:") else None
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a ``sqlite:///PATH`` URL (None for other URLs and in-memory SQLite)."""
+    if not url.startswith("sqlite:///") or url[len("sqlite:///"):] in ("", ":memory:"):
+        return None
+    return Path(url[len("sqlite:///"):])
+
+
+def open_storage(url: str | None = None, heartbeat: tuple[int, int] | None = None,
+                 on_stale=None) -> optuna.storages.BaseStorage:
+    """Open a storage. ``heartbeat=(interval_s, grace_s)`` turns on Optuna's heartbeat for RDB
+    storages (a running trial silent for grace_s is failed, and ``on_stale`` called on it);
+    journal stores get loopsearch's lease instead (loopsearch/workers.py)."""
     url = storage_url(url)
     try:
         if url.startswith("journal:"):
@@ -54,9 +72,17 @@ def open_storage(url: str | None = None) -> optuna.storages.BaseStorage:
             path = url[len("journal:"):]
             parent = Path(path).parent
             if not parent.is_dir() or not os.access(parent, os.W_OK):
-                raise StorageError(f"cannot use storage {url}: directory {parent} is not writable; pass another --storage")
-            return optuna.storages.JournalStorage(JournalFileBackend(path))
+                raise StorageError(f"cannot use storage {mask(url)}: directory {parent} is not writable; "
+                                   f"pass another --storage")
+            return optuna.storages.JournalStorage(JournalFileBackend(path))  # file lock: safe for many processes
         _check_sqlite_path(url)
+        if heartbeat is not None:
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat[0], grace_period=heartbeat[1],
+                                                  heartbeat_stale_trial_callback=on_stale)
         return optuna.storages.RDBStorage(url)
     except StorageError:
         raise

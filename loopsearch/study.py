@@ -23,8 +23,9 @@ from .data import prepare
 from .errors import BudgetError, LoopsearchError, SpecError, StudyNotFoundError
 from .registry import get_registry
 from .space import BASELINE, BASELINE_ATTR, Choice, check_space, load_space, suggest
-from .spec import StudyRecipe, StudySpec, TrialConfig, TrainConfig, validate
+from .spec import MULTI_OBJECTIVE_SAMPLERS, StudyRecipe, StudySpec, TrialConfig, TrainConfig, validate
 from .storage import mask, open_storage, storage_url
+from .resume import Checkpointer
 from .train import TrainResult, plan_steps, train
 from .units import format_flops
 
@@ -62,6 +63,7 @@ def make_spec(recipe: StudyRecipe, name: str, space: str | None = None) -> Study
     check_space(spec.space, spec.backbone.name, spec.backbone.params, f"search space {space_src!r}", reg)
     check_budget(spec)
     check_objective(spec)
+    check_pruner(spec)
     spec.versions = versions(spec)
     return spec
 
@@ -71,6 +73,9 @@ def check_objective(spec: StudySpec) -> None:
     obj = spec.objective
     if obj.metrics == ["val_nll"]:
         return
+    if obj.multi and spec.sampler not in MULTI_OBJECTIVE_SAMPLERS:
+        raise SpecError(f"study {spec.name!r}: sampler {spec.sampler!r} cannot optimise several objectives "
+                        f"{obj.metrics}; use sampler \"auto\" (NSGA-II) or one of {', '.join(MULTI_OBJECTIVE_SAMPLERS[1:])}")
     from .sampling import get_sampler, parse_loop_schedule
 
     where = f"study {spec.name!r}: [objective]"
@@ -92,6 +97,21 @@ def check_objective(spec: StudySpec) -> None:
     if spec.pruner != "none" and obj.metrics != ["val_nll"]:
         raise SpecError(f"{where} pruner {spec.pruner!r} compares val NLL during training, but the objective is "
                         f"{obj.metrics}; set pruner = \"none\" or metrics = [\"val_nll\"]")
+
+
+def check_pruner(spec: StudySpec) -> None:
+    """Pruners compare val NLL at equal GFLOPs: each of the eval_points reports needs its own
+    whole GFLOP, or reports share a step and the pruner compares nothing."""
+    if spec.pruner == "none":
+        return
+    gap = spec.budget / spec.train.eval_points
+    if gap < 1e9:
+        raise SpecError(f"study {spec.name!r}: pruner {spec.pruner!r} compares val NLL every budget / eval_points = "
+                        f"{format_flops(gap)}, below the 1 GFLOP step of the reports; raise --budget to at least "
+                        f"{spec.train.eval_points * 1e9:.3g} or lower [train] eval_points")
+    if spec.train.eval_points < 2:
+        raise SpecError(f"study {spec.name!r}: pruner {spec.pruner!r} needs intermediate reports; "
+                        f"set [train] eval_points >= 2 (it is {spec.train.eval_points})")
 
 
 def versions(spec: StudySpec) -> dict[str, str]:
@@ -143,8 +163,10 @@ def study_names(storage: str | None = None) -> list[str]:
     return [s.study_name for s in optuna.get_all_study_summaries(open_storage(storage), include_best_trial=False)]
 
 
-def load(name: str, storage: str | None = None) -> tuple[optuna.Study, StudySpec]:
-    store = open_storage(storage)
+def load(name: str, storage: str | None = None,
+         store: optuna.storages.BaseStorage | None = None) -> tuple[optuna.Study, StudySpec]:
+    """A stored study and its spec; ``store`` (already opened from ``storage``) is used if given."""
+    store = store or open_storage(storage)
     names = [s.study_name for s in optuna.get_all_study_summaries(store, include_best_trial=False)]
     if name not in names:
         raise StudyNotFoundError(name, names, mask(storage_url(storage)))
@@ -165,20 +187,37 @@ def latest_study(storage: str | None = None) -> str:
 
 
 def make_sampler(spec: StudySpec, offset: int = 0) -> optuna.samplers.BaseSampler:
-    seed = spec.seed + offset  # a resumed study must not replay the same random draws
+    """The study's sampler. ``auto``: TPE, or NSGA-II when the study has several objectives
+    (population: a quarter of the trials, 4 to 50). ``offset`` varies the seed: a resumed study,
+    or another worker, must not replay the same random draws."""
+    seed = spec.seed + offset
+    name = spec.sampler
+    if name == "auto":
+        name = "nsga2" if spec.objective.multi else "tpe"
     return {
-        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, n_startup_trials=4),
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed, population_size=min(50, max(4, spec.n_trials // 4))),
+        # constant liar: parallel workers do not all propose the point that looks best right now
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, n_startup_trials=4, constant_liar=True),
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
         "qmc": lambda: optuna.samplers.QMCSampler(seed=seed),
         "gp": lambda: optuna.samplers.GPSampler(seed=seed),
         "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed),
-    }[spec.sampler]()
+    }[name]()
 
 
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
-    """Pruners compare val NLL at equal training FLOPs (intermediate steps are GFLOPs)."""
+    """Pruners compare val NLL at equal training FLOPs: intermediate values are keyed by the
+    GFLOPs spent, reported at ``eval_points`` equal fractions of the budget. Successive halving
+    and Hyperband use GFLOPs as their resource: the first rung is the first report
+    (budget / eval_points), the last the whole budget, reduction factor 3."""
     if spec.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
+    first = max(1, int(spec.budget / spec.train.eval_points // 1e9))
+    if spec.pruner == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=3)
+    if spec.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=first, max_resource=max(first, int(spec.budget // 1e9)),
+                                              reduction_factor=3)
     return optuna.pruners.NopPruner()
 
 
@@ -203,11 +242,21 @@ def ensure_baseline(study: optuna.Study) -> None:
 
 
 # ---- the objective ---------------------------------------------------------------------------------
-class Objective:
-    """build -> train under the budget -> evaluate -> save -> report; returns val NLL (nats/token)."""
+RESUME_ATTR = "loopsearch.resume_dir"  # the trial's training-state directory; a retry inherits it
 
-    def __init__(self, spec: StudySpec, progress: bool = True):
-        self.spec, self.progress = spec, progress
+
+class Objective:
+    """build -> train under the budget -> evaluate -> save -> report; returns val NLL (nats/token).
+
+    ``device`` and ``checkpoint_every`` (FLOPs) override the spec's [train] settings for this
+    process; they change where and how safely a trial runs, not what it computes. ``share``
+    (data parallel, rank 0 of a torchrun group) sends each trial's config and every pruning
+    decision to the other ranks (loopsearch/workers.py: follow)."""
+
+    def __init__(self, spec: StudySpec, progress: bool = True, device: str | None = None,
+                 checkpoint_every: float | None = None, share: Callable[[dict | None], Any] | None = None):
+        self.spec, self.progress, self.share = spec, progress, share
+        self.overrides = {k: v for k, v in (("device", device), ("checkpoint_every", checkpoint_every)) if v is not None}
         self._data = None
 
     def data(self):
@@ -223,11 +272,13 @@ class Objective:
             return BASELINE
         return suggest(trial, self.spec.space, self.spec.backbone.params)
 
-    def __call__(self, trial: optuna.Trial) -> float:
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         import torch
 
         choice = self.choose(trial)
         config = trial_config(self.spec, trial.number, choice)
+        if self.overrides:
+            config = config.model_copy(update={"train": config.train.model_copy(update=self.overrides)})
         data = self.data()
         torch.manual_seed(config.seed)
         try:
@@ -240,38 +291,78 @@ class Objective:
         for key, value in describe_choice(model, config).items():
             trial.set_user_attr(key, value)
         self.reject_if_unaffordable(trial, model, config)
+        ckpt = self.checkpointer(trial, config)
+        if self.share is not None:
+            self.share({"trial": trial.number, "config": config.model_dump(mode="json"), "state": str(ckpt.dir)})
 
         def report(gflops: int, nll: float) -> None:
             if self.spec.objective.metrics != ["val_nll"]:
                 return  # pruners compare the objective's intermediate values: only val NLL has them
             trial.report(nll, gflops)
-            if trial.should_prune():
+            prune = trial.should_prune()
+            if self.share is not None:
+                self.share({"prune": prune})
+            if prune:
                 reason = f"pruned by {self.spec.pruner} pruner at {gflops} GFLOPs (val NLL {nll:.4f})"
-                trial.set_user_attr("rejected", reason)
+                trial.set_user_attr("pruned_val_nll", nll)
+                stopped(trial, ckpt, "rejected", reason)
                 raise optuna.TrialPruned(reason)
 
         try:
             result = train(model, data, config.train, config.budget, config.seed, report=report,
-                           progress=self.progress, description=f"trial {trial.number} {label(config)}")
+                           progress=self.progress, description=f"trial {trial.number} {label(config)}",
+                           checkpointer=ckpt)
         except FloatingPointError as exc:
-            trial.set_user_attr("rejected", str(exc))
+            stopped(trial, ckpt, "rejected", str(exc))
             raise optuna.TrialPruned(str(exc)) from None
+        except torch.cuda.OutOfMemoryError:
+            model = None  # noqa: F841 - free its GPU memory now: the exception keeps this frame alive
+            torch.cuda.empty_cache()
+            reason = (f"CUDA out of memory after {format_flops(ckpt.spent)} of training; lower batch_size "
+                      f"({config.train.batch_size}), the model size or seq_len ({config.train.seq_len})")
+            stopped(trial, ckpt, "failed", reason)
+            raise TrialFailed(reason) from None
         out_dir = Path(self.spec.artifacts_dir) / self.spec.name / f"trial-{trial.number:04d}"
         results = result_attrs(model, config, result)
         checkpoint.save(out_dir, model, config, data.tokenizer_json, results)
+        ckpt.clear()
         results["checkpoint"] = str(out_dir.resolve())
         for key, value in results.items():
             trial.set_user_attr(key, value)
-        return self.objective_values(trial, out_dir, result.val_nll)
+        return self.objective_values(trial, out_dir, result.val_nll, results)
 
-    def objective_values(self, trial: optuna.Trial, directory: Path, val_nll: float) -> float | tuple[float, ...]:
+    def checkpointer(self, trial: optuna.Trial, config: TrialConfig) -> Checkpointer:
+        """The trial's training-state directory: its own, or (a retry of a trial whose worker died)
+        the one it inherited, whose newest checkpoint training resumes from."""
+        from .train import distributed
+
+        directory = trial.user_attrs.get(RESUME_ATTR)
+        if directory is None:
+            directory = str((Path(self.spec.artifacts_dir) / self.spec.name / f"trial-{trial.number:04d}"
+                             / "state").resolve())
+            trial.set_user_attr(RESUME_ATTR, directory)
+        ckpt = Checkpointer(directory, config.train.checkpoint_every, writer=distributed()[0] == 0)
+        saved = ckpt.saved_spent()
+        if saved is not None:
+            reached = (ckpt.progress() or {}).get("spent", saved)
+            trial.set_user_attr("loopsearch.resume_from", str(ckpt.latest()))
+            trial.set_user_attr("resumed_from_flops", saved)
+            trial.set_user_attr("flops_lost", max(0.0, reached - saved))  # run by the dead attempt, then lost
+        return ckpt
+
+    def objective_values(self, trial: optuna.Trial, directory: Path, val_nll: float,
+                         results: dict[str, Any] | None = None) -> float | tuple[float, ...]:
         """The study's objectives for a trained trial; metrics beyond val NLL are measured on
-        the checkpoint (loopsearch/metrics.py) and stored with the trial."""
+        the checkpoint (loopsearch/metrics.py) and stored with the trial. ``inference_flops``
+        is what the final validation executed, per token."""
         obj = self.spec.objective
         values = []
         for metric in obj.metrics:
             if metric == "val_nll":
                 values.append(val_nll)
+                continue
+            if metric == "inference_flops":
+                values.append((results or trial.user_attrs)["inference_flops_per_token"])
                 continue
             from . import metrics
 
@@ -292,6 +383,17 @@ class Objective:
         if steps < config.train.min_steps:
             trial.set_user_attr("rejected", reason)
             raise optuna.TrialPruned(reason)
+
+
+class TrialFailed(RuntimeError):
+    """A trial that cannot finish (e.g. out of memory): Optuna marks it failed, the study goes on."""
+
+
+def stopped(trial: optuna.Trial, ckpt: Checkpointer, key: str, reason: str) -> None:
+    """Record why a trial stopped early and the training FLOPs it used (its saved state is dropped)."""
+    trial.set_user_attr(key, reason)
+    trial.set_user_attr("train_flops", ckpt.spent)
+    ckpt.clear()
 
 
 def label(config: TrialConfig) -> str:
@@ -332,35 +434,28 @@ def result_attrs(model, config: TrialConfig, r: TrainResult) -> dict[str, Any]:
 
 # ---- running -------------------------------------------------------------------------------------------
 def run(name: str, storage: str | None = None, n_trials: int | None = None, timeout: float | None = None,
-        progress: bool = True, callback: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None) -> int:
-    """Run trials of a stored study. Without ``n_trials``, run until the study has the spec's
-    ``n_trials`` finished (complete or pruned) trials, so an interrupted run continues where it
-    stopped. Returns how many trials this call ran."""
-    study, spec = load(name, storage)
-    before = study.get_trials(deepcopy=False)
-    study.sampler = make_sampler(spec, offset=len(before))
-    study.pruner = make_pruner(spec)
-    ensure_baseline(study)
-    if n_trials is None:
-        n_trials = spec.n_trials - sum(t.state in FINISHED for t in before)
-        if n_trials <= 0:
-            return 0
-    callbacks = [callback] if callback else []
-    study.optimize(Objective(spec, progress), n_trials=n_trials, timeout=timeout, callbacks=callbacks,
-                   catch=(RuntimeError,))
-    started = lambda trials: sum(t.state != TrialState.WAITING for t in trials)  # noqa: E731
-    return started(study.get_trials(deepcopy=False)) - started(before)
+        progress: bool = True, callback: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
+        **options: Any) -> int:
+    """Run trials of a stored study in this process. Without ``n_trials``, run until the study
+    has the spec's ``n_trials`` finished (complete or pruned) trials, counted in the storage, so
+    an interrupted run continues where it stopped and several workers share one target; with
+    it, until n_trials more have finished. ``options``: see ``loopsearch.workers.work`` (study
+    budget, heartbeat, device, checkpoint interval, ...). Returns how many trials this call ran."""
+    from .workers import work
+
+    return work(name, storage, n_trials=n_trials, timeout=timeout, progress=progress, callback=callback, **options)
 
 
 def spec_from_options(name: str, space: str | None, recipe: str | None, budget: str | None,
-                      corpus: dict | None, seed: int | None, sampler: str | None, n_trials: int | None) -> StudySpec:
+                      corpus: dict | None, seed: int | None, sampler: str | None, n_trials: int | None,
+                      pruner: str | None = None) -> StudySpec:
     """Merge a recipe (or the defaults) with command-line overrides and resolve it."""
     from .space import load_recipe
 
     base = load_recipe(recipe) if recipe else StudyRecipe()
     data = base.model_dump()
     for key, value in (("budget", budget), ("corpus", corpus), ("seed", seed), ("sampler", sampler),
-                       ("n_trials", n_trials)):
+                       ("n_trials", n_trials), ("pruner", pruner)):
         if value is not None:
             data[key] = value
     merged = validate(StudyRecipe, data, "command-line options")

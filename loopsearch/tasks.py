@@ -288,7 +288,7 @@ def get_task(name: str, params: dict | BaseModel | None = None) -> Task:
 # ---- evaluation ----------------------------------------------------------------------------------
 def _add_cost(total, cost) -> None:
     """Sum a batch's SampleCost into ``total`` (every field adds up)."""
-    for field in ("sequences", "generated_tokens", "network_calls", "cached_calls", "loop_iterations",
+    for field in ("sequences", "generated_tokens", "network_calls", "sequence_calls", "cached_calls", "loop_iterations",
                   "flops", "wall_s"):
         setattr(total, field, getattr(total, field) + getattr(cost, field))
     total.loops_per_call.extend(cost.loops_per_call)

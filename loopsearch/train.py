@@ -6,6 +6,15 @@ exceeds its budget and ends less than one step short of it. The learning-rate sc
 (linear warmup, cosine decay) runs over the budget's FLOPs, not over a step count, so it ends
 exactly when the budget does whatever loop counts were drawn; the planned step count shown is
 budget / expected step FLOPs (as nanochat's --target-flops).
+
+Fault tolerance: with a ``Checkpointer`` (loopsearch/resume.py) the trainer restores the newest
+saved state before the first step and saves one every ``checkpoint_every`` FLOPs.
+
+Data parallel: inside an initialised ``torch.distributed`` group (``torchrun``), every rank draws
+the same global batch, masks and mask rates from the shared seed, runs its contiguous shard of
+``batch_size / world`` sequences through ``DistributedDataParallel`` (which averages gradients),
+and all ranks agree on the loss and the FLOPs charged. The optimisation is the one-process run
+with the same global batch, up to floating-point reduction order.
 """
 
 from __future__ import annotations
@@ -19,8 +28,9 @@ import torch
 
 from .data import PreparedData, random_batch, validation_batches
 from .diffusion import diffusion_loss, validation_nll
-from .errors import BudgetError
+from .errors import BudgetError, LoopsearchError
 from .looping import ExecutionRecorder, LoopedMDM
+from .resume import Checkpointer, TrainState
 from .spec import TrainConfig
 from .units import format_flops
 
@@ -49,10 +59,34 @@ class TrainResult:
     train_stats: dict[str, float] = field(default_factory=dict)  # strategy stats averaged over steps
 
 
+def distributed() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed group this process is in; (0, 1) outside one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and distributed()[1] > 1:  # one GPU per DDP rank
+        import os
+
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     return torch.device(name)
+
+
+def _agree(values: list[float], world: int, device: torch.device) -> list[float]:
+    """The mean over DDP ranks of per-rank values (loss, loop applications, strategy stats)."""
+    if world == 1:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / world).tolist()
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
@@ -100,12 +134,26 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
 
 
 def train(model: LoopedMDM, data: PreparedData, cfg: TrainConfig, budget: float, seed: int,
-          report: Reporter | None = None, progress: bool = True, description: str = "training") -> TrainResult:
+          report: Reporter | None = None, progress: bool = True, description: str = "training",
+          checkpointer: Checkpointer | None = None) -> TrainResult:
+    """Train until the next step would exceed ``budget`` FLOPs. ``report`` runs at every FLOP
+    checkpoint (on every DDP rank); ``checkpointer`` restores a saved state and saves new ones."""
     device = resolve_device(cfg.device)
     model.to(device)
     planned = plan_steps(model, cfg, budget)
     bf16 = use_bf16(cfg.precision, device)
+    rank, world = distributed()
+    if cfg.batch_size % world:
+        raise LoopsearchError(f"batch_size {cfg.batch_size} does not split over {world} DDP processes; "
+                              f"use a batch_size divisible by {world} (the global batch is what is searched)")
     forward = torch.compile(model) if cfg.compile else model
+    step_forward = forward
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      find_unused_parameters=True)  # strategies may skip parameters on a step
+        step_forward = torch.compile(ddp) if cfg.compile else ddp
     opt = make_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(seed)  # data order, masks, t and loop counts
     mask_id = model.backbone.mask_id
@@ -128,9 +176,19 @@ def train(model: LoopedMDM, data: PreparedData, cfg: TrainConfig, budget: float,
 
     spent, steps, loops_sum, loss_val = 0.0, 0, 0.0, float("nan")
     stats_sum: dict[str, float] = {}
+    restored = checkpointer.restore(model, opt, gen) if checkpointer is not None else None
+    if restored is not None:
+        spent, steps, loops_sum, loss_val = restored.spent, restored.steps, restored.loops_sum, restored.loss
+        stats_sum = dict(restored.stats_sum)
+        history.extend(restored.history)
+    n_max = model.strategy.max_train_loops()
+    worst_step = model.train_step_flops(cfg.seq_len, cfg.batch_size, n_max,
+                                        model.strategy.extra_flops_bound(n_max, cfg.seq_len))
+    shard = (rank, world) if world > 1 else None
     model.train()
     start = time.perf_counter()
-    with _progress(progress, description, budget) as bar:
+    start_spent, start_steps = spent, steps
+    with _progress(progress and rank == 0, description, budget) as bar:
         while True:
             n_loops = model.strategy.train_loops(gen)
             extra_bound = model.strategy.extra_flops_bound(n_loops, cfg.seq_len)
@@ -141,34 +199,44 @@ def train(model: LoopedMDM, data: PreparedData, cfg: TrainConfig, budget: float,
                 group["lr"] = lr_at(spent / budget, cfg)
             x0 = random_batch(data.train, cfg.batch_size, cfg.seq_len, gen).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss, out = diffusion_loss(forward, x0, mask_id, gen, n_loops, cfg.antithetic)
+                loss, out = diffusion_loss(step_forward, x0, mask_id, gen, n_loops, cfg.antithetic, shard=shard)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
+            keys = sorted(out.stats)
+            loss_val, applications, extra, *stat_values = _agree(
+                [loss.item(), float(out.applications), float(out.extra_flops)] + [float(out.stats[k]) for k in keys],
+                world, device)
             # count what ran (a strategy may stop early); never more than the pre-checked bound
-            spent += min(step_flops, model.train_step_flops(cfg.seq_len, cfg.batch_size, out.applications,
-                                                            out.extra_flops))
+            spent += min(step_flops, model.train_step_flops(cfg.seq_len, cfg.batch_size, applications, extra))
             steps += 1
-            loops_sum += out.applications
-            for key, value in out.stats.items():
-                stats_sum[key] = stats_sum.get(key, 0.0) + float(value)
-            loss_val = loss.item()
+            loops_sum += applications
+            for key, value in zip(keys, stat_values):
+                stats_sum[key] = stats_sum.get(key, 0.0) + value
+            if checkpointer is not None:
+                checkpointer.track(spent, steps)  # what a pruned or failed trial used
             if not math.isfinite(loss_val):
                 raise FloatingPointError(f"non-finite training loss {loss_val} at step {steps}; lower lr ({cfg.lr})")
             elapsed = time.perf_counter() - start
-            bar.update(spent, loss_val, steps * cfg.batch_size * cfg.seq_len / elapsed, spent / elapsed)
+            bar.update(spent, loss_val, (steps - start_steps) * cfg.batch_size * cfg.seq_len / elapsed,
+                       (spent - start_spent) / elapsed)
             while len(history) < len(checkpoints) - 1 and spent >= checkpoints[len(history)]:
                 evaluate(spent)
+            if checkpointer is not None:
+                checkpointer.after_step(TrainState(spent, steps, loops_sum, loss_val, stats_sum, history),
+                                        worst_step, model, opt, gen)
     if steps == 0:
         raise BudgetError(f"budget {format_flops(budget)} did not pay for one step; raise --budget")
     nll = evaluate(spent)
     wall = time.perf_counter() - start
     tokens = steps * cfg.batch_size * cfg.seq_len
     eval_apps, eval_extra = recorder.means()
-    return TrainResult(spent, budget, steps, planned, tokens, nll, loss_val, wall, tokens / wall,
-                       spent / wall, loops_sum / steps, history, eval_apps, eval_extra,
+    # throughput of what this process ran (a resumed run did not run the restored steps)
+    return TrainResult(spent, budget, steps, planned, tokens, nll, loss_val, wall,
+                       (steps - start_steps) * cfg.batch_size * cfg.seq_len / wall,
+                       (spent - start_spent) / wall, loops_sum / steps, history, eval_apps, eval_extra,
                        recorder.mean_token_loops(), {k: v / steps for k, v in stats_sum.items()})
 
 

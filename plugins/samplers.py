@@ -7,10 +7,13 @@ changes a committed token.
   (t - s) / t, as a draw from the model's p(x_0), and stays masked with probability s / t; the
   last step (s = 0) reveals every remaining token. One network call per step that still has a
   masked token.
-- ``cached``: ancestral that skips the network call when no token changed since the last call
-  (MDLM's ``ddpm_cache``): the network has no time input, so the same input gives the same
-  output. The cache is dropped when the loop count or the scheduled model changes between
-  steps. Same seed, same samples as ``ancestral``, with fewer calls.
+- ``cached``: ancestral that reuses a sequence's last network output while none of its tokens has
+  changed (MDLM's ``ddpm_cache``, per sequence rather than per batch: with 32 sequences some
+  token of the batch changes at almost every step): the network has no time input, so the same
+  input gives the same output. Only the sequences that changed are run (and charged); a step
+  where none changed makes no call. The cache is dropped when the loop count or the scheduled
+  model changes between steps. Same seed, same samples as ``ancestral``, at a fraction of the
+  FLOPs.
 - ``confidence``: LLaDA's low-confidence remasking (Nie et al. 2025): every step predicts all
   masked positions and commits a fixed number, the most confident; optional semi-autoregressive
   blocks (``block_length``) are filled left to right, each with an equal share of the steps.
@@ -51,17 +54,19 @@ class Cached(Sampler):
 
     def sample(self, x: torch.Tensor, den: Denoiser, steps: int, generator: torch.Generator) -> torch.Tensor:
         logp, plan = None, None
+        stale = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)  # rows whose cache is invalid
         for i in range(steps):
             if not (x == den.mask_id).any():
                 break
             now = den.plan(x, i, steps)
             if logp is None or now[0] is not plan[0] or now[1] != plan[1]:
-                logp, plan = den(x, i, steps), now
+                logp, plan = den(x, i, steps), now  # first call, or the loop count / model changed
+            elif bool(stale.any()):
+                logp[stale] = den(x, i, steps, rows=stale)  # only the sequences that changed
             else:
                 den.cost.cached_calls += 1
             new = reverse_step(x, logp, i, steps, den.mask_id, generator)
-            if not torch.equal(new, x):
-                logp = None  # the input changed: the next step needs a fresh call
+            stale = (new != x).any(dim=1)
             x = new
         return x
 

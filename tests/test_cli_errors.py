@@ -94,3 +94,10 @@ def test_every_command_has_help():
         r = run_cli(*cmd)
         assert r.returncode == 0 and "Usage:" in r.stdout, cmd
     assert "Example:" in run_cli("study", "create", "--help").stdout
+
+
+def test_bad_study_budget_and_pruner_budget(tiny_recipe):
+    one_line_error(run_cli("study", "run", "any", "--study-budget", "lots"), "--study-budget", "cannot read budget 'lots'")
+    r = run_cli("study", "create", "--space", "early_middle", "--recipe", str(tiny_recipe), "--pruner", "median",
+                "--budget", "1.5e9")
+    one_line_error(r, "pruner 'median'", "below the 1 GFLOP step", "raise --budget to at least 2e+09")

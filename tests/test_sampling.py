@@ -33,9 +33,9 @@ def record_inputs(monkeypatch) -> list[torch.Tensor]:
     """Every input the denoiser is called with, in order."""
     seen, original = [], Denoiser.__call__
 
-    def spy(self, x, step, steps):
+    def spy(self, x, step, steps, rows=None):
         seen.append(x.clone())
-        return original(self, x, step, steps)
+        return original(self, x, step, steps, rows)
 
     monkeypatch.setattr(Denoiser, "__call__", spy)
     return seen
@@ -95,6 +95,18 @@ def test_cached_equals_ancestral_with_fewer_calls(model, loops):
     assert cac.cost.flops < anc.cost.flops
 
 
+def test_cached_runs_only_the_sequences_that_changed(model):
+    """With many sequences some token changes at almost every step; the cache is per sequence,
+    so the saving survives a large batch."""
+    init = make_init(32, T, model.backbone.mask_id)
+    anc = generate(model, init, sampler="ancestral", steps=64, seed=5)
+    cac = generate(model, init, sampler="cached", steps=64, seed=5)
+    assert torch.equal(anc.tokens, cac.tokens)
+    assert anc.cost.sequence_calls == 32 * anc.cost.network_calls
+    assert cac.cost.sequence_calls < 0.5 * anc.cost.sequence_calls  # 16 tokens over 64 steps: most rows idle
+    assert cac.cost.flops == pytest.approx(anc.cost.flops * cac.cost.sequence_calls / anc.cost.sequence_calls)
+
+
 def test_cached_calls_again_when_the_loop_count_changes(model):
     """With a step schedule, every step whose loop count differs from the cached call's is a fresh call."""
     init = make_init(2, T, model.backbone.mask_id)
@@ -131,7 +143,7 @@ def test_samples_follow_the_model_distribution(name, params):
     res = generate(m, make_init(64, 32, m.backbone.mask_id), sampler=name, params=params, steps=8, seed=0)
     freq = torch.bincount(res.tokens.flatten(), minlength=4).double() / res.tokens.numel()
     assert torch.allclose(freq, probs, atol=0.02), freq  # 2048 draws: 3 sigma is about 0.033 at p=0.5
-    assert res.cost.flops == 10.0 * 32 * 64 * res.cost.network_calls
+    assert res.cost.flops == 10.0 * 32 * res.cost.sequence_calls  # 10 FLOPs per token, 32 tokens per sequence
 
 
 def test_low_confidence_remasking_favours_the_mode():

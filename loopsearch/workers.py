@@ -1,0 +1,487 @@
+"""Many workers, one study: Optuna's shared storage schedules, loopsearch fills Optuna's gaps.
+
+Any number of processes, on any number of hosts, run ``loopsearch study run NAME`` on the same
+storage (PostgreSQL, or a journal file on one host); each asks Optuna for the next trial. What
+Optuna leaves to the caller is done here:
+
+* **Study-wide limits.** ``n_trials`` and ``timeout`` in ``Study.optimize`` are per process.
+  Here a worker counts finished (complete + pruned) trials in the storage before every trial,
+  and stops when the study has its target; with ``--study-budget`` it also stops when the
+  training FLOPs spent by all trials, plus the full per-trial budget of every running trial and
+  of the next one, would exceed it. While other workers' running trials could still reach the
+  target, a worker waits (and watches for dead ones) instead of starting a surplus trial.
+  Two workers that pass the check at the same moment are settled inside the objective: a trial
+  whose lower-numbered trials already reach a limit is not run (it is marked failed and
+  ``loopsearch.surplus``; the leaderboard leaves it out).
+* **Dead workers.** RDB storages use Optuna's heartbeat (``heartbeat_interval``,
+  ``grace_period``); journal stores, which have none, get a lease: a thread refreshes the
+  trial's ``loopsearch.lease`` system attribute every interval. Every worker, before each trial
+  and while it waits, fails running trials silent for longer than the grace period and enqueues
+  a retry with Optuna's ``RetryHeartbeatStaleTrialCallback`` (same parameters and user attributes,
+  intermediate values kept), at most 3 times per trial. The retry inherits the dead trial's
+  training-state directory and resumes from its newest checkpoint (loopsearch/resume.py).
+* **SQLite.** It is not safe for several processes, so ``--workers N`` on a SQLite file runs the
+  workers on a journal file beside it (``loopsearch.db`` -> ``loopsearch.journal``, Optuna's
+  ``JournalFileBackend``, file-locked) and copies the study back into the SQLite file when they stop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+
+from .errors import LoopsearchError
+from .leaderboard import SURPLUS_ATTR
+from .storage import journal_path, mask, open_storage, sqlite_path, storage_url
+from .study import FINISHED, Objective, ensure_baseline, load, make_pruner, make_sampler
+
+LEASE_ATTR = "loopsearch.lease"
+MAX_RETRY = 3  # retries of a trial whose worker died
+MAX_FAILURES = 3  # a worker stops after this many failed trials in a row
+DEFAULT_HEARTBEAT = 30  # seconds between heartbeats / lease renewals
+POLL_S = 1.0  # how often a waiting worker looks at the storage again
+
+log = logging.getLogger("loopsearch")
+
+
+class StudyLimitReached(LoopsearchError):
+    """Raised inside the objective for a trial the study no longer needs (another worker won)."""
+
+
+def _quiet_surplus(record) -> bool:
+    """Optuna logs every trial that raises; a surplus trial is expected, not an error."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return not isinstance(exc, StudyLimitReached) and "StudyLimitReached" not in record.getMessage()
+
+
+for _handler in optuna.logging.get_logger("optuna").handlers:
+    _handler.addFilter(_quiet_surplus)
+
+
+@dataclass
+class Limits:
+    """Study-wide limits: ``target`` finished trials; ``study_budget`` training FLOPs of all
+    trials together (None: no limit); ``trial_budget`` the FLOPs one trial may spend."""
+
+    target: int
+    study_budget: float | None
+    trial_budget: float
+
+
+def flops_spent(trials: list[FrozenTrial]) -> float:
+    """Training FLOPs the study's trials spent: each trial's ``train_flops`` (complete, pruned,
+    failed; a resumed trial counts the part its dead predecessor saved) plus the FLOPs a dead
+    worker ran after its last checkpoint (``flops_lost``, recorded on the retry)."""
+    return sum(float(t.user_attrs.get("train_flops", 0.0)) + float(t.user_attrs.get("flops_lost", 0.0))
+               for t in trials if not t.user_attrs.get(SURPLUS_ATTR))
+
+
+def retry_callback() -> RetryHeartbeatStaleTrialCallback:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY, inherit_intermediate_values=True)
+
+
+# ---- dead workers ---------------------------------------------------------------------------------
+def fail_stale(study: optuna.Study, grace: float) -> list[int]:
+    """Fail running trials whose worker stopped (heartbeat or lease older than ``grace`` s) and
+    enqueue their retries. Returns the numbers of the trials this call failed."""
+    store = study._storage
+    now, retry = time.time(), retry_callback()
+    if optuna.storages._heartbeat.is_heartbeat_enabled(store):
+        running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # calls the storage's retry callback
+        stale = _without_heartbeat(store, [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                                           if t.datetime_start and now - t.datetime_start.timestamp() > grace])
+        failed = [t.number for t in stale if _fail_and_retry(study, t, retry)]
+        still = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        return sorted((running - still) | set(failed))
+    failed = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        started = t.datetime_start.timestamp() if t.datetime_start else 0.0
+        last = max(float(t.system_attrs.get(LEASE_ATTR, 0.0)), started)  # a retry inherits an old lease
+        if now - last > grace and _fail_and_retry(study, t, retry):
+            failed.append(t.number)
+    return failed
+
+
+def _fail_and_retry(study: optuna.Study, t: FrozenTrial, retry) -> bool:
+    """Fail a dead trial and enqueue its retry; False if another worker failed it first."""
+    store = study._storage
+    try:
+        if not store.set_trial_state_values(t._trial_id, TrialState.FAIL):
+            return False
+    except (UpdateFinishedTrialError, KeyError):
+        return False
+    retry(study, store.get_trial(t._trial_id))
+    return True
+
+
+def _without_heartbeat(store, trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """Running RDB trials that never sent a heartbeat (left by a worker killed before its first
+    one, or by a version without heartbeats): Optuna never calls them stale, so they would
+    hold a place in the study forever."""
+    if not trials:
+        return []
+    backend = getattr(store, "_backend", store)
+    try:
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        with _create_scoped_session(backend.scoped_session) as session:
+            beating = {row[0] for row in session.query(models.TrialHeartbeatModel.trial_id)
+                       .filter(models.TrialHeartbeatModel.trial_id.in_([t._trial_id for t in trials])).all()}
+    except Exception as exc:  # noqa: BLE001 - Optuna internals moved: skip this extra check
+        log.debug("cannot look up heartbeats: %s", exc)
+        return []
+    return [t for t in trials if t._trial_id not in beating]
+
+
+@contextlib.contextmanager
+def lease(trial: optuna.Trial, interval: float) -> Iterator[None]:
+    """Renew the trial's lease every ``interval`` s while it runs (journal stores)."""
+    store, trial_id, stop = trial.study._storage, trial._trial_id, threading.Event()
+
+    def renew() -> None:
+        while True:
+            try:
+                store.set_trial_system_attr(trial_id, LEASE_ATTR, time.time())
+            except Exception:  # noqa: BLE001 - the trial finished or the store went away: stop renewing
+                return
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=renew, name=f"lease-{trial.number}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+# ---- limits -------------------------------------------------------------------------------------------
+def decide(study: optuna.Study, limits: Limits, grace: float) -> tuple[str, str]:
+    """Before a trial: ("stop" | "wait" | "go", why)."""
+    fail_stale(study, grace)
+    trials = study.get_trials(deepcopy=False)
+    done = sum(t.state in FINISHED for t in trials)
+    running = sum(t.state == TrialState.RUNNING for t in trials)
+    if done >= limits.target:
+        return "stop", f"the study has {done} finished trials (target {limits.target})"
+    if limits.study_budget is not None:
+        spent = flops_spent(trials)
+        if spent + (running + 1) * limits.trial_budget > limits.study_budget:
+            if running:
+                return "wait", f"{running} running trials may use the rest of the study budget"
+            return "stop", (f"the study budget {limits.study_budget:.3g} FLOPs cannot pay for another trial "
+                            f"({spent:.3g} spent, {limits.trial_budget:.3g} per trial)")
+    if done + running >= limits.target:
+        return "wait", f"{running} running trials may complete the study"
+    return "go", ""
+
+
+def claim(study: optuna.Study, trial: optuna.Trial, limits: Limits) -> None:
+    """Inside the objective: raise StudyLimitReached if the trials numbered below this one
+    (finished, running or waiting) already reach a limit. Lower numbers win, so of two workers
+    that passed ``decide`` together exactly the later trial yields."""
+    trials = study.get_trials(deepcopy=False)
+    ahead = [t for t in trials if t.number < trial.number
+             and (t.state in FINISHED or t.state in (TrialState.RUNNING, TrialState.WAITING))
+             and not t.user_attrs.get(SURPLUS_ATTR)]
+    reason = None
+    if len(ahead) >= limits.target:
+        reason = f"{len(ahead)} trials ahead of it reach the study's target of {limits.target}"
+    elif limits.study_budget is not None:
+        pending = sum(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in ahead)
+        if flops_spent(trials) + (pending + 1) * limits.trial_budget > limits.study_budget:
+            reason = f"trials ahead of it may use the rest of the study budget {limits.study_budget:.3g} FLOPs"
+    if reason:
+        trial.set_user_attr(SURPLUS_ATTR, True)
+        trial.set_user_attr("failed", f"not run: {reason}")
+        raise StudyLimitReached(f"trial {trial.number} not run: {reason}")
+
+
+# ---- one worker -----------------------------------------------------------------------------------------
+def work(name: str, storage: str | None = None, *, n_trials: int | None = None, until: int | None = None,
+         timeout: float | None = None, progress: bool = True,
+         callback: Callable[[optuna.Study, FrozenTrial], None] | None = None, study_budget: float | None = None,
+         worker: int = 0, heartbeat: int = DEFAULT_HEARTBEAT, grace: int | None = None, device: str | None = None,
+         checkpoint_every: float | None = None, say: Callable[[str], None] | None = None) -> int:
+    """Run trials of a stored study in this process until a study-wide limit, ``timeout``
+    (seconds, this process) or MAX_FAILURES failed trials in a row. The target is ``until``
+    finished trials, else the finished ones now plus ``n_trials``, else the spec's ``n_trials``.
+    Returns how many trials this process ran."""
+    say = say or (lambda message: None)
+    grace = grace if grace is not None else 4 * heartbeat
+    rank, world = init_distributed()
+    if rank > 0:  # a data-parallel follower: rank 0 talks to Optuna
+        try:
+            return follow(load(name, storage)[1], device=device, checkpoint_every=checkpoint_every)
+        finally:
+            close_distributed()
+    url = storage_url(storage)
+    store = open_storage(url, heartbeat=(heartbeat, grace), on_stale=retry_callback())
+    study, spec = load(name, url, store=store)
+    before = study.get_trials(deepcopy=False)
+    shared = sqlite_path(url) is None and worker == 0  # other hosts may start at the same moment
+    study.sampler = make_sampler(spec, offset=len(before) + 7919 * worker + (os.getpid() if shared else 0))
+    study.pruner = make_pruner(spec)
+    if worker == 0:
+        ensure_baseline(study)
+    done = sum(t.state in FINISHED for t in before)
+    target = until if until is not None else (done + n_trials if n_trials is not None else spec.n_trials)
+    limits = Limits(target, study_budget, spec.budget)
+    objective = Objective(spec, progress, device=device, checkpoint_every=checkpoint_every,
+                          share=share if world > 1 else None)
+    journal = not optuna.storages._heartbeat.is_heartbeat_enabled(study._storage)
+
+    def guarded(trial: optuna.Trial):
+        claim(study, trial, limits)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        with lease(trial, heartbeat) if journal else contextlib.nullcontext():
+            return objective(trial)
+
+    last: list[FrozenTrial] = []
+    callbacks = [lambda st, t: last.append(t)] + ([callback] if callback else [])
+    deadline = time.monotonic() + timeout if timeout is not None else None
+    ran, failures, waiting = 0, 0, ""
+    while True:
+        if deadline is not None and time.monotonic() >= deadline:
+            say(f"stopping: --timeout {timeout:g} s reached")
+            break
+        decision, why = decide(study, limits, grace)
+        if decision == "stop":
+            say(f"stopping: {why}")
+            break
+        if decision == "wait":
+            if why != waiting:
+                say(f"waiting: {why}")
+                waiting = why
+            time.sleep(POLL_S)
+            continue
+        waiting = ""
+        try:
+            study.optimize(guarded, n_trials=1, callbacks=callbacks, catch=(RuntimeError,))
+        except StudyLimitReached:
+            continue
+        ran += 1
+        failures = failures + 1 if last and last[-1].state == TrialState.FAIL else 0
+        if failures >= MAX_FAILURES:
+            say(f"stopping: {failures} trials in a row failed in this worker (see `loopsearch leaderboard --study {name}`)")
+            break
+    if world > 1:
+        share(None)  # the followers stop
+        close_distributed()
+    return ran
+
+
+# ---- one trial, several processes (torchrun) ------------------------------------------------------------
+def init_distributed() -> tuple[int, int]:
+    """Join the torchrun group when this process was started by torchrun (WORLD_SIZE > 1):
+    NCCL on GPUs (one per rank, LOCAL_RANK), gloo on CPU. Returns (rank, world size)."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # rank 0 may wait long for other workers' trials (decide: "wait") between two messages
+        dist.init_process_group(backend, timeout=datetime.timedelta(hours=24))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def close_distributed() -> None:
+    """Leave the torchrun group together: a rank that exits while another still holds its gloo
+    connections can abort the other one."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def share(message: dict | None) -> dict | None:
+    """Broadcast a JSON message from rank 0 to every rank (no pickle); ranks > 0 pass None."""
+    import torch
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    data = json.dumps(message).encode() if dist.get_rank() == 0 else b""
+    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    dist.broadcast(size, src=0)
+    buf = (torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device) if dist.get_rank() == 0
+           else torch.empty(int(size.item()), dtype=torch.uint8, device=device))
+    dist.broadcast(buf, src=0)
+    return json.loads(bytes(buf.cpu().tolist()).decode())
+
+
+class _Pruned(Exception):
+    pass
+
+
+def follow(spec, device: str | None = None, checkpoint_every: float | None = None) -> int:
+    """Ranks > 0 of a torchrun group: train every trial rank 0 announces, on this rank's shard of
+    each global batch, stop when rank 0 prunes it, until rank 0 says the run is over. Returns the
+    number of trials trained."""
+    import torch
+
+    from . import checkpoint
+    from .resume import Checkpointer
+    from .spec import TrialConfig
+    from .train import train
+
+    objective, trained = Objective(spec, progress=False, device=device, checkpoint_every=checkpoint_every), 0
+    while (message := share(None)) is not None:
+        config = TrialConfig.model_validate(message["config"])
+        data = objective.data()
+        torch.manual_seed(config.seed)
+        model = checkpoint.build_model(config, data.vocab_size)
+        ckpt = Checkpointer(message["state"], config.train.checkpoint_every, writer=False)
+
+        def report(gflops: int, nll: float) -> None:
+            if spec.objective.metrics == ["val_nll"] and share(None)["prune"]:
+                raise _Pruned
+
+        try:
+            train(model, data, config.train, config.budget, config.seed, report=report, progress=False,
+                  checkpointer=ckpt)
+        except (_Pruned, FloatingPointError):  # every rank sees the same (rank-averaged) loss
+            pass
+        trained += 1
+    return trained
+
+
+# ---- local worker processes ---------------------------------------------------------------------------
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def worker_threads(workers: int) -> int:
+    """torch threads per worker: the cores shared out. More threads than cores per process made
+    tiny models 10-50x slower on a shared 2-core machine (measured)."""
+    return max(1, cores() // workers)
+
+
+def visible_gpus() -> list[str]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [d.strip() for d in listed.split(",") if d.strip()] if listed else [str(i) for i in range(torch.cuda.device_count())]
+    return ids
+
+
+def to_journal(name: str, sqlite_url: str, journal_url: str) -> None:
+    """Copy the study from SQLite into the journal file (replacing an older copy there)."""
+    src, dst = open_storage(sqlite_url), open_storage(journal_url)
+    in_src = name in [s.study_name for s in optuna.get_all_study_summaries(src, include_best_trial=False)]
+    in_dst = name in [s.study_name for s in optuna.get_all_study_summaries(dst, include_best_trial=False)]
+    if not in_src:
+        if in_dst:  # an earlier run stopped before copying back: the journal has the study
+            return
+        raise LoopsearchError(f"unknown study {name!r} in {mask(sqlite_url)}")
+    if in_dst:
+        optuna.delete_study(study_name=name, storage=dst)
+    optuna.copy_study(from_study_name=name, from_storage=src, to_storage=dst)
+
+
+def settle(name: str, url: str) -> None:
+    """After every local worker exited: trials still running in the journal are dead; fail them
+    and enqueue their retries, so the next run resumes them."""
+    study = optuna.load_study(study_name=name, storage=open_storage(url))
+    retry = retry_callback()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        try:
+            if study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
+                retry(study, study._storage.get_trial(t._trial_id))
+        except UpdateFinishedTrialError:
+            pass
+
+
+def from_journal(name: str, journal_url: str, sqlite_url: str) -> None:
+    """Copy the study back into SQLite; drop it from the journal (and the file once it is empty)."""
+    src, dst = open_storage(journal_url), open_storage(sqlite_url)
+    if name in [s.study_name for s in optuna.get_all_study_summaries(dst, include_best_trial=False)]:
+        optuna.delete_study(study_name=name, storage=dst)
+    optuna.copy_study(from_study_name=name, from_storage=src, to_storage=dst)
+    optuna.delete_study(study_name=name, storage=src)
+    if not optuna.get_all_study_summaries(src, include_best_trial=False):
+        path = journal_path(journal_url)
+        for p in (path, path.with_name(path.name + ".lock")):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+
+def spawn(name: str, storage: str | None, workers: int, *, n_trials: int | None = None, timeout: float | None = None,
+          study_budget: float | None = None, heartbeat: int = DEFAULT_HEARTBEAT, grace: int | None = None,
+          device: str | None = None, checkpoint_every: float | None = None,
+          say: Callable[[str], None] | None = None) -> list[int]:
+    """Start ``workers`` local worker processes (this CLI, ``study run --worker-id I``) on one
+    storage and wait for them. Each gets cores // workers torch threads and, on a GPU machine,
+    one of the visible GPUs (round robin). The storage URL reaches them through the environment,
+    never the command line (where ``ps`` would show a password). Returns their exit codes."""
+    say = say or (lambda message: None)
+    url = storage_url(storage)
+    run_url, db = url, sqlite_path(url)
+    if db is not None:
+        run_url = f"journal:{db.with_suffix('.journal')}"
+        to_journal(name, url, run_url)
+        say(f"SQLite is not safe for {workers} processes: running them on the journal file "
+            f"{journal_path(run_url)} (copied back into {db} when they stop)")
+    study, spec = load(name, run_url)
+    ensure_baseline(study)
+    done = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
+    until = done + n_trials if n_trials is not None else spec.n_trials
+    threads, gpus = worker_threads(workers), visible_gpus() if device in (None, "auto", "cuda") else []
+    options = [("--timeout", timeout), ("--study-budget", study_budget), ("--grace", grace), ("--device", device),
+               ("--checkpoint-every", checkpoint_every)]
+    procs = []
+    try:
+        for i in range(1, workers + 1):
+            env = {**os.environ, "LOOPSEARCH_STORAGE": run_url, "OMP_NUM_THREADS": str(threads)}
+            if gpus:
+                env["CUDA_VISIBLE_DEVICES"] = gpus[(i - 1) % len(gpus)]
+            cmd = [sys.executable, "-m", "loopsearch", "study", "run", name, "--no-progress", "--worker-id", str(i),
+                   "--threads", str(threads), "--until", str(until), "--heartbeat", str(heartbeat)]
+            cmd += [str(x) for key, value in options if value is not None for x in (key, value)]
+            procs.append(subprocess.Popen(cmd, env=env))
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:
+        for p in procs:  # a terminal's Ctrl-C reached them already; a signal to this process did not
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGINT)
+        for p in procs:
+            p.wait()
+        raise
+    finally:
+        if db is not None:
+            settle(name, run_url)
+            from_journal(name, run_url, url)
+    return codes
