@@ -39,6 +39,18 @@ def isolated(tmp_path, monkeypatch, cache_dir):
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one torch thread, and two threads per process stall badly on a
+    shared 2-core machine (measured 10-50x slower). Use with pytest.mark.usefixtures."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def tiny_recipe(tmp_path) -> Path:
     path = tmp_path / "tiny.toml"
     path.write_text(TINY_RECIPE)

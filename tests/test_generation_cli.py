@@ -16,13 +16,7 @@ TINY_REF = ["--param", "n_layer=1", "--param", "d_model=32", "--param", "n_heads
             "--param", "steps=15", "--param", "batch_size=8"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and two threads stall on a shared, busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_sample_prints_samples_and_their_cost(trained):

@@ -18,13 +18,7 @@ GSM8K_TEST = SHARED_DATA / "gsm8k" / "test.jsonl"
 SMALL = AdditionParams(digits=2, n_train=400, n_valid=40, n_test=40, seed=3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; two threads on a shared, busy machine stall."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def operands(p: Problem) -> list[str]:

@@ -4,7 +4,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from conftest import SHARED_DATA
 from helpers import tiny_model
@@ -15,13 +14,9 @@ from loopsearch.zeroshot import read_eval_text, token_byte_lengths, tokenize, ze
 SEQ = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; two threads on a shared, busy machine stall."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 TEXT = ("The quick brown fox jumps over the lazy dog. Naïve café — déjà vu ✓.\n" * 3
         + "It was the best of times, it was the worst of times.\n" * 40)
 
