@@ -38,6 +38,22 @@ def isolated(tmp_path, monkeypatch, cache_dir):
     set_registry(None)
 
 
+PG_URL = "postgresql://postgres@127.0.0.1:5432/test"  # the real server (trust auth), never a mock
+
+
+@pytest.fixture(scope="module")
+def pg():
+    """The PostgreSQL URL, or a clean skip when the server (or its driver) is not there."""
+    sqlalchemy = pytest.importorskip("sqlalchemy")
+    pytest.importorskip("psycopg")
+    try:
+        with sqlalchemy.create_engine(PG_URL).connect():
+            pass
+    except Exception as exc:
+        pytest.skip(f"PostgreSQL not reachable at {PG_URL}: {exc}")
+    return PG_URL
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models run fastest on one torch thread, and two threads per process stall badly on a

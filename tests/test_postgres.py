@@ -12,19 +12,7 @@ import pytest
 from loopsearch import leaderboard
 from loopsearch import study as studies
 
-PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
-
-@pytest.fixture(scope="module")
-def pg():
-    sqlalchemy = pytest.importorskip("sqlalchemy")
-    pytest.importorskip("psycopg")
-    try:
-        with sqlalchemy.create_engine(PG_URL).connect():
-            pass
-    except Exception as exc:
-        pytest.skip(f"PostgreSQL not reachable at {PG_URL}: {exc}")
-    return PG_URL
 
 
 def test_study_on_postgresql(pg, tiny_recipe):

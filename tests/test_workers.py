@@ -33,21 +33,9 @@ from loopsearch.storage import mask
 from loopsearch.testing import TINY_RECIPE
 
 torch.set_num_threads(1)
-PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 PG_SECRET_URL = "postgresql://postgres:hunter2@127.0.0.1:5432/test"  # trust auth: any password is accepted
 ENV1 = {"OMP_NUM_THREADS": "1"}
 
-
-@pytest.fixture(scope="module")
-def pg():
-    sqlalchemy = pytest.importorskip("sqlalchemy")
-    pytest.importorskip("psycopg")
-    try:
-        with sqlalchemy.create_engine(PG_URL).connect():
-            pass
-    except Exception as exc:
-        pytest.skip(f"PostgreSQL not reachable at {PG_URL}: {exc}")
-    return PG_URL
 
 
 def recipe(tmp_path: Path, extra: str = "", **top) -> Path:
