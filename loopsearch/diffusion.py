@@ -16,6 +16,8 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn.functional as F
 
+from . import interrupt
+
 T_EPS = 1e-3  # smallest mask rate sampled in training (avoids the 1/t blow-up at t -> 0)
 
 # model(x_t, n_loops, t) -> an object with .logits (B, T, V) (loopsearch.looping.ModelOutput)
@@ -103,6 +105,7 @@ def validation_nll(model: Model, batches: Iterable[torch.Tensor], mask_id: int, 
     generator = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
     for x0 in batches:
+        interrupt.check()
         for t in t_grid(n_t):
             tt = t.expand(x0.shape[0])
             xt, masked = mask_tokens(x0, tt, mask_id, generator)

@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from . import interrupt
 from .data import PreparedData, random_batch, validation_batches
 from .diffusion import diffusion_loss, validation_nll
 from .errors import BudgetError, LoopsearchError
@@ -190,6 +191,7 @@ def train(model: LoopedMDM, data: PreparedData, cfg: TrainConfig, budget: float,
     start_spent, start_steps = spent, steps
     with _progress(progress and rank == 0, description, budget) as bar:
         while True:
+            interrupt.check()  # a Ctrl-C during a study stops here, not inside a storage call
             n_loops = model.strategy.train_loops(gen)
             extra_bound = model.strategy.extra_flops_bound(n_loops, cfg.seq_len)
             step_flops = model.train_step_flops(cfg.seq_len, cfg.batch_size, n_loops, extra_bound)

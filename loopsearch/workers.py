@@ -47,6 +47,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
+from . import interrupt
 from .errors import LoopsearchError
 from .leaderboard import SURPLUS_ATTR
 from .storage import journal_path, mask, open_storage, sqlite_path, storage_url
@@ -264,8 +265,18 @@ def work(name: str, storage: str | None = None, *, n_trials: int | None = None, 
     last: list[FrozenTrial] = []
     callbacks = [lambda st, t: last.append(t)] + ([callback] if callback else [])
     deadline = time.monotonic() + timeout if timeout is not None else None
+    with interrupt.deferred():
+        ran = _loop(study, guarded, callbacks, last, limits, grace, deadline, timeout, name, say)
+    if world > 1:
+        share(None)  # the followers stop
+        close_distributed()
+    return ran
+
+
+def _loop(study, guarded, callbacks, last, limits, grace, deadline, timeout, name, say) -> int:
     ran, failures, waiting = 0, 0, ""
     while True:
+        interrupt.check()
         if deadline is not None and time.monotonic() >= deadline:
             say(f"stopping: --timeout {timeout:g} s reached")
             break
@@ -289,9 +300,6 @@ def work(name: str, storage: str | None = None, *, n_trials: int | None = None, 
         if failures >= MAX_FAILURES:
             say(f"stopping: {failures} trials in a row failed in this worker (see `loopsearch leaderboard --study {name}`)")
             break
-    if world > 1:
-        share(None)  # the followers stop
-        close_distributed()
     return ran
 
 

@@ -1,0 +1,49 @@
+"""Ctrl-C at a safe point.
+
+A SIGINT delivered in the middle of a storage call (a half-read cursor, a half-written heartbeat)
+leaves SQLAlchemy printing tracebacks and can leave a trial in an odd state. While a study runs,
+the first Ctrl-C only raises a flag; the trainer and the evaluator call :func:`check` between
+steps and raise ``KeyboardInterrupt`` there, so Optuna marks the running trial failed through a
+clean storage call. A second Ctrl-C interrupts at once.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+_pending = False
+
+
+def check() -> None:
+    """Raise ``KeyboardInterrupt`` if a Ctrl-C arrived since the last check."""
+    global _pending
+    if _pending:
+        _pending = False
+        raise KeyboardInterrupt
+
+
+def _handler(signum, frame) -> None:
+    global _pending
+    if _pending:  # the second Ctrl-C: the user does not want to wait for the next step
+        _pending = False
+        raise KeyboardInterrupt
+    _pending = True
+
+
+@contextmanager
+def deferred() -> Iterator[None]:
+    """Within this block SIGINT is deferred to the next :func:`check` (main thread only)."""
+    global _pending
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, _handler)
+    try:
+        yield
+        check()  # a Ctrl-C after the last safe point still ends the run as interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        _pending = False

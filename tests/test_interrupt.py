@@ -1,0 +1,29 @@
+import os
+import signal
+
+import pytest
+
+from loopsearch import interrupt
+
+
+def test_first_ctrl_c_waits_for_a_safe_point_and_the_second_does_not():
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupt.deferred():
+            os.kill(os.getpid(), signal.SIGINT)  # e.g. while a storage call runs
+            reached.append("after the signal")  # ... the call finishes
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)  # impatient: a second Ctrl-C interrupts at once
+            os.kill(os.getpid(), signal.SIGINT)
+            reached.append("still running")
+            interrupt.check()  # the next training step stops here
+            reached.append("never")
+    assert reached == ["after the signal", "still running"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_a_ctrl_c_after_the_last_check_still_ends_the_block_as_interrupted():
+    with pytest.raises(KeyboardInterrupt):
+        with interrupt.deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+    interrupt.check()  # nothing pending afterwards
