@@ -44,6 +44,22 @@ def cache_dir() -> Path:
     return path
 
 
+def shared_data_dir(explicit: str | Path | None = None) -> Path | None:
+    """Where the shared evaluation corpora live (PTB, WikiText-2, LAMBADA, ...): ``explicit``,
+    else ``$LOOPSEARCH_DATA``, else the first ``shared/data`` found beside the current directory
+    or one of its parents (the layout of the loopsearch workspace). None when there is none."""
+    if explicit is not None:
+        return Path(explicit)
+    if os.environ.get("LOOPSEARCH_DATA"):
+        return Path(os.environ["LOOPSEARCH_DATA"])
+    here = Path.cwd().resolve()
+    for parent in (here, *here.parents):
+        for candidate in (parent / "shared" / "data", parent / "data"):
+            if (candidate / "ptb").is_dir() or (candidate / "wikitext-2").is_dir():
+                return candidate
+    return None
+
+
 def _digest(*parts: str | bytes) -> str:
     h = hashlib.sha256()
     for p in parts:

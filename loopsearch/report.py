@@ -37,7 +37,8 @@ from .space import BASELINE_ATTR
 from .units import format_flops
 
 FORMATS = ("html", "md")
-PLOTS = ("learning_curves.png", "placement.png", "loop_scaling.png", "pareto_front.png", "importances.png")
+PLOTS = ("learning_curves.png", "placement.png", "loop_scaling.png", "pareto_front.png", "importances.png",
+         "iso_flop.png")
 NLL_LABEL = "val NLL (nats/token)"
 OBJECTIVE_LABELS = {  # axis labels, with units, of the study objectives
     "val_nll": NLL_LABEL,
@@ -109,7 +110,11 @@ def load(name: str, storage: str | None = None) -> Data:
 
 
 def label(a: dict) -> str:
-    """A trial's placement from its user attributes: 'baseline' or 'fixed [1,3)x4'."""
+    """A trial's placement from its user attributes: 'baseline' or 'fixed [1,3)x4'; in a study
+    of arms, the arm's name (with its budget scale and seed when not x1 and 0)."""
+    if a.get("arm"):
+        scale, seed = float(a.get("budget_scale", 1.0)), int(a.get("seed_offset", 0))
+        return a["arm"] + (f" x{scale:g} budget" if scale != 1.0 else "") + (f" seed+{seed}" if seed else "")
     if a.get(BASELINE_ATTR) or a.get("strategy") in (None, "none"):
         return "baseline (no loop)" if a.get(BASELINE_ATTR) else str(a.get("strategy") or "?")
     return f"{a['strategy']} [{a.get('loop_start')},{a.get('loop_end')})x{a.get('n_loops')}"
@@ -160,7 +165,9 @@ def summary(d: Data) -> Section:
     base = d.baseline_nll
     rows = [
         ["search space", f"{spec.space.name}: {spec.space.description}".rstrip(": ")],
-        ["training budget", f"{format_flops(spec.budget)} per trial ({spec.budget:.3g} FLOPs)"],
+        ["training budget", f"{format_flops(spec.budget)} per trial ({spec.budget:.3g} FLOPs)"
+         + ("" if spec.space.budget_scales == [1.0] else
+            f", times {', '.join(f'{x:g}' for x in spec.space.budget_scales)} (a budget sweep)")],
         ["corpus", plugin_label(spec.corpus.name, spec.corpus.params)],
         ["backbone", plugin_label(spec.backbone.name, spec.backbone.params)],
         ["vocab size", str(spec.vocab_size)],
@@ -212,7 +219,9 @@ def learning_curves(d: Data, out: Path) -> Section:
     sec.image = _save(fig, out, "learning_curves.png")
     sec.caption = (f"Every trial's validation NLL (nats/token, fixed-mask ELBO) at its FLOP checkpoints; the black "
                    f"line is the no-loop baseline, the dotted line its final value; dashed lines are trials that did "
-                   f"not complete. All trials share the budget of {format_flops(d.spec.budget)}.")
+                   f"not complete. "
+                   + (f"All trials share the budget of {format_flops(d.spec.budget)}." if d.spec.space.budget_scales == [1.0]
+                      else f"Budgets: {format_flops(d.spec.budget)} times {d.spec.space.budget_scales}."))
     return sec
 
 
@@ -514,6 +523,18 @@ def render_md(title: str, sections: list[Section]) -> str:
     return "\n".join(parts)
 
 
+def arm_sections(d: Data, out: Path) -> list[Section]:
+    """A study of fixed arms: the paper's claims (arms with roles, loopsearch/repro.py) and the
+    budget sweep (several budget scales, loopsearch/sweep.py)."""
+    from . import repro, sweep
+
+    space = d.spec.space
+    found = repro.sections(d, out) if repro.has_roles(d.spec) else []
+    if space.arms and len(space.budget_scales) > 1:
+        found.append(sweep.section(d, out))
+    return found
+
+
 def write(name: str, output: str | Path | None = None, fmt: str = "html", storage: str | None = None) -> Report:
     """Write the report of study ``name`` to ``output`` (default ``report-NAME/``): ``report.html``
     or ``report.md`` and the PNG plots it references."""
@@ -526,8 +547,9 @@ def write(name: str, output: str | Path | None = None, fmt: str = "html", storag
     out.mkdir(parents=True, exist_ok=True)
     for stale in PLOTS:  # a plot whose data is gone must not linger beside the new page
         (out / stale).unlink(missing_ok=True)
-    sections = [summary(d), learning_curves(d, out), placement(d, out), loop_scaling(d, out), pareto(d, out),
-                importances(d, out), leaderboard(d)]
+    sections = [summary(d)] + arm_sections(d, out) + [
+        learning_curves(d, out), placement(d, out), loop_scaling(d, out), pareto(d, out), importances(d, out),
+        leaderboard(d)]
     title = f"loopsearch report: {name}"
     page = out / ("report.html" if fmt == "html" else "report.md")
     page.write_text(render_html(title, sections) if fmt == "html" else render_md(title, sections))

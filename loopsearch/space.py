@@ -27,6 +27,9 @@ class Choice:
     loop_end: int = 0
     backbone: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
+    arm: str | None = None  # the arm's name, in a space of fixed arms
+    budget_scale: float = 1.0  # this trial's budget is the study's budget times this
+    seed_offset: int = 0  # added to the study's seed (data order, initialisation)
 
 
 BASELINE = Choice(strategy="none")
@@ -77,6 +80,8 @@ def check_space(space: SearchSpace, backbone_name: str, backbone_params: dict, s
                 registry: Registry | None = None) -> None:
     """Reject a space that cannot produce a valid trial for this backbone, before any training."""
     reg = registry or get_registry()
+    if space.arms:
+        return _check_arms(space, backbone_name, backbone_params, source, reg)
     for name in space.strategies:
         strategy = reg.get("loop_strategy", name)
         _check_params(strategy.Params, space.strategy.get(name, {}), f"{source}: [strategy.{name}]")
@@ -101,6 +106,23 @@ def check_space(space: SearchSpace, backbone_name: str, backbone_params: dict, s
                 f"{n_layer}-layer model; lower block.length or widen the region")
 
 
+def _check_arms(space: SearchSpace, backbone_name: str, backbone_params: dict, source: str, reg: Registry) -> None:
+    from .spec import TrainConfig
+
+    backbone = reg.get("backbone", backbone_name)
+    for name, arm in space.arms.items():
+        where = f"{source}: [arms.{name}]"
+        strategy = reg.get("loop_strategy", arm.strategy)
+        validate(strategy.Params, arm.params, f"{where} params")
+        merged = validate(backbone.Params, {**backbone_params, **arm.backbone}, f"{where} backbone")
+        validate(TrainConfig, arm.train, f"{where} train")
+        if arm.block is not None:
+            try:
+                check_block(arm.block[0], arm.block[1], int(merged.n_layer))
+            except SpecError as exc:
+                raise SpecError(f"{where}: {exc}") from None
+
+
 # ---- suggestion -------------------------------------------------------------------------------
 def suggest_value(trial, name: str, dist: Dist) -> Any:
     if isinstance(dist, IntRange):
@@ -112,8 +134,22 @@ def suggest_value(trial, name: str, dist: Dist) -> Any:
     return dist  # a fixed value
 
 
+def suggest_arm(trial, space: SearchSpace) -> Choice:
+    name = trial.suggest_categorical("arm", list(space.arms))
+    scale = trial.suggest_categorical("budget_scale", space.budget_scales) if len(space.budget_scales) > 1 \
+        else space.budget_scales[0]
+    seed = trial.suggest_int("seed_offset", 0, space.seeds - 1) if space.seeds > 1 else 0
+    arm = space.arms[name]
+    start, end = arm.block or (0, 0)
+    return Choice(arm.strategy, dict(arm.params), start, end, backbone=dict(arm.backbone), train=dict(arm.train),
+                  arm=name, budget_scale=float(scale), seed_offset=int(seed))
+
+
 def suggest(trial, space: SearchSpace, backbone_params: dict) -> Choice:
-    """Draw one configuration from the space (define-by-run: the block range depends on depth)."""
+    """Draw one configuration from the space (define-by-run: the block range depends on depth).
+    In a space of arms the trial's arm, budget scale and seed were enqueued (``grid``)."""
+    if space.arms:
+        return suggest_arm(trial, space)
     backbone = {k: suggest_value(trial, f"backbone.{k}", d) for k, d in space.backbone.items()}
     train = {k: suggest_value(trial, f"train.{k}", d) for k, d in space.train.items()}
     strategy = suggest_value(trial, "strategy", space.strategies)

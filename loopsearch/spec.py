@@ -79,17 +79,64 @@ class BlockSpace(Strict):
         return int(lo * n_layer), max(int(lo * n_layer) + 1, round(hi * n_layer))
 
 
+class Arm(Strict):
+    """One fixed configuration in a study of named arms (a paper's table, a budget sweep)."""
+
+    description: str = ""
+    role: Literal["baseline", "early_looped", "late_looped", "deeper"] | None = Field(
+        None, description="what the arm stands for in the paper's experiment (loopsearch/repro.py reads it)")
+    strategy: str = Field("none", description="loop strategy (none: a plain model)")
+    params: dict[str, Scalar] = Field(default_factory=dict, description="the strategy's parameters")
+    block: tuple[int, int] | None = Field(None, description="the looped layers [loop_start, loop_end)")
+    backbone: dict[str, Scalar] = Field(default_factory=dict, description="backbone overrides (e.g. n_layer)")
+    train: dict[str, Scalar] = Field(default_factory=dict, description="training overrides (e.g. lr)")
+
+    @model_validator(mode="after")
+    def _block(self):
+        if self.strategy != "none" and self.block is None:
+            raise ValueError(f"strategy {self.strategy!r} loops a block: give block = [loop_start, loop_end]")
+        if self.strategy == "none" and self.block is not None:
+            raise ValueError("strategy 'none' loops nothing: drop block or name a loop strategy")
+        if self.block is not None and not (0 <= self.block[0] < self.block[1]):
+            raise ValueError(f"block {list(self.block)} must satisfy 0 <= loop_start < loop_end")
+        return self
+
+    @property
+    def is_baseline(self) -> bool:
+        """The study's own no-loop model: no strategy, no backbone or training changes."""
+        return self.strategy == "none" and not self.backbone and not self.train
+
+
 class SearchSpace(Strict):
+    """What a study searches: distributions over strategies, blocks and parameters, or a fixed
+    list of named ``arms`` run as a grid over arms x budget_scales x seeds."""
+
     name: str
     description: str = ""
-    strategies: list[str] = Field(min_length=1)
+    strategies: list[str] = Field(default_factory=list)
     block: BlockSpace | None = None
     strategy: dict[str, dict[str, Dist]] = Field(default_factory=dict, description="per-strategy parameter distributions")
     backbone: dict[str, Dist] = Field(default_factory=dict, description="backbone parameters searched")
     train: dict[str, Dist] = Field(default_factory=dict, description="training parameters searched (e.g. lr)")
+    arms: dict[str, Arm] = Field(default_factory=dict, description="named fixed configurations, instead of a search")
+    budget_scales: list[float] = Field(default_factory=lambda: [1.0],
+                                       description="with arms: each arm at each multiple of the study budget")
+    seeds: int = Field(1, ge=1, description="with arms: training seeds per arm and budget (paired across arms)")
 
     @model_validator(mode="after")
     def _block_needed(self):
+        if self.arms:
+            searched = [k for k in ("strategies", "block", "strategy", "backbone", "train") if getattr(self, k)]
+            if searched:
+                raise ValueError(f"a space with [arms] fixes every trial; drop {', '.join(searched)} "
+                                 f"(or put them inside the arms)")
+            if not self.budget_scales or any(x <= 0 for x in self.budget_scales):
+                raise ValueError(f"budget_scales {self.budget_scales} must be positive multiples of the budget")
+            return self
+        if not self.strategies:
+            raise ValueError("give strategies = [...] to search over, or a table of [arms.NAME]")
+        if self.budget_scales != [1.0] or self.seeds != 1:
+            raise ValueError("budget_scales and seeds apply to [arms] spaces; a search draws one budget and seed")
         loops = [s for s in self.strategies if s != "none"]
         if loops and self.block is None:
             raise ValueError(f"strategies {loops} loop a block: add a [block] table (region or layers, and length)")
@@ -97,6 +144,14 @@ class SearchSpace(Strict):
         if unknown:
             raise ValueError(f"[strategy.{sorted(unknown)[0]}] is not in strategies = {self.strategies}")
         return self
+
+    def grid(self) -> list[dict[str, Any]]:
+        """Every (arm, budget_scale, seed_offset) trial of an arms space, arms outermost."""
+        return [{"arm": a, "budget_scale": x, "seed_offset": s}
+                for x in self.budget_scales for s in range(self.seeds) for a in self.arms]
+
+    def used_strategies(self) -> list[str]:
+        return sorted({a.strategy for a in self.arms.values()}) if self.arms else self.strategies
 
 
 # ---- studies -----------------------------------------------------------------------------------
@@ -122,6 +177,8 @@ class TrainConfig(Strict):
     eval_sequences: int = Field(64, ge=1, description="validation sequences (fixed, from the valid split)")
     eval_t_points: int = Field(8, ge=1, description="mask rates t of the validation ELBO grid")
     antithetic: bool = Field(True, description="low-discrepancy sampling of t")
+    train_tokens: int | None = Field(None, ge=16, description="train on only the first this many tokens of the training "
+                                                              "split (the data-limited regime: many passes); None: all")
     checkpoint_every: float | None = Field(
         None, gt=0, description="save the training state (weights, optimizer, RNG, data position, FLOPs spent) every "
                                 "this many training FLOPs, so a retried trial resumes instead of starting over")

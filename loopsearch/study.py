@@ -23,7 +23,7 @@ from .data import prepare
 from .errors import BudgetError, LoopsearchError, SpecError, StudyNotFoundError
 from .registry import get_registry
 from .space import BASELINE, BASELINE_ATTR, Choice, check_space, load_space, suggest
-from .spec import MULTI_OBJECTIVE_SAMPLERS, StudyRecipe, StudySpec, TrialConfig, TrainConfig, validate
+from .spec import MULTI_OBJECTIVE_SAMPLERS, SearchSpace, StudyRecipe, StudySpec, TrialConfig, TrainConfig, validate
 from .storage import mask, open_storage, storage_url
 from .resume import Checkpointer
 from .train import TrainResult, plan_steps, train
@@ -45,11 +45,12 @@ for _handler in optuna.logging.get_logger("optuna").handlers:  # filters on hand
 
 
 # ---- specs -------------------------------------------------------------------------------------
-def make_spec(recipe: StudyRecipe, name: str, space: str | None = None) -> StudySpec:
-    """Resolve a recipe into a full, checked StudySpec (space file contents, versions)."""
+def make_spec(recipe: StudyRecipe, name: str, space: str | SearchSpace | None = None) -> StudySpec:
+    """Resolve a recipe into a full, checked StudySpec (space file contents, versions); ``space``
+    (a name, a path or a SearchSpace) replaces the recipe's."""
     reg = get_registry()
-    space_src = space or recipe.space
-    resolved = load_space(space_src, reg)
+    space_src = space.name if isinstance(space, SearchSpace) else (space or recipe.space)
+    resolved = space if isinstance(space, SearchSpace) else load_space(space_src, reg)
     data = recipe.model_dump()
     data.update(name=name, space=resolved.model_dump(), versions={})
     spec = validate(StudySpec, data, f"study {name!r}")
@@ -61,6 +62,8 @@ def make_spec(recipe: StudyRecipe, name: str, space: str | None = None) -> Study
     spec.corpus.params = validate(corpus_cls.Params, spec.corpus.params,
                                   f"study {name!r}: corpus {spec.corpus.name!r} params").model_dump()
     check_space(spec.space, spec.backbone.name, spec.backbone.params, f"search space {space_src!r}", reg)
+    if spec.space.arms:  # a grid: the study is done when every arm ran at every budget and seed
+        spec.n_trials = len(spec.space.grid())
     check_budget(spec)
     check_objective(spec)
     check_pruner(spec)
@@ -117,7 +120,7 @@ def check_pruner(spec: StudySpec) -> None:
 def versions(spec: StudySpec) -> dict[str, str]:
     reg = get_registry()
     used = [reg.items("backbone")[spec.backbone.name], reg.items("corpus")[spec.corpus.name]]
-    used += [reg.items("loop_strategy")[s] for s in spec.space.strategies]
+    used += [reg.items("loop_strategy")[s] for s in spec.space.used_strategies()]
     out = {info.distribution: info.version for info in used}
     for dist in ("loopsearch", "torch", "optuna"):
         try:
@@ -134,7 +137,8 @@ def trial_config(spec: StudySpec, number: int, choice: Choice) -> TrialConfig:
         backbone={"name": spec.backbone.name, "params": {**spec.backbone.params, **choice.backbone}},
         strategy={"name": choice.strategy, "params": choice.strategy_params},
         loop_start=choice.loop_start, loop_end=choice.loop_end, corpus=spec.corpus,
-        vocab_size=spec.vocab_size, train=train_cfg, budget=spec.budget, seed=spec.seed,
+        vocab_size=spec.vocab_size, train=train_cfg, budget=spec.budget * choice.budget_scale,
+        seed=spec.seed + choice.seed_offset,
     )
 
 
@@ -234,11 +238,36 @@ def create(spec: StudySpec, storage: str | None = None) -> optuna.Study:
 
 
 def ensure_baseline(study: optuna.Study) -> None:
-    """Enqueue the no-loop baseline unless one is finished, waiting or running."""
+    """Enqueue the no-loop baseline unless one is finished, waiting or running (in a space of
+    arms: every grid point that is not)."""
+    space = StudySpec.model_validate(study.user_attrs[SPEC_ATTR]).space
+    if space.arms:
+        return ensure_grid(study, space)
     for t in study.get_trials(deepcopy=False):
         if t.user_attrs.get(BASELINE_ATTR) and t.state in (*FINISHED, TrialState.WAITING, TrialState.RUNNING):
             return
     study.enqueue_trial({}, user_attrs={BASELINE_ATTR: True})
+
+
+def ensure_grid(study: optuna.Study, space) -> None:
+    """Enqueue each (arm, budget_scale, seed_offset) of an arms space that has no finished,
+    waiting or running trial: a failed or interrupted one is queued again. The baseline arm at
+    budget scale 1 (else the first) and seed 0 is the study's baseline."""
+    live = (*FINISHED, TrialState.WAITING, TrialState.RUNNING)
+    key = lambda p: (p.get("arm"), float(p.get("budget_scale", space.budget_scales[0])),  # noqa: E731
+                     int(p.get("seed_offset", 0)))
+    have = {key({**t.system_attrs.get("fixed_params", {}), **t.params})
+            for t in study.get_trials(deepcopy=False) if t.state in live}
+    base_scale = 1.0 if 1.0 in space.budget_scales else space.budget_scales[0]
+    for point in space.grid():
+        if key(point) in have:
+            continue
+        params = {k: v for k, v in point.items()
+                  if k == "arm" or (k == "budget_scale" and len(space.budget_scales) > 1)
+                  or (k == "seed_offset" and space.seeds > 1)}
+        baseline = space.arms[point["arm"]].is_baseline and point["budget_scale"] == base_scale \
+            and point["seed_offset"] == 0
+        study.enqueue_trial(params, user_attrs={BASELINE_ATTR: True} if baseline else {})
 
 
 # ---- the objective ---------------------------------------------------------------------------------
@@ -268,7 +297,7 @@ class Objective:
         return self._data
 
     def choose(self, trial: optuna.Trial) -> Choice:
-        if trial.user_attrs.get(BASELINE_ATTR):
+        if trial.user_attrs.get(BASELINE_ATTR) and not self.spec.space.arms:
             return BASELINE
         return suggest(trial, self.spec.space, self.spec.backbone.params)
 
@@ -288,16 +317,19 @@ class Objective:
             trial.set_user_attr("rejected", reason)
             raise optuna.TrialPruned(reason) from None
         trial.set_user_attr("config", config.model_dump(mode="json"))
-        for key, value in describe_choice(model, config).items():
+        for key, value in describe_choice(model, config, choice).items():
             trial.set_user_attr(key, value)
         self.reject_if_unaffordable(trial, model, config)
         ckpt = self.checkpointer(trial, config)
         if self.share is not None:
             self.share({"trial": trial.number, "config": config.model_dump(mode="json"), "state": str(ckpt.dir)})
 
+        reported: set[int] = set()
+
         def report(gflops: int, nll: float) -> None:
-            if self.spec.objective.metrics != ["val_nll"]:
+            if self.spec.objective.metrics != ["val_nll"] or gflops in reported:
                 return  # pruners compare the objective's intermediate values: only val NLL has them
+            reported.add(gflops)  # tiny budgets: two checkpoints can round to the same whole GFLOP
             trial.report(nll, gflops)
             prune = trial.should_prune()
             if self.share is not None:
@@ -404,9 +436,11 @@ def label(config: TrialConfig) -> str:
     return f"{config.strategy.name} [{config.loop_start},{config.loop_end})x{n}"
 
 
-def describe_choice(model, config: TrialConfig) -> dict[str, Any]:
+def describe_choice(model, config: TrialConfig, choice: Choice) -> dict[str, Any]:
     seq = config.train.seq_len
     return {
+        **({"arm": choice.arm, "budget_scale": choice.budget_scale, "seed_offset": choice.seed_offset}
+           if choice.arm is not None else {}),
         "strategy": config.strategy.name,
         "loop_start": config.loop_start,
         "loop_end": config.loop_end,

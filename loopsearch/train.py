@@ -159,6 +159,7 @@ def train(model: LoopedMDM, data: PreparedData, cfg: TrainConfig, budget: float,
     gen = torch.Generator().manual_seed(seed)  # data order, masks, t and loop counts
     mask_id = model.backbone.mask_id
     val = [b.to(device) for b in validation_batches(data.valid, cfg.seq_len, cfg.eval_sequences, cfg.batch_size)]
+    train_ids = data.train if cfg.train_tokens is None else data.train[:cfg.train_tokens]  # (N,) token ids
     checkpoints = [budget * (i + 1) / cfg.eval_points for i in range(cfg.eval_points)]
     history: list[tuple[float, float]] = []
 
@@ -199,7 +200,7 @@ def train(model: LoopedMDM, data: PreparedData, cfg: TrainConfig, budget: float,
                 break
             for group in opt.param_groups:
                 group["lr"] = lr_at(spent / budget, cfg)
-            x0 = random_batch(data.train, cfg.batch_size, cfg.seq_len, gen).to(device)
+            x0 = random_batch(train_ids, cfg.batch_size, cfg.seq_len, gen).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss, out = diffusion_loss(step_forward, x0, mask_id, gen, n_loops, cfg.antithetic, shard=shard)
             opt.zero_grad(set_to_none=True)

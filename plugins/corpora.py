@@ -3,6 +3,7 @@
 - ``shakespeare``: Tiny Shakespeare (public domain, 1.1 MB), shipped inside the package so the
   quickstart works offline on a fresh machine; first 90% train, last 10% valid.
 - ``text``: local text files (train, and valid or a held-out fraction of train).
+- ``ptb``: the Penn Treebank (Mikolov's split), read from a local copy (not shipped: no open licence).
 - ``hub``: a Hugging Face hub dataset by name (needs network access).
 """
 
@@ -75,6 +76,31 @@ class TextFiles(Corpus):
         return read_text_files({"train": p.train, "valid": p.valid})
 
 
+class PTBParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    dir: str | None = Field(None, description="folder with ptb.train.txt and ptb.valid.txt (default: ptb/ under "
+                                              "$LOOPSEARCH_DATA or the nearest shared/data)")
+
+
+class PTB(Corpus):
+    """The Penn Treebank language-modelling split (Mikolov's; word-level, <unk> for rare words).
+    Not shipped with loopsearch (no open licence): read from a local copy."""
+
+    name = "ptb"
+    Params = PTBParams
+
+    def load_splits(self) -> dict[str, str]:
+        from loopsearch.data import shared_data_dir
+
+        root = Path(self.params.dir) if self.params.dir else (shared_data_dir() or Path("data")) / "ptb"
+        files = {"train": root / "ptb.train.txt", "valid": root / "ptb.valid.txt"}
+        missing = [str(f) for f in files.values() if not f.is_file()]
+        if missing:
+            raise LoopsearchError(f"PTB not found: {', '.join(missing)}; pass corpus params dir=FOLDER "
+                                  f"(or set LOOPSEARCH_DATA to the folder that holds ptb/)")
+        return read_text_files({k: str(v) for k, v in files.items()})
+
+
 class HubParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     dataset: str = Field(description="hub dataset name, e.g. Salesforce/wikitext")
@@ -106,4 +132,4 @@ class HubDataset(Corpus):
 
 @hookimpl
 def register_corpora():
-    return [Shakespeare, TextFiles, HubDataset]
+    return [Shakespeare, TextFiles, PTB, HubDataset]
