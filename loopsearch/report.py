@@ -217,9 +217,9 @@ def learning_curves(d: Data, out: Path) -> Section:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     sec.image = _save(fig, out, "learning_curves.png")
-    sec.caption = (f"Every trial's validation NLL (nats/token, fixed-mask ELBO) at its FLOP checkpoints; the black "
-                   f"line is the no-loop baseline, the dotted line its final value; dashed lines are trials that did "
-                   f"not complete. "
+    sec.caption = ("Every trial's validation NLL (nats/token, fixed-mask ELBO) at its FLOP checkpoints; the black "
+                   "line is the no-loop baseline, the dotted line its final value; dashed lines are trials that did "
+                   "not complete. "
                    + (f"All trials share the budget of {format_flops(d.spec.budget)}." if d.spec.space.budget_scales == [1.0]
                       else f"Budgets: {format_flops(d.spec.budget)} times {d.spec.space.budget_scales}."))
     return sec
