@@ -250,11 +250,7 @@ def study_run(name, n_trials, timeout, workers, study_budget, checkpoint_every, 
     say(f"running study {name}")
 
     def done(study, trial):
-        a = trial.user_attrs
-        nll = f"val NLL {a['val_nll']:.4f}" if "val_nll" in a else a.get("rejected", a.get("failed", trial.system_attrs.get("fail_reason", "")))
-        resumed = f" (resumed at {a['resumed_from_flops']:.3g} FLOPs)" if "resumed_from_flops" in a else ""
-        say(f"trial {trial.number} {trial.state.name.lower()}: {a.get('strategy', '?')} "
-            f"[{a.get('loop_start')},{a.get('loop_end')})x{a.get('n_loops')} {nll}{resumed}")
+        say(studies.trial_line(trial))
 
     try:
         ran = studies.run(name, storage, n_trials, timeout, progress=progress, callback=done, until=until,
@@ -488,7 +484,8 @@ def sweep_cmd(name, recipe, space, arms, scales, seeds, budget, corpus, train_to
 
                 pool.spawn(name, storage, workers, say=say)
             else:
-                studies.run(name, storage, progress=progress, say=say)
+                studies.run(name, storage, progress=progress, say=say,
+                            callback=lambda st, trial: say(studies.trial_line(trial)))
         except KeyboardInterrupt:
             click.echo(f"interrupted: finished trials are kept; `loopsearch sweep --name {name}` continues", err=True)
             sys.exit(130)

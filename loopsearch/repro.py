@@ -33,6 +33,7 @@ ATTENTION_ATTR = "loopsearch.attention."
 ROLES = ("baseline", "early_looped", "late_looped", "deeper")
 ZEROSHOT = {"WikiText-2": "wikitext-2/wiki.test.raw", "LAMBADA": "lambada/lambada_test.jsonl"}
 PAPER_FLOP_RATIO = 3.3
+TIE = 0.01  # nats/token (or attention share): a smaller difference is called inconclusive, not a result
 RATES = (0.15, 0.5, 0.85)
 
 
@@ -99,7 +100,7 @@ def train_arms(name: str, storage: str | None, workers: int, progress: bool, say
         if any(codes):
             raise LoopsearchError(f"workers exited with {codes}; see `loopsearch leaderboard --study {name}`")
         return
-    studies.run(name, storage, progress=progress, say=say)
+    studies.run(name, storage, progress=progress, say=say, callback=lambda st, t: say(studies.trial_line(t)))
 
 
 def loop_scaling(study: optuna.Study, trials: dict[str, FrozenTrial], device: str, say) -> None:
@@ -243,6 +244,13 @@ def _verdict(ok: bool | None) -> str:
     return "not measured" if ok is None else ("agrees" if ok else "disagrees")
 
 
+def _compare(gain: float) -> str:
+    """Verdict on a measured gain in the claim's direction (> 0: as the paper says)."""
+    if abs(gain) < TIE:
+        return f"inconclusive (|difference| < {TIE})"
+    return _verdict(gain > 0)
+
+
 def claims(study: optuna.Study, trials: dict[str, FrozenTrial]) -> list[dict[str, str]]:
     """One row per claim: the paper's words, the measurement, and agrees / disagrees."""
     rows = {r["role"]: r for r in flop_rows(trials)} if "baseline" in trials else {}
@@ -257,36 +265,38 @@ def claims(study: optuna.Study, trials: dict[str, FrozenTrial]) -> list[dict[str
             measured = (f"reached the baseline's final val NLL after {early['flops_to_baseline']:.3g} of "
                         f"{rows['baseline']['train_flops']:.3g} FLOPs: {ratio:.2f}x fewer"
                         + (" (at its first validation: an upper bound on its FLOPs)" if early["bound"] else ""))
+        verdict = _verdict(ratio is not None and ratio > 1.0)
+        if ratio is None and abs(early["delta"]) < TIE:
+            verdict = f"inconclusive (|difference| < {TIE})"
         out.append({"claim": f"looping early-middle layers reaches the baseline's NLL with up to "
-                             f"{PAPER_FLOP_RATIO}x fewer training FLOPs", "measured": measured,
-                    "verdict": _verdict(ratio is not None and ratio > 1.0)})
+                             f"{PAPER_FLOP_RATIO}x fewer training FLOPs", "measured": measured, "verdict": verdict})
     if early and deeper:
         out.append({"claim": "the looped model beats a deeper non-looped model of similar per-step compute",
                     "measured": f"early-middle {early['val_nll']:.4f} vs deeper {deeper['val_nll']:.4f} nats/token "
                                 f"({early['inference_flops_per_token']:.3g} vs {deeper['inference_flops_per_token']:.3g} "
                                 f"inference FLOPs/token)",
-                    "verdict": _verdict(early["val_nll"] < deeper["val_nll"])})
+                    "verdict": _compare(deeper["val_nll"] - early["val_nll"])})
     if early and late:
         out.append({"claim": "early-middle layers are the place to loop (not late ones)",
                     "measured": f"early-middle {early['val_nll']:.4f} vs late {late['val_nll']:.4f} nats/token",
-                    "verdict": _verdict(early["val_nll"] < late["val_nll"])})
+                    "verdict": _compare(late["val_nll"] - early["val_nll"])})
     scaling = {r["n_loops"]: r["val_nll"] for r in scaling_rows(study, trials.get("early_looped"))}
     if scaling and early:
         trained = int(trials["early_looped"].user_attrs["n_loops"])
         beyond = [n for n in sorted(scaling) if n > trained]
         text = ", ".join(f"{n}: {v:.4f}" for n, v in sorted(scaling.items()))
-        ok = 1 in scaling and trained in scaling and scaling[trained] < scaling[1]
+        verdict = _compare(scaling[1] - scaling[trained]) if 1 in scaling and trained in scaling else _verdict(None)
         more = "" if not beyond else (f"; beyond the trained {trained} loops: "
                                       f"{'still improves' if scaling[beyond[-1]] < scaling[trained] else 'no further gain'}")
         out.append({"claim": "more loops at inference help (loop count trades compute for quality)",
-                    "measured": f"val NLL by inference loops {text}{more}", "verdict": _verdict(ok)})
+                    "measured": f"val NLL by inference loops {text}{more}", "verdict": verdict})
     att = attention_change(study, trials.get("early_looped"))
     if att:
         out.append({"claim": "looping raises the attention masked positions pay to each other",
                     "measured": f"mask->mask share in the looped block: loop 1 {att['first']:.3f} -> loop {att['loops']} "
                                 f"{att['last']:.3f} (uniform {att['uniform']:.3f}; mean over t = "
                                 f"{', '.join(str(r) for r in RATES)})",
-                    "verdict": _verdict(att["last"] > att["first"])})
+                    "verdict": _compare(att["last"] - att["first"])})
     return out
 
 
@@ -303,7 +313,8 @@ def sections(d, out: Path) -> list:
     sec.caption = ("Each claim of LoopMDM (arXiv 2605.26106) beside what this study measured, at "
                    f"{float(trials['baseline'].user_attrs['budget']):.3g} training FLOPs per arm. At small budgets "
                    "the answer can be the opposite of the paper's: a looped model gets fewer optimizer steps for "
-                   "the same FLOPs (see a budget sweep, `loopsearch sweep`).")
+                   "the same FLOPs (see a budget sweep, `loopsearch sweep`). One seed per arm: a difference below "
+                   f"{TIE} nats/token (or attention share) is called inconclusive.")
     sec.headers = ["claim (paper)", "measured here", "verdict"]
     sec.rows = [[c["claim"], c["measured"], c["verdict"]] for c in claims(d.study, trials)]
     flops = Section("flop_ratio", "Matched-FLOP arms")

@@ -466,6 +466,18 @@ def result_attrs(model, config: TrialConfig, r: TrainResult) -> dict[str, Any]:
     }
 
 
+def trial_line(trial: optuna.trial.FrozenTrial) -> str:
+    """One line on a finished trial: state, arm or placement, val NLL or why it stopped."""
+    a = trial.user_attrs
+    nll = f"val NLL {a['val_nll']:.4f}" if "val_nll" in a else a.get("rejected", a.get("failed", trial.system_attrs.get("fail_reason", "")))
+    resumed = f" (resumed at {a['resumed_from_flops']:.3g} FLOPs)" if "resumed_from_flops" in a else ""
+    what = f"{a.get('strategy', '?')} [{a.get('loop_start')},{a.get('loop_end')})x{a.get('n_loops')}"
+    if a.get("arm"):
+        what = f"arm {a['arm']} ({what}) at {float(a.get('budget', 0)):.3g} FLOPs" + (
+            f", seed +{a['seed_offset']}" if a.get("seed_offset") else "")
+    return f"trial {trial.number} {trial.state.name.lower()}: {what} {nll}{resumed}"
+
+
 # ---- running -------------------------------------------------------------------------------------------
 def run(name: str, storage: str | None = None, n_trials: int | None = None, timeout: float | None = None,
         progress: bool = True, callback: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,

@@ -1,6 +1,8 @@
 """Mistakes a user can make get one line naming the problem and the fix, a non-zero exit
 status and no traceback."""
 
+from pathlib import Path
+
 import pytest
 
 from conftest import run_cli
@@ -101,3 +103,24 @@ def test_bad_study_budget_and_pruner_budget(tiny_recipe):
     r = run_cli("study", "create", "--space", "early_middle", "--recipe", str(tiny_recipe), "--pruner", "median",
                 "--budget", "1.5e9")
     one_line_error(r, "pruner 'median'", "below the 1 GFLOP step", "raise --budget to at least 2e+09")
+
+
+def test_every_command_is_in_the_readme_table_and_has_an_example():
+    import click
+
+    from loopsearch.cli import cli
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+
+    def leaves(group, prefix):
+        for name, cmd in group.commands.items():
+            if isinstance(cmd, click.Group):
+                yield from leaves(cmd, prefix + [name])
+            else:
+                yield prefix + [name], cmd
+
+    found = list(leaves(cli, []))
+    assert len(found) >= 16
+    for path, cmd in found:
+        assert f"| `loopsearch {' '.join(path)}" in readme, f"`loopsearch {' '.join(path)}` is not in the README's command table"
+        assert "Example" in (cmd.help or ""), f"`loopsearch {' '.join(path)} --help` has no example"
