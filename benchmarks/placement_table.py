@@ -1,0 +1,227 @@
+"""Tabular benchmark: train every loop placement of a small looped MDLM at one training-FLOP budget.
+
+The grid (31 configurations by default): a 6-layer transformer backbone; every block
+[loop_start, loop_end) of 1-3 layers (15 blocks) looped 2 or 3 times (strategy ``fixed``, the
+same loop count in training and at inference), plus the non-looped baseline (strategy ``none``,
+written as n_loops 1 with an empty block). Every configuration trains on the same data order and
+is validated on the same masks (one seed, as the trials of a loopsearch study): rows differ only
+in the placement. Each row also keeps the learning curve (val NLL at ``--eval-points`` equal
+fractions of the budget), so pruners can be replayed against the table without training
+(benchmarks/search_efficiency.py).
+
+Output: a parquet table (polars), one row per configuration:
+
+- ``loop_start``, ``loop_end``, ``block_length``, ``n_loops``, ``strategy``: the placement
+  (the baseline: 0, 0, 0, 1, "none");
+- ``val_nll``: final validation ELBO, nats/token; ``train_flops``: FLOPs spent (<= budget);
+  ``steps``: optimizer steps; ``inference_flops_per_token``; ``n_params``;
+- ``curve``: [[gflops, val_nll], ...] at every evaluation (GFLOPs = 1e9 training FLOPs spent
+  when it ran; the last point is the final ``val_nll``);
+- ``wall_s``: training wall time, seconds; ``seed``;
+- the settings as constant columns (``n_layer``, ``d_model``, ``n_heads``, ``seq_len``,
+  ``batch_size``, ``lr``, ``vocab_size``, ``budget``, ``eval_points``, ``unigram_nll``) and the run's
+  provenance (``torch_version``, ``date``); the same settings are in the parquet's key-value
+  metadata under ``loopsearch.placement_table`` (JSON).
+
+``unigram_nll`` is the plateau: the cross-entropy (nats/token) of the validation split under the
+training split's unigram distribution. An MDLM that has learned nothing but token frequencies
+sits there; a useful table needs the baseline clearly below it.
+
+Why these defaults (the plateau check, baseline only, 1 TFLOP, one CPU thread, 2026-11-24): at
+vocab 512 every setting tried sat on the unigram plateau (d48 seq64 batch32 lr 2e-2 at 1.5 TFLOP:
+val NLL 5.212 against a plateau of 5.178; d48 seq32 batch16 lr 2e-2: 5.105, only 0.07 below). At
+vocab 260 (almost bytes) the model leaves it: d_model 48, 4 heads, seq 32, batch 16, lr 1e-2 goes
+from 3.392 at the first evaluation to 2.810 at the end (plateau 3.533, 1,653 steps, 29 s); lr 2e-2
+reached only 3.191, batch 32 3.175, seq 64 3.064. Seed noise of the baseline (seed 1): 2.857.
+
+The shipped table (benchmarks/placement_table.parquet, 2026-11-24, torch 2.13.0+cpu, one thread on
+a shared 2-core machine, 952 s for the 31 rows): baseline 2.810 (the best: at equal training FLOPs a
+looped model runs fewer steps), best looped [4,5)x3 2.855, worst [0,3)x3 3.321. It is one seed, and
+the looped rows differ by about as much as the baseline's seed-to-seed change (0.047), so read it as
+a fixed landscape to benchmark search methods on, not as evidence of where to loop.
+
+Run (about 16 minutes for the 31 configurations on one thread; one process at a time)::
+
+    OMP_NUM_THREADS=1 python benchmarks/placement_table.py
+    OMP_NUM_THREADS=1 python benchmarks/placement_table.py --limit 1 --output /tmp/baseline.parquet  # baseline only
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+import torch
+
+from loopsearch import checkpoint
+from loopsearch.data import PreparedData, prepare
+from loopsearch.registry import get_registry
+from loopsearch.spec import PluginRef, TrainConfig, TrialConfig
+from loopsearch.train import train
+from loopsearch.units import format_flops, parse_flops
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_OUTPUT = HERE / "placement_table.parquet"
+METADATA_KEY = "loopsearch.placement_table"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One configuration of the grid; n_loops 1 is the non-looped baseline (empty block)."""
+
+    loop_start: int
+    loop_end: int
+    n_loops: int
+
+    @property
+    def block_length(self) -> int:
+        return self.loop_end - self.loop_start
+
+    @property
+    def strategy(self) -> str:
+        return "none" if self.n_loops == 1 else "fixed"
+
+    def label(self) -> str:
+        return "baseline" if self.n_loops == 1 else f"[{self.loop_start},{self.loop_end})x{self.n_loops}"
+
+
+BASELINE = Placement(0, 0, 1)
+
+
+def placements(n_layer: int, max_block: int, loop_counts: list[int]) -> list[Placement]:
+    """The baseline, then every block of 1..max_block layers for every loop count (> 1)."""
+    grid = [BASELINE]
+    for n_loops in sorted(set(loop_counts) - {1}):
+        for length in range(1, max_block + 1):
+            for start in range(0, n_layer - length + 1):
+                grid.append(Placement(start, start + length, n_loops))
+    return grid
+
+
+def trial_config(args: argparse.Namespace, placement: Placement, number: int) -> TrialConfig:
+    """The loopsearch TrialConfig of one placement (same seed, data and budget for every row)."""
+    strategy = (PluginRef(name="none") if placement.n_loops == 1 else
+                PluginRef(name="fixed", params={"n_loops": placement.n_loops, "train_loops": "constant"}))
+    train_cfg = TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, device="cpu",
+                            precision="fp32", eval_points=args.eval_points, eval_sequences=args.eval_sequences,
+                            min_steps=1)
+    return TrialConfig(
+        study="placement_table", trial=number,
+        backbone=PluginRef(name="transformer",
+                           params={"n_layer": args.n_layer, "d_model": args.d_model, "n_heads": args.n_heads}),
+        strategy=strategy, loop_start=placement.loop_start, loop_end=placement.loop_end,
+        corpus=PluginRef(name="shakespeare"), vocab_size=args.vocab_size, train=train_cfg,
+        budget=args.budget, seed=args.seed)
+
+
+def load_data(vocab_size: int) -> PreparedData:
+    """Tiny Shakespeare (shipped with the package), BPE-tokenised at ``vocab_size`` (cached)."""
+    corpus_cls = get_registry().get("corpus", "shakespeare")
+    return prepare(corpus_cls(corpus_cls.Params()), vocab_size)
+
+
+def unigram_nll(data: PreparedData) -> float:
+    """Cross-entropy (nats/token) of the validation split under the training split's unigram
+    distribution (add-one smoothed): where an MDLM that learned only token frequencies sits."""
+    counts = torch.bincount(data.train, minlength=data.vocab_size).double() + 1
+    logp = (counts / counts.sum()).log()
+    return float(-logp[data.valid].mean())
+
+
+def train_placement(args: argparse.Namespace, placement: Placement, number: int, data: PreparedData) -> dict:
+    """Train one configuration from scratch; return its table row (without the shared settings)."""
+    config = trial_config(args, placement, number)
+    torch.manual_seed(config.seed)
+    model = checkpoint.build_model(config, data.vocab_size)
+    start = time.perf_counter()
+    result = train(model, data, config.train, config.budget, config.seed,
+                   report=lambda gflops, nll: None, progress=False)
+    wall = time.perf_counter() - start
+    curve = [[spent / 1e9, nll] for spent, nll in result.history]
+    return {
+        "loop_start": placement.loop_start, "loop_end": placement.loop_end,
+        "block_length": placement.block_length, "n_loops": placement.n_loops, "strategy": placement.strategy,
+        "val_nll": result.val_nll, "train_flops": result.train_flops, "steps": result.steps,
+        "inference_flops_per_token": model.inference_flops_per_token(config.train.seq_len),
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "curve": curve, "wall_s": wall, "seed": config.seed,
+    }
+
+
+def settings(args: argparse.Namespace, data: PreparedData) -> dict:
+    """The run's settings and provenance: constant columns of every row and parquet metadata."""
+    return {
+        "n_layer": args.n_layer, "d_model": args.d_model, "n_heads": args.n_heads, "seq_len": args.seq_len,
+        "batch_size": args.batch_size, "lr": args.lr, "vocab_size": data.vocab_size, "budget": args.budget,
+        "eval_points": args.eval_points, "eval_sequences": args.eval_sequences,
+        "unigram_nll": unigram_nll(data), "torch_version": torch.__version__,
+        "torch_threads": torch.get_num_threads(), "date": dt.date.today().isoformat(),
+    }
+
+
+def write_table(rows: list[dict], meta: dict, path: Path, total_wall_s: float) -> pl.DataFrame:
+    """Write the rows (plus the settings as constant columns) as parquet; return the frame."""
+    frame = pl.DataFrame([{**row, **meta} for row in rows])
+    meta = {**meta, "total_wall_s": round(total_wall_s, 1), "rows": len(rows)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.write_parquet(path, metadata={METADATA_KEY: json.dumps(meta)})
+    return frame
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--n-layer", type=int, default=6, help="backbone depth")
+    p.add_argument("--d-model", type=int, default=48, help="residual width")
+    p.add_argument("--n-heads", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=32, help="tokens per sequence")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per step")
+    p.add_argument("--lr", type=float, default=1e-2, help="peak learning rate")
+    p.add_argument("--vocab-size", type=int, default=260, help="BPE vocabulary (260: the 256 bytes + 4 merges)")
+    p.add_argument("--budget", type=parse_flops, default=parse_flops("1e12"), help="training FLOPs per configuration")
+    p.add_argument("--eval-points", type=int, default=8, help="validations per run (the learning curve)")
+    p.add_argument("--eval-sequences", type=int, default=64, help="validation sequences")
+    p.add_argument("--max-block", type=int, default=3, help="longest loop block, layers")
+    p.add_argument("--loops", type=int, nargs="+", default=[2, 3], help="loop counts of the looped rows")
+    p.add_argument("--seed", type=int, default=0, help="data order, init and validation masks (all rows)")
+    p.add_argument("--limit", type=int, default=None, help="train only the first N configurations (baseline first)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
+    p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="parquet file written")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    data = load_data(args.vocab_size)
+    meta = settings(args, data)
+    grid = placements(args.n_layer, args.max_block, args.loops)[: args.limit]
+    print(f"{len(grid)} configurations, {format_flops(args.budget)} each; unigram plateau "
+          f"{meta['unigram_nll']:.3f} nats/token; settings {json.dumps(meta)}", flush=True)
+    rows, start = [], time.perf_counter()
+    for i, placement in enumerate(grid):
+        row = train_placement(args, placement, i, data)
+        rows.append(row)
+        first = row["curve"][0][1]
+        print(f"[{i + 1:2d}/{len(grid)}] {placement.label():12s} val NLL {row['val_nll']:.4f} "
+              f"(first eval {first:.4f}) {row['steps']:4d} steps {row['wall_s']:5.1f} s "
+              f"elapsed {time.perf_counter() - start:6.0f} s", flush=True)
+        write_table(rows, meta, args.output, time.perf_counter() - start)  # a partial table survives a crash
+    total = time.perf_counter() - start
+    frame = write_table(rows, meta, args.output, total)
+    best = frame.sort("val_nll").row(0, named=True)
+    print(f"wrote {args.output} ({len(rows)} rows) in {total:.0f} s; best {best['strategy']} "
+          f"[{best['loop_start']},{best['loop_end']})x{best['n_loops']} val NLL {best['val_nll']:.4f}; "
+          f"unigram plateau {meta['unigram_nll']:.4f}")
+    if not math.isfinite(best["val_nll"]):
+        raise SystemExit("non-finite val NLL in the table")
+
+
+if __name__ == "__main__":
+    main()
