@@ -35,7 +35,7 @@ from .resume import Checkpointer, TrainState
 from .spec import TrainConfig
 from .units import format_flops
 
-# report(gflops_spent, val_nll): called at every FLOP checkpoint; may raise to stop (pruning).
+# report(gflops, val_nll): called at every FLOP checkpoint (its nominal GFLOPs); may raise to stop (pruning).
 Reporter = Callable[[int, float], None]
 
 
@@ -171,9 +171,13 @@ def train(model: LoopedMDM, data: PreparedData, cfg: TrainConfig, budget: float,
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             nll = validation_nll(recorder, val, mask_id, cfg.eval_t_points, seed=seed + 1)
         model.train()
+        nominal = checkpoints[min(len(history), len(checkpoints) - 1)]
         history.append((spent, nll))
         if report is not None:
-            report(int(spent // 1e9), nll)  # keyed in GFLOPs: Optuna's step is 32-bit on PostgreSQL
+            # keyed by the checkpoint's nominal GFLOPs (budget * i / eval_points), not the FLOPs spent, so
+            # every trial of a study reports at the same steps whatever its step cost (pruners compare
+            # trials at equal steps); in GFLOPs because Optuna's step is 32-bit on PostgreSQL
+            report(int(nominal // 1e9), nll)
         return nll
 
     spent, steps, loops_sum, loss_val = 0.0, 0, 0.0, float("nan")

@@ -166,3 +166,20 @@ def test_halting_trial_reports_executed_inference_flops(tiny_recipe, tmp_path):
     head_per_loop = 2 * cfg.train.seq_len * 32 / cfg.train.seq_len  # halting head, FLOPs per token per loop
     assert executed_blocks <= a["inference_flops_per_token"] <= executed_blocks + 4 * head_per_loop
     assert "ponder" in a["train_stats"] and a["train_stats"]["loops_run"] == 4
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random", "qmc", "gp", "cmaes", "nsga2"])
+def test_every_sampler_choice_works_on_a_real_space(sampler, tiny_recipe):
+    """Each `--sampler` choice draws valid configurations from the conditional early_middle space
+    (qmc and gp need scipy, cmaes needs cmaes: both are dependencies)."""
+    from loopsearch.space import suggest
+
+    spec = studies.spec_from_options("s", "early_middle", str(tiny_recipe), None, None, None, sampler, 12)
+    study = optuna.create_study(sampler=studies.make_sampler(spec))
+
+    def objective(trial):
+        choice = suggest(trial, spec.space, spec.backbone.params)
+        return (choice.loop_start - 1) ** 2 + 0.1 * choice.strategy_params["n_loops"]
+
+    study.optimize(objective, n_trials=12)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 12
