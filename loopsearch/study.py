@@ -211,7 +211,7 @@ def make_sampler(spec: StudySpec, offset: int = 0) -> optuna.samplers.BaseSample
 
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     """Pruners compare val NLL at equal training FLOPs: intermediate values are keyed by the
-    GFLOPs spent, reported at ``eval_points`` equal fractions of the budget. Successive halving
+    nominal GFLOPs of ``eval_points`` equal fractions of the budget (the same steps for every trial). Successive halving
     and Hyperband use GFLOPs as their resource: the first rung is the first report
     (budget / eval_points), the last the whole budget, reduction factor 3."""
     if spec.pruner == "median":

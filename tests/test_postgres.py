@@ -25,7 +25,7 @@ def test_study_on_postgresql(pg, tiny_recipe):
         complete = [t for t in st.get_trials() if t.state.name == "COMPLETE"]
         assert len(complete) == 2
         for t in complete:
-            assert t.intermediate_values and max(t.intermediate_values) == int(t.user_attrs["train_flops"] // 1e9)
+            assert t.intermediate_values and max(t.intermediate_values) == int(spec.budget // 1e9)  # nominal GFLOPs
         df = leaderboard.frame(pg, [name])
         assert df["val_nll"].null_count() == 0 and df["baseline"].sum() == 1
     finally:
