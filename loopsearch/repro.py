@@ -75,7 +75,9 @@ def run(name: str = "loopmdm_repro", recipe: str = "loopmdm_repro", *, data: str
         say(f"created study {name!r}: {len(spec.space.grid())} arms at {spec.budget:.3g} training FLOPs each")
     elif budget is not None or corpus is not None:
         raise LoopsearchError(f"study {name!r} exists; --budget/--corpus apply to a new one (pick another --name)")
-    train_arms(name, storage, workers, progress, say)
+    from .workers import run_to_target
+
+    run_to_target(name, storage, workers, progress, say)
     study, spec = studies.load(name, storage)
     trials = role_trials(study, spec)
     missing = [r for r in ROLES if r not in trials and any(a.role == r for a in spec.space.arms.values())]
@@ -88,19 +90,6 @@ def run(name: str = "loopmdm_repro", recipe: str = "loopmdm_repro", *, data: str
     rep = report.write(name, output, fmt, storage)
     say(f"report: {rep.page}")
     return rep
-
-
-def train_arms(name: str, storage: str | None, workers: int, progress: bool, say) -> None:
-    from . import study as studies
-
-    if workers > 1:
-        from . import workers as pool
-
-        codes = pool.spawn(name, storage, workers, say=say)
-        if any(codes):
-            raise LoopsearchError(f"workers exited with {codes}; see `loopsearch leaderboard --study {name}`")
-        return
-    studies.run(name, storage, progress=progress, say=say, callback=lambda st, t: say(studies.trial_line(t)))
 
 
 def loop_scaling(study: optuna.Study, trials: dict[str, FrozenTrial], device: str, say) -> None:

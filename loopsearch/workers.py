@@ -447,6 +447,19 @@ def from_journal(name: str, journal_url: str, sqlite_url: str) -> None:
                 p.unlink()
 
 
+def run_to_target(name: str, storage: str | None, workers: int, progress: bool, say: Callable[[str], None]) -> None:
+    """Run a study to its target in this process (a line per finished trial) or in ``workers``
+    processes; a worker that fails is an error (``repro`` and ``sweep`` need every arm)."""
+    from . import study as studies
+
+    if workers <= 1:
+        studies.run(name, storage, progress=progress, say=say, callback=lambda st, t: say(studies.trial_line(t)))
+        return
+    codes = spawn(name, storage, workers, say=say)
+    if any(codes):
+        raise LoopsearchError(f"workers exited with {codes}; see `loopsearch leaderboard --study {name}`")
+
+
 def spawn(name: str, storage: str | None, workers: int, *, n_trials: int | None = None, timeout: float | None = None,
           study_budget: float | None = None, heartbeat: int = DEFAULT_HEARTBEAT, grace: int | None = None,
           device: str | None = None, checkpoint_every: float | None = None,
