@@ -2,9 +2,12 @@
 
 The looping paper's evidence that looping promotes mask-to-mask interaction: at several mask
 rates, on validation data, measure for every layer application (prelude layers once, each
-iteration of the loop block, coda layers once) the share of attention mass that masked query
-positions put on masked keys versus unmasked keys, beside the share a uniform attention would
-put on masked keys (the fraction of keys that are masked) for reference.
+iteration of the loop block, coda layers once) where the attention mass of masked query
+positions goes: to *other* masked keys (mask->mask), to the query's own position (self,
+reported apart: a masked query attending to itself is not mask-to-mask interaction) and to
+unmasked keys; the three add up to 1. For reference, the share of the other keys that are
+masked, (masked keys - 1) / (T - 1): what attention spread uniformly over the other positions
+would put on masked ones.
 
 The walk follows the model's forward: ``backbone.embed``, then ``backbone.run_block(i, h)`` in
 the looped order, with ``backbone.attention_probs(i, h)`` read before each application. The loop
@@ -57,25 +60,31 @@ def _reinjects(model) -> bool:
     return getattr(model.strategy, "name", None) == "fixed" and bool(getattr(model.strategy.params, "reinject", False))
 
 
-def _shares(probs: torch.Tensor, masked: torch.Tensor) -> tuple[float, float, int]:
-    """Sums over (batch, head, masked query) of the mass on masked keys and of the masked-key
-    fraction of that row; and the number of such (batch, head, query) triples."""
+def _shares(probs: torch.Tensor, masked: torch.Tensor) -> tuple[float, float, float, float, int]:
+    """Sums over (batch, head, masked query) of the mass on other masked keys, on the query's own
+    position, on unmasked keys, and of the uniform reference (masked keys - 1) / (T - 1); and the
+    number of such (batch, head, query) triples."""
     m = masked.to(probs.dtype)  # (B, T)
-    on_masked = (probs * m[:, None, None, :]).sum(-1)  # (B, H, Tq)
-    frac = m.mean(-1)  # (B,) share of keys that are masked
+    own = probs.diagonal(dim1=-2, dim2=-1)  # (B, H, T): mass of query i on key i
+    on_masked = (probs * m[:, None, None, :]).sum(-1)  # (B, H, Tq), own position included
+    on_unmasked = (probs * (1.0 - m)[:, None, None, :]).sum(-1)
+    T = m.shape[-1]
+    frac = (m.sum(-1) - 1.0) / max(T - 1, 1)  # (B,) share of the other keys that are masked (masked query)
     q = m[:, None, :].expand_as(on_masked)  # weight: masked queries only
     uniform = frac[:, None, None].expand_as(on_masked)
-    return float((on_masked * q).sum()), float((uniform * q).sum()), int(q.sum())
+    return (float(((on_masked - own) * q).sum()), float((own * q).sum()), float((on_unmasked * q).sum()),
+            float((uniform * q).sum()), int(q.sum()))
 
 
 @torch.no_grad()
 def attention_shares(model, batches: Iterable[torch.Tensor], mask_id: int,
                      rates: Sequence[float] = (0.15, 0.5, 0.85), seed: int = 0,
                      n_loops: int | None = None) -> list[dict]:
-    """Rows {"t", "layer", "loop", "mask_to_mask", "mask_to_unmasked", "masked_key_fraction"}:
+    """Rows {"t", "layer", "loop", "mask_to_mask", "self", "mask_to_unmasked", "masked_key_fraction"}:
     for each mask rate t and each layer application, the attention mass masked queries place on
-    masked keys (mean over batch, heads and masked queries), its complement, and the share a
-    uniform attention would give (the fraction of masked keys, weighted the same way)."""
+    other masked keys, on their own position and on unmasked keys (means over batch, heads and
+    masked queries; they add up to 1), and the uniform reference: the share of the other keys
+    that are masked, (masked - 1) / (T - 1), weighted the same way."""
     b = model.backbone
     was_training = model.training
     model.eval()
@@ -87,7 +96,7 @@ def attention_shares(model, batches: Iterable[torch.Tensor], mask_id: int,
     try:
         for t in rates:
             gen = torch.Generator().manual_seed(seed)
-            acc = [[0.0, 0.0, 0] for _ in schedule]
+            acc = [[0.0, 0.0, 0.0, 0.0, 0] for _ in schedule]
             for x0 in batches:
                 rate = torch.full((x0.shape[0],), float(t))
                 xt, masked = mask_tokens(x0, rate, mask_id, gen)
@@ -103,16 +112,13 @@ def attention_shares(model, batches: Iterable[torch.Tensor], mask_id: int,
                         probs = b.attention_probs(i, h)
                     except NotImplementedError as exc:
                         raise LoopsearchError(str(exc)) from None
-                    mm, uni, n = _shares(probs, masked)
-                    acc[j][0] += mm
-                    acc[j][1] += uni
-                    acc[j][2] += n
+                    for slot, value in enumerate(_shares(probs, masked)):
+                        acc[j][slot] += value
                     h = b.run_block(i, h)
-            for (i, k), (mm, uni, n) in zip(schedule, acc):
-                share = mm / n if n else math.nan
-                rows.append({"t": float(t), "layer": i, "loop": k, "mask_to_mask": share,
-                             "mask_to_unmasked": 1.0 - share if n else math.nan,
-                             "masked_key_fraction": uni / n if n else math.nan})
+            for (i, k), (mm, own, unmasked, uni, n) in zip(schedule, acc):
+                mean = (lambda v: v / n) if n else (lambda v: math.nan)  # noqa: E731
+                rows.append({"t": float(t), "layer": i, "loop": k, "mask_to_mask": mean(mm), "self": mean(own),
+                             "mask_to_unmasked": mean(unmasked), "masked_key_fraction": mean(uni)})
     finally:
         model.train(was_training)
     return rows
@@ -121,20 +127,21 @@ def attention_shares(model, batches: Iterable[torch.Tensor], mask_id: int,
 def trial_attention_shares(directory, rates: Sequence[float], n_loops: int | None = None,
                            device: str = "auto") -> list[dict]:
     """``attention_shares`` of a checkpoint on its study's validation split (the same windows
-    ``loopsearch eval`` uses; the masks are drawn with the config's seed + 1)."""
+    ``loopsearch eval`` uses; the masks are keyed by the config's mask seed, the study's seed)."""
     from .evaluate import load_for_validation
 
     model, config, val = load_for_validation(directory, device)
-    return attention_shares(model, val, model.backbone.mask_id, rates, seed=config.seed + 1, n_loops=n_loops)
+    return attention_shares(model, val, model.backbone.mask_id, rates, seed=config.mask_seed, n_loops=n_loops)
 
 
 def rich_table(rows: list[dict]):
     from rich.table import Table
 
-    table = Table(title="attention of masked queries")
-    for name in ("t", "layer", "loop", "mask→mask", "mask→unmasked", "uniform share"):
+    table = Table(title="attention of masked queries (mask→mask: other masked keys; self apart; uniform share: "
+                        "masked fraction of the other keys)")
+    for name in ("t", "layer", "loop", "mask→mask (others)", "self", "mask→unmasked", "uniform share"):
         table.add_column(name, justify="right")
     for r in rows:
-        table.add_row(f"{r['t']:g}", str(r["layer"]), str(r["loop"]), f"{r['mask_to_mask']:.3f}",
+        table.add_row(f"{r['t']:g}", str(r["layer"]), str(r["loop"]), f"{r['mask_to_mask']:.3f}", f"{r['self']:.3f}",
                       f"{r['mask_to_unmasked']:.3f}", f"{r['masked_key_fraction']:.3f}")
     return table

@@ -146,10 +146,13 @@ def corpus_option(value: str | None) -> dict | None:
               help="Optuna sampler (default auto: tpe, or nsga2 for a multi-objective study).")
 @click.option("--pruner", type=click.Choice(["none", "median", "successive_halving", "hyperband"]),
               help="Stop weak trials early, comparing val NLL at equal training GFLOPs (default none).")
-@click.option("--seed", type=int, help="Seed of every trial (data order, masks) and of the sampler.")
+@click.option("--seed", type=int, help="The study's seed: of the first training seed of every trial (data order, "
+                                       "initialisation), of the validation masks and of the sampler.")
+@click.option("--seeds", type=click.IntRange(min=1), help="Training seeds per configuration (default: the recipe's or "
+              "space's, else 1): every trial trains each and its value is their mean (arms: one trial per seed).")
 @click.option("--n-trials", type=int, help="Finished trials the study is run to (all workers together).")
 @click.option("--storage", help=STORAGE_HELP)
-def study_create(space, recipe, name, budget, corpus, sampler, pruner, seed, n_trials, storage):
+def study_create(space, recipe, name, budget, corpus, sampler, pruner, seed, seeds, n_trials, storage):
     """Create a study and store its whole spec in Optuna storage.
 
     Example: loopsearch study create --space early_middle --name quick --budget '1 TFLOP'
@@ -161,10 +164,11 @@ def study_create(space, recipe, name, budget, corpus, sampler, pruner, seed, n_t
     base = space or (Path(recipe).stem if recipe else "study")
     name = name or f"{Path(base).stem}-{datetime.now():%Y%m%d-%H%M%S}"
     spec = studies.spec_from_options(name, space, recipe, budget, corpus_option(corpus), seed, sampler, n_trials,
-                                     pruner)
+                                     pruner, seeds)
     studies.create(spec, storage)
+    per = "" if spec.space.seeds == 1 or spec.space.arms else f" x {spec.space.seeds} seeds"
     click.echo(f"created study {name!r} in {mask(storage_url(storage))}: space {spec.space.name}, "
-               f"budget {format_flops(spec.budget)} per trial, corpus {spec.corpus.name}, {spec.n_trials} trials, "
+               f"budget {format_flops(spec.budget)} per trial{per}, corpus {spec.corpus.name}, {spec.n_trials} trials, "
                f"baseline enqueued")
     click.echo(f"next: loopsearch study run {name}")
 
@@ -267,6 +271,43 @@ def study_run(name, n_trials, timeout, workers, study_budget, checkpoint_every, 
         click.echo(f"ran {ran} trials; see `loopsearch leaderboard --study {name}`")
 
 
+@study.command("confirm")
+@click.argument("name")
+@click.option("--top", type=click.IntRange(min=1), default=3, show_default=True,
+              help="How many of the best complete trials to retrain (the baseline always is).")
+@click.option("--seeds", type=click.IntRange(min=1), default=2, show_default=True,
+              help="New training seeds per trial (offsets after every seed it has used).")
+@click.option("--study-budget", callback=_flops_option, metavar="FLOPS",
+              help="Refuse when the study's training FLOPs plus the confirmation's would exceed this.")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar per trial.")
+@click.option("--storage", help=STORAGE_HELP)
+def study_confirm(name, top, seeds, study_budget, progress, storage):
+    """Retrain the top trials and the baseline with more seeds; print means with 95% intervals.
+
+    The confirmation runs are trials of the study (they do not count towards n_trials, their FLOPs
+    count against --study-budget); the leaderboard merges their seeds into the trials they
+    confirm and pairs each trial's difference from the baseline seed by seed.
+    Running it again after an interruption finishes the queued confirmation trials.
+
+    Example: loopsearch study confirm quick --top 2 --seeds 2
+    """
+    from . import confirm as confirming
+    from . import leaderboard as lb
+
+    console = _console()
+    say = lambda message: console.print(message, highlight=False, markup=False)  # noqa: E731
+    try:
+        numbers = confirming.confirm(name, storage, top=top, seeds=seeds, study_budget=study_budget,
+                                     progress=progress, say=say)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: finished confirmation trials are kept; `loopsearch study confirm {name}` "
+                   f"continues the queued ones", err=True)
+        sys.exit(130)
+    df = lb.frame(storage, [name])
+    df = df.filter(df["trial"].is_in(numbers))
+    console.print(lb.rich_table(df, f"{name}: confirmed trials (every seed)"))
+
+
 def _state_counts(st) -> dict[str, int]:
     """Trials per state, without the surplus ones workers did not run."""
     from collections import Counter
@@ -338,6 +379,11 @@ def study_show(name, as_json, storage):
 def leaderboard(studies_, top, fmt, output, scaling, pareto, storage):
     """Rank trials by validation NLL, with FLOPs and the difference from each study's baseline.
 
+    Every val NLL carries its standard error, and every difference from the baseline is paired
+    (seed by seed, or on identical validation masks) with a 95% interval; a row whose interval
+    contains 0 is a tie, said in words. CSV/JSON/Parquet columns: val_nll, val_nll_se,
+    val_nll_lo, val_nll_hi, seeds, delta_nll, delta_se, delta_lo, delta_hi, delta_basis
+    ("N seeds", "masks" or "unpaired"), tie (true/false), vs_baseline (better, worse, tie).
     Pruned trials are listed with the training FLOPs they used before they were stopped.
 
     Examples: loopsearch leaderboard --study quick --top 5 --format csv --output quick.csv;
@@ -396,22 +442,27 @@ def report_cmd(study_name, output, fmt, storage):
               help="Folder with ptb/, wikitext-2/ and lambada/ (default: $LOOPSEARCH_DATA or the nearest shared/data).")
 @click.option("--budget", help="Training FLOPs per arm (default: the recipe's, 3.5e13).")
 @click.option("--corpus", help="Train on this instead of PTB: corpus plugin, text file, directory or hf:NAME.")
+@click.option("--seeds", type=click.IntRange(min=1), default=None,
+              help="Train every arm with N seeds (paired by seed): the claims get 95% intervals over seeds "
+                   "(default: the recipe's space's, 1).")
 @click.option("--workers", type=int, default=1, show_default=True, help="Train the arms in this many processes.")
 @click.option("--output", type=click.Path(file_okay=False), help="Report directory (default: report-NAME/).")
 @click.option("--format", "fmt", type=click.Choice(["html", "md"]), default="html", show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (evaluations).")
 @click.option("--progress/--no-progress", default=True, help="Show progress bars while training.")
 @click.option("--storage", help=STORAGE_HELP)
-def repro_cmd(name, recipe, data_dir, budget, corpus, workers, output, fmt, device, progress, storage):
+def repro_cmd(name, recipe, data_dir, budget, corpus, seeds, workers, output, fmt, device, progress, storage):
     """LoopMDM's experiment end to end, with its claims beside the measurements.
 
     Trains the baseline, an early-middle looped, a late looped and a deeper non-looped model at
     the same training FLOPs on PTB (recipe loopmdm_repro), evaluates inference loop scaling,
     zero-shot bounds on WikiText-2 and LAMBADA and the attention of masked positions, and writes
-    the report whose first table says, claim by claim, whether this run agrees with the paper.
-    About 35 minutes on 2 CPU cores (measured 34); run it again to continue after an interruption.
+    the report whose first table says, claim by claim, whether this run agrees with the paper:
+    only when the 95% interval of the effect excludes 0 (over seeds with --seeds N; with one
+    seed, the validation noise only). About 35 minutes per seed on 2 CPU cores (measured 34);
+    run it again to continue after an interruption.
 
-    Example: loopsearch repro --data ../shared/data --format md
+    Example: loopsearch repro --data ../shared/data --format md --seeds 3
     """
     from . import repro
 
@@ -419,7 +470,8 @@ def repro_cmd(name, recipe, data_dir, budget, corpus, workers, output, fmt, devi
     say = lambda message: console.print(message, highlight=False, markup=False)  # noqa: E731
     try:
         rep = repro.run(name, recipe, data=data_dir, budget=budget, corpus=corpus_option(corpus), storage=storage,
-                        workers=workers, output=output, fmt=fmt, progress=progress, device=device, say=say)
+                        workers=workers, output=output, fmt=fmt, progress=progress, device=device, seeds=seeds,
+                        say=say)
     except KeyboardInterrupt:
         click.echo(f"interrupted: finished arms of {name!r} are kept; `loopsearch repro --name {name}` continues",
                    err=True)
@@ -456,9 +508,10 @@ def sweep_cmd(name, recipe, space, arms, scales, seeds, budget, corpus, train_to
     """Iso-FLOP curves: the same arms at a ladder of training budgets, and the crossover.
 
     Every arm trains at every budget (and seed); each arm's final val NLL is compared with the
-    baseline trained with the same seed at the same budget on identical validation masks. The
-    crossover budget is where looping starts to win, with an interval from ± 1 standard error
-    over seeds. `loopsearch report NAME` draws the curves.
+    baseline trained with the same seed at the same budget on identical validation masks; each
+    difference gets a 95% interval (t over seeds, n - 1 degrees of freedom; with one seed only
+    the validation noise). "crosses" needs one change of sign with intervals excluding 0 on both
+    sides; otherwise the verdict says inconclusive or mixed. `loopsearch report NAME` draws the curves.
 
     Example: loopsearch sweep --name iso --arms baseline,early_middle --budget 2e12 --scales 1,2,4,8 --seeds 2
     """
@@ -752,8 +805,9 @@ def analyze():
 def analyze_attention(study_name, trial, rates, n_loops, device, as_json, storage):
     """Share of attention mass masked queries put on masked vs unmasked keys, per layer and loop.
 
-    On the study's validation split, at each mask rate; "uniform share" is the fraction of keys
-    that are masked (what uniform attention would give). The loop block is applied as a plain
+    On the study's validation split, at each mask rate. mask→mask counts the attention a masked
+    query pays to *other* masked keys; its own position is reported apart (self); "uniform share"
+    is the masked fraction of the other keys (what uniform attention over them would give). The loop block is applied as a plain
     repetition (the fixed strategy's reinject included; halting's freezing is not reproduced).
 
     Example: loopsearch analyze attention quickstart 2 --rates 0.15,0.5,0.85

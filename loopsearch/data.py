@@ -151,8 +151,32 @@ def random_batch(ids: torch.Tensor, batch_size: int, seq_len: int, generator: to
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
 
 
+def validation_windows(ids: torch.Tensor, seq_len: int, n_windows: int) -> tuple[torch.Tensor, list[int]]:
+    """Up to ``n_windows`` non-overlapping windows of seq_len tokens of the validation split,
+    evenly spaced over it (all of them when the split has no more), and their indices among the
+    split's windows (the key of their masks: loopsearch/diffusion.py ``window_generator``).
+    Returns ((W, T) token ids, [index])."""
+    total = len(ids) // seq_len
+    if total == 0:
+        raise LoopsearchError(f"validation split has {len(ids)} tokens, fewer than seq_len={seq_len}")
+    n = min(n_windows, total)
+    keys = [i * total // n for i in range(n)]
+    windows = ids[: total * seq_len].view(total, seq_len)
+    return windows[keys], keys
+
+
+def subsample(windows: torch.Tensor, keys: list[int], n: int) -> tuple[torch.Tensor, list[int]]:
+    """n of the windows, evenly spaced (the learning curve's cheaper validations: a window keeps
+    its key, so its masks are the ones the full validation uses)."""
+    if n >= len(keys):
+        return windows, keys
+    picks = [i * len(keys) // n for i in range(n)]
+    return windows[picks], [keys[i] for i in picks]
+
+
 def validation_batches(ids: torch.Tensor, seq_len: int, n_sequences: int, batch_size: int) -> list[torch.Tensor]:
-    """The first n_sequences non-overlapping windows of the validation split, in batches."""
+    """The first n_sequences non-overlapping windows of the validation split, in batches (the
+    reference causal LM's validation, loopsearch/reference.py)."""
     n = min(n_sequences, len(ids) // seq_len)
     if n == 0:
         raise LoopsearchError(f"validation split has {len(ids)} tokens, fewer than seq_len={seq_len}")

@@ -19,8 +19,8 @@ import optuna
 import torch
 
 from . import checkpoint
-from .data import prepare, validation_batches
-from .diffusion import validation_nll
+from .data import prepare, subsample, validation_windows
+from .diffusion import validation_elbo
 from .errors import LoopsearchError
 from .looping import ExecutionRecorder
 from .registry import get_registry
@@ -70,18 +70,26 @@ def check_exits(exits: list[ExitSpec] | None) -> list[tuple[str, str, dict]]:
     return out
 
 
-def load_for_validation(directory: str | Path, device: str = "auto"):
+def validation_set(directory: str | Path, device: str = "auto"):
     """A trial's checkpoint in eval mode on ``device``, its TrialConfig, and the validation
-    batches the trial was scored on (the study's corpus, the same fixed windows)."""
+    windows (W, T) and their keys the trial was scored on (the study's corpus, the same windows
+    and, with ``config.mask_seed``, the same masks)."""
     reg = get_registry()
     model, config, _ = checkpoint.load(directory, reg)
     corpus_cls = reg.get("corpus", config.corpus.name)
     data = prepare(corpus_cls(corpus_cls.Params.model_validate(config.corpus.params)), config.vocab_size)
     dev = resolve_device(device)
     model.to(dev).eval()
-    cfg = config.train
-    val = [b.to(dev) for b in validation_batches(data.valid, cfg.seq_len, cfg.eval_sequences, cfg.batch_size)]
-    return model, config, val
+    windows, keys = validation_windows(data.valid, config.train.seq_len, config.train.eval_sequences)
+    return model, config, windows.to(dev), keys
+
+
+def load_for_validation(directory: str | Path, device: str = "auto"):
+    """A trial's checkpoint, its TrialConfig, and the learning curve's validation windows
+    (``eval_curve_sequences`` of them) in batches: what the attention analysis reads."""
+    model, config, windows, keys = validation_set(directory, device)
+    windows, _ = subsample(windows, keys, config.train.eval_curve_sequences)
+    return model, config, list(windows.split(config.train.batch_size))
 
 
 @torch.no_grad()
@@ -94,7 +102,7 @@ def loop_scaling(directory: str | Path, loops: list[int], device: str = "auto",
     from .exits import make_exit
 
     criteria = check_exits(exits)
-    model, config, val = load_for_validation(directory, device)
+    model, config, windows, keys = validation_set(directory, device)
     cfg = config.train
     if not model.strategy.loops_block:
         loops, criteria = [1], []  # nothing to loop (or exit from): one row for the plain model
@@ -104,11 +112,13 @@ def loop_scaling(directory: str | Path, loops: list[int], device: str = "auto",
             crit = None if name is None else make_exit(name, params, model, cfg.seq_len)
             rec = ExecutionRecorder(model)
             kwargs = {} if crit is None else {"exit": crit}
-            nll = validation_nll(rec, val, model.backbone.mask_id, cfg.eval_t_points, seed=config.seed + 1,
-                                 n_loops=n, **kwargs)
+            val = validation_elbo(rec, windows, keys, model.backbone.mask_id, cfg.eval_draws, seed=config.mask_seed,
+                                  batch_size=cfg.eval_batch_size, n_loops=n, **kwargs)
+            nll = val.nll
             apps, extra = rec.means()
             shown = apps if model.strategy.loops_block else 1.0  # the plain model runs every layer once
-            rows.append({"n_loops": n, "exit": label, "val_nll": nll, "perplexity": math.exp(min(nll, 700)),
+            rows.append({"n_loops": n, "exit": label, "val_nll": nll, "val_nll_se": val.se,
+                         "val_windows": val.flat(), "val_draws": val.draws, "perplexity": math.exp(min(nll, 700)),
                          "mean_loops": shown, "mean_token_loops": rec.mean_token_loops(),
                          "inference_flops_per_token": model.inference_flops_per_token(cfg.seq_len, apps, extra),
                          "trained_n_loops": int(model.strategy.eval_loops())})

@@ -1,7 +1,17 @@
 """Results as data: Optuna storage -> polars frame -> table, CSV, JSON, Markdown or Parquet.
 
-One row per trial. ``delta_nll`` is the trial's val NLL minus its study's no-loop baseline
-(negative = better than the baseline at the same training-FLOP budget).
+One row per trial (a confirmation run of ``loopsearch study confirm`` is merged into the trial it
+confirms: its seeds join the trial's). Every number says how sure it is:
+
+* ``val_nll`` is the mean over the trial's seeds; ``val_nll_se`` its standard error (over seeds,
+  t with seeds - 1 degrees of freedom, with 2+ seeds; else the validation's Monte-Carlo error),
+  ``val_nll_lo``/``val_nll_hi`` the 95% interval.
+* ``delta_nll`` is the trial's val NLL minus its study's no-loop baseline at the same budget
+  (negative = better), computed paired: over the seeds both trained (the difference per seed,
+  t interval), or with one common seed on identical validation windows and masks (the
+  Monte-Carlo interval of the per-window differences: validation noise only, not seed noise),
+  else unpaired. ``delta_basis`` says which; ``delta_lo``/``delta_hi`` bound the 95% interval;
+  ``tie`` is true when it contains 0, and ``vs_baseline`` says so in words (better, worse, tie).
 """
 
 from __future__ import annotations
@@ -24,8 +34,12 @@ SCHEMA = {
     "study": pl.String, "trial": pl.Int64, "state": pl.String, "baseline": pl.Boolean,
     "strategy": pl.String, "loop_start": pl.Int64, "loop_end": pl.Int64, "n_loops": pl.Int64,
     "n_layer": pl.Int64, "params": pl.String, "train_flops": pl.Float64, "budget": pl.Float64,
-    "inference_flops_per_token": pl.Float64, "val_nll": pl.Float64, "perplexity": pl.Float64,
-    "delta_nll": pl.Float64, "steps": pl.Int64, "n_params": pl.Int64, "wall_s": pl.Float64,
+    "inference_flops_per_token": pl.Float64, "seeds": pl.Int64,
+    "val_nll": pl.Float64, "val_nll_se": pl.Float64, "val_nll_lo": pl.Float64, "val_nll_hi": pl.Float64,
+    "perplexity": pl.Float64,
+    "delta_nll": pl.Float64, "delta_se": pl.Float64, "delta_lo": pl.Float64, "delta_hi": pl.Float64,
+    "delta_basis": pl.String, "tie": pl.Boolean, "vs_baseline": pl.String,
+    "confirmed": pl.Boolean, "steps": pl.Int64, "n_params": pl.Int64, "wall_s": pl.Float64,
     # generation metrics (study objectives, or the latest `loopsearch evaluate` of the trial)
     "gen_ppl": pl.Float64, "sample_entropy": pl.Float64, "task_accuracy": pl.Float64, "zeroshot_bpb": pl.Float64,
     "note": pl.String,
@@ -68,19 +82,71 @@ def _row(study: str, t: optuna.trial.FrozenTrial, evaluated: list[dict] | None =
     note = _note(t, retried_as or {})
     return {
         "study": study, "trial": t.number, "state": t.state.name.lower(), "baseline": bool(a.get(BASELINE_ATTR)),
+        # a trial of the no-loop model: the study's baseline, or (arms) the baseline arm at any budget and seed
+        "baseline_arm": bool(a.get(BASELINE_ATTR) or a.get("baseline_arm")),
         "strategy": a.get("strategy"), "loop_start": a.get("loop_start"), "loop_end": a.get("loop_end"),
         "n_loops": a.get("n_loops"), "n_layer": a.get("n_layer"),
         "params": " ".join(f"{k}={v}" for k, v in sorted(searched.items())),
         "train_flops": a.get("train_flops"), "budget": a.get("budget"),
         "inference_flops_per_token": a.get("inference_flops_per_token"),
-        "val_nll": a.get("val_nll"), "perplexity": a.get("perplexity"), "delta_nll": None,
+        "val_nll": a.get("val_nll"), "val_nll_se": a.get("val_nll_se"), "perplexity": a.get("perplexity"),
+        "delta_nll": None, "seeds": None, "confirmed": False,
         "steps": a.get("steps"), "n_params": a.get("n_params"), "wall_s": a.get("wall_s"),
         **_metric_values(a, evaluated or []),
         "note": str(note).splitlines()[0][:120] if note else "",
     }
 
 
+def seed_values(t: optuna.trial.FrozenTrial) -> dict[int, dict]:
+    """{seed offset: {val_nll, val_nll_se, val_windows, val_draws, eval_key}} of a complete trial:
+    each seed it trained (older trials: their one seed)."""
+    a = t.user_attrs
+    if t.state != optuna.trial.TrialState.COMPLETE or a.get("val_nll") is None:
+        return {}
+    rows = a.get("seed_results") or [{"seed_offset": a.get("seed_offset", 0), "val_nll": a["val_nll"],
+                                      "val_nll_se": a.get("val_nll_se"), "attrs": a}]
+    out = {}
+    for r in rows:
+        attrs = r.get("attrs", {})
+        out[int(r["seed_offset"])] = {"val_nll": float(r["val_nll"]), "val_nll_se": r.get("val_nll_se"),
+                                      "val_windows": attrs.get("val_windows"), "val_draws": attrs.get("val_draws"),
+                                      "eval_key": attrs.get("eval_key")}
+    return out
+
+
+def value_interval(seeds: dict[int, dict]):
+    """The mean val NLL over seeds with its interval: over seeds (t, n - 1 df) with 2+ seeds,
+    else the one validation's Monte-Carlo error (normal)."""
+    from .stats import Interval, mean_interval
+
+    if len(seeds) >= 2:
+        return mean_interval([v["val_nll"] for v in seeds.values()])
+    (v,) = seeds.values()
+    return Interval(v["val_nll"], v.get("val_nll_se"), None)
+
+
+def paired_delta(rows: dict[int, dict], base: dict[int, dict]):
+    """(interval of rows - base, basis): paired over common seeds (2+), or on the same windows
+    and masks (1 common seed, equal eval keys), else unpaired."""
+    from .stats import Interval, mean_interval, paired_window_interval
+
+    common = sorted(set(rows) & set(base))
+    if len(common) >= 2:
+        return mean_interval([rows[s]["val_nll"] - base[s]["val_nll"] for s in common]), f"{len(common)} seeds"
+    if len(common) == 1:
+        a, b = base[common[0]], rows[common[0]]
+        if (a.get("val_windows") and b.get("val_windows") and a.get("eval_key") == b.get("eval_key")
+                and a.get("val_draws") == b.get("val_draws") and len(a["val_windows"]) == len(b["val_windows"])):
+            return paired_window_interval(a["val_windows"], b["val_windows"], int(a["val_draws"])), "masks"
+    mine, theirs = value_interval(rows), value_interval(base)
+    if mine.se is None or theirs.se is None:
+        return Interval(mine.mean - theirs.mean, None), "unpaired"
+    return Interval(mine.mean - theirs.mean, (mine.se ** 2 + theirs.se ** 2) ** 0.5, None), "unpaired"
+
+
 def frame(storage: str | None = None, studies: list[str] | None = None) -> pl.DataFrame:
+    from .study import CONFIRM_OF_ATTR
+
     store = open_storage(storage)
     available = [s.study_name for s in optuna.get_all_study_summaries(store, include_best_trial=False)]
     names = studies or available
@@ -98,12 +164,51 @@ def frame(storage: str | None = None, studies: list[str] | None = None) -> pl.Da
         evaluated = stored(study)
         trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get(SURPLUS_ATTR)]
         retried_as = {t.system_attrs["retry_history"][-1]: t.number for t in trials if t.system_attrs.get("retry_history")}
-        rows += [_row(name, t, evaluated.get(t.number), retried_as) for t in trials]
+        confirms: dict[int, list] = {}
+        for t in trials:
+            if t.user_attrs.get(CONFIRM_OF_ATTR) is not None:
+                confirms.setdefault(int(t.user_attrs[CONFIRM_OF_ATTR]), []).append(t)
+        originals = [t for t in trials if t.user_attrs.get(CONFIRM_OF_ATTR) is None]
+        seeds = {}
+        for t in originals:
+            values = seed_values(t)
+            for c in confirms.get(t.number, []):
+                values.update(seed_values(c))
+            seeds[t.number] = values
+        study_rows = [_row(name, t, evaluated.get(t.number), retried_as) for t in originals]
+        _add_intervals(study_rows, originals, seeds, bool(confirms))
+        rows += study_rows
     df = pl.DataFrame(rows, schema=SCHEMA)
-    base = (df.filter(pl.col("baseline") & pl.col("val_nll").is_not_null())
-              .group_by("study").agg(pl.col("val_nll").min().alias("_base")))
-    df = df.join(base, on="study", how="left").with_columns(delta_nll=pl.col("val_nll") - pl.col("_base")).drop("_base")
     return df.sort(["study", "val_nll", "trial"], nulls_last=True)
+
+
+def _add_intervals(rows: list[dict], trials: list, seeds: dict[int, dict], any_confirms: bool) -> None:
+    """Fill each row's val NLL interval and its paired difference from the baseline trained at
+    the same budget (arms: the baseline arm's trials at that budget, by seed)."""
+    from .stats import tie_words
+
+    base_by_budget: dict[float, dict[int, dict]] = {}
+    for row, t in zip(rows, trials):
+        if row["baseline_arm"] and seeds[t.number]:
+            base_by_budget.setdefault(float(row["budget"] or 0.0), {}).update(seeds[t.number])
+    for row, t in zip(rows, trials):
+        values = seeds[t.number]
+        if not values:
+            continue
+        ci = value_interval(values)
+        row.update(seeds=len(values), val_nll=ci.mean, val_nll_se=ci.se, val_nll_lo=ci.lo, val_nll_hi=ci.hi,
+                   confirmed=any(s != min(values) for s in values) and any_confirms)
+        base = base_by_budget.get(float(row["budget"] or 0.0))
+        if base is None:
+            continue
+        if row["baseline_arm"]:
+            row.update(delta_nll=0.0, delta_basis="baseline", vs_baseline="baseline")
+            continue
+        delta, basis = paired_delta(values, base)
+        row.update(delta_nll=delta.mean, delta_se=delta.se, delta_lo=delta.lo, delta_hi=delta.hi,
+                   delta_basis=basis, tie=delta.tie, vs_baseline=tie_words(delta) or "no interval")
+    for row in rows:
+        row.pop("baseline_arm", None)
 
 
 SCALING_SCHEMA = {
@@ -181,6 +286,8 @@ def _fmt(col: str, v) -> str:
         return f"{v:.3g}"
     if col in ("val_nll", "delta_nll"):
         return f"{v:+.4f}" if col == "delta_nll" else f"{v:.4f}"
+    if col in ("val_nll_se", "delta_se"):
+        return f"{v:.4f}"
     if col in ("gen_ppl", "sample_entropy", "task_accuracy", "zeroshot_bpb"):
         return f"{v:.2f}" if col == "gen_ppl" else f"{v:.3f}"
     if col in ("perplexity", "wall_s"):
@@ -188,19 +295,42 @@ def _fmt(col: str, v) -> str:
     return str(v)
 
 
+def value_text(row: dict) -> str:
+    """'5.6926 ± 0.0103' (val NLL ± its standard error)."""
+    if row.get("val_nll") is None:
+        return ""
+    se = row.get("val_nll_se")
+    return f"{row['val_nll']:.4f}" + ("" if se is None else f" ± {se:.4f}")
+
+
+def delta_text(row: dict) -> str:
+    """'+0.0436 [+0.0401, +0.0471]' (the paired difference from the baseline, 95% interval)."""
+    if row.get("delta_nll") is None:
+        return ""
+    if row.get("delta_lo") is None:
+        return f"{row['delta_nll']:+.4f}"
+    return f"{row['delta_nll']:+.4f} [{row['delta_lo']:+.4f}, {row['delta_hi']:+.4f}]"
+
+
 DISPLAY = ["study", "trial", "state", "strategy", "loop_start", "loop_end", "n_loops", "n_layer", "params",
-           "train_flops", "inference_flops_per_token", "val_nll", "perplexity", "delta_nll", "steps", "wall_s",
-           "gen_ppl", "sample_entropy", "task_accuracy", "zeroshot_bpb", "note"]
+           "train_flops", "inference_flops_per_token", "seeds", "val NLL ± se", "perplexity", "Δ baseline [95% CI]",
+           "vs baseline", "steps", "wall_s", "gen_ppl", "sample_entropy", "task_accuracy", "zeroshot_bpb", "note"]
+_DERIVED = {"val NLL ± se": value_text, "Δ baseline [95% CI]": delta_text,
+            "vs baseline": lambda r: (r.get("vs_baseline") or "") + (
+                f" ({r['delta_basis']})" if r.get("delta_basis") not in (None, "baseline") else "")}
 
 
 def markdown(df: pl.DataFrame) -> str:
+    """The leaderboard as a Markdown table: val NLL with its standard error, the paired difference
+    from the baseline with its 95% interval, and the verdict in words (tie when it contains 0)."""
     cols = DISPLAY if "baseline" in df.columns else list(df.columns)
     optional = ("gen_ppl", "sample_entropy", "task_accuracy", "zeroshot_bpb")
     cols = [c for c in cols if c not in optional or df[c].is_not_null().any()]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in df.iter_rows(named=True):
         label = {**row, "trial": f"{row['trial']}{' (baseline)' if row.get('baseline') else ''}"}
-        lines.append("| " + " | ".join(_fmt(c, label[c]).replace("|", "\\|") for c in cols) + " |")
+        cells = [_DERIVED[c](row) if c in _DERIVED else _fmt(c, label[c]) for c in cols]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -226,7 +356,7 @@ def rich_table(df: pl.DataFrame, title: str | None = None):
     from rich.table import Table
 
     cols = ["trial", "state", "strategy", "block", "n_loops", "n_layer", "params", "train_flops",
-            "inference_flops_per_token", "val_nll", "perplexity", "delta_nll"]
+            "inference_flops_per_token", "seeds", "val NLL ± se", "Δ baseline [95% CI]", "vs baseline"]
     if df["study"].n_unique() > 1:
         cols.insert(0, "study")
     cols += [c for c in ("gen_ppl", "sample_entropy", "task_accuracy", "zeroshot_bpb") if df[c].is_not_null().any()]
@@ -234,16 +364,18 @@ def rich_table(df: pl.DataFrame, title: str | None = None):
         cols.append("note")
     headers = {"gen_ppl": "gen PPL", "sample_entropy": "entropy", "task_accuracy": "task acc",
                "zeroshot_bpb": "0-shot bits/B","inference_flops_per_token": "inf FLOP/tok", "train_flops": "train FLOP", "n_loops": "loops",
-               "n_layer": "layers", "delta_nll": "Δ base", "perplexity": "ppl≤", "val_nll": "val NLL"}
+               "n_layer": "layers", "delta_nll": "Δ base", "perplexity": "ppl≤", "val_nll": "val NLL",
+               "Δ baseline [95% CI]": "Δ base [95% CI]", "vs baseline": "vs base"}
     table = Table(title=(title or "loopsearch leaderboard") + ": val NLL in nats/token (lower is better), "
-                        "★ = no-loop baseline", title_justify="left")
+                        "★ = no-loop baseline; Δ: paired difference from it with its 95% interval, "
+                        "a tie when the interval contains 0", title_justify="left")
     for c in cols:
         left = c in ("study", "state", "strategy", "params", "note", "block")
         table.add_column(headers.get(c, c), justify="left" if left else "right",
                          overflow="fold" if c in ("params", "note") else "ellipsis", no_wrap=c not in ("params", "note"))
     for row in df.iter_rows(named=True):
         row = {**row, "block": f"[{row['loop_start']},{row['loop_end']})" if row["loop_end"] else "-"}
-        cells = [_fmt(c, row[c]) for c in cols]
+        cells = [_DERIVED[c](row) if c in _DERIVED else _fmt(c, row[c]) for c in cols]
         if row["baseline"]:
             cells[cols.index("trial")] += "★"
         table.add_row(*cells, style="dim" if row["state"] != "complete" else None)

@@ -108,7 +108,7 @@ def zeroshot_metric(loaded: Loaded, path: str | Path, *, sequences: int | None =
     cfg = loaded.config.train
     text = read_eval_text(path)
     row = zeroshot_nll(loaded.model, loaded.tokenizer_json, text, seq_len=cfg.seq_len, n_sequences=sequences,
-                       batch_size=cfg.batch_size, t_points=cfg.eval_t_points, seed=seed)
+                       batch_size=cfg.eval_batch_size, draws=cfg.eval_draws, seed=seed)
     return {"metric": "zeroshot", "data": str(path), "perplexity": row.pop("perplexity_bound"), **row}
 
 
@@ -141,7 +141,7 @@ def objective_metric(metric: str, directory: str | Path, spec) -> dict[str, Any]
         return {"gen_ppl": row["gen_ppl"], "sample_entropy": row["sample_entropy"],
                 "sample_flops_per_token": row["flops_per_token"]}
     if metric == "zeroshot_nll":
-        row = zeroshot_metric(loaded, obj.zeroshot, sequences=obj.zeroshot_sequences, seed=spec.seed + 1)
+        row = zeroshot_metric(loaded, obj.zeroshot, sequences=obj.zeroshot_sequences, seed=spec.seed)
         return {"zeroshot_nll": row["bits_per_byte"], "zeroshot_nats_per_token": row["nll"],
                 "zeroshot_data": row["data"]}
     if metric == "task_accuracy":

@@ -125,7 +125,7 @@ def curve(t: FrozenTrial) -> list[tuple[float, float]]:
     (exact FLOPs), else Optuna's intermediate values (keyed by whole GFLOPs)."""
     history = t.user_attrs.get("history")
     if history:
-        return [(float(f), float(v)) for f, v in history]
+        return [(float(h[0]), float(h[1])) for h in history]  # (FLOPs, val NLL[, its standard error])
     return [(float(step) * 1e9, float(v)) for step, v in sorted(t.intermediate_values.items())]
 
 
@@ -172,12 +172,15 @@ def summary(d: Data) -> Section:
         ["backbone", plugin_label(spec.backbone.name, spec.backbone.params)],
         ["vocab size", str(spec.vocab_size)],
         ["objective", ", ".join(f"{m} ({d_})" for m, d_ in zip(spec.objective.metrics, spec.objective.directions))],
-        ["seed / sampler / pruner", f"{spec.seed} / {spec.sampler} / {spec.pruner}"],
+        ["seed / seeds per configuration / sampler / pruner",
+         f"{spec.seed} / {spec.space.seeds} / {spec.sampler} / {spec.pruner}"],
         ["trials", ", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "none"],
         ["baseline val NLL", "not finished" if base is None else f"{base:.4f} nats/token"],
         ["best trial", "none finished" if best is None else
-         f"{best['trial']} {label_row(best)}: {best['val_nll']:.4f} nats/token"
-         + ("" if best["delta_nll"] is None else f" ({best['delta_nll']:+.4f} vs baseline)")],
+         f"{best['trial']} {label_row(best)}: {lb.value_text(best)} nats/token"
+         + ("" if best["delta_nll"] is None else
+            f" ({lb.delta_text(best)} vs baseline: {best['vs_baseline']}"
+            + (f", {best['delta_basis']}" if best.get("delta_basis") not in (None, "baseline") else "") + ")")],
     ]
     return Section("summary", "Study", headers=["", ""], rows=rows)
 
@@ -454,11 +457,15 @@ def leaderboard(d: Data) -> Section:
     optional = ("gen_ppl", "sample_entropy", "task_accuracy", "zeroshot_bpb")
     cols = [c for c in cols if c not in optional or d.board[c].is_not_null().any()]
     sec.headers = cols
-    sec.rows = [[lb._fmt(c, f"{r['trial']}{' (baseline)' if r['baseline'] else ''}" if c == "trial" else r[c])
+    sec.rows = [[lb._DERIVED[c](r) if c in lb._DERIVED else
+                 lb._fmt(c, f"{r['trial']}{' (baseline)' if r['baseline'] else ''}" if c == "trial" else r[c])
                  for c in cols] for r in d.board.iter_rows(named=True)]
     sec.markdown = lb.markdown(d.board)
-    sec.caption = ("One row per trial, best val NLL first. val NLL and delta_nll (vs the no-loop baseline) in "
-                   "nats/token, train_flops and inference_flops_per_token in FLOPs, wall_s in seconds.")
+    sec.caption = ("One row per trial, best val NLL first. val NLL ± its standard error and Δ baseline (the paired "
+                   "difference from the no-loop baseline, with its 95% interval) in nats/token; 'vs baseline' says "
+                   "better, worse or tie (the interval contains 0) and what the interval covers: N seeds (training "
+                   "and validation noise), masks (one seed each: validation noise only) or unpaired. "
+                   "train_flops and inference_flops_per_token in FLOPs, wall_s in seconds.")
     return sec
 
 
@@ -610,7 +617,12 @@ def comparison(names: list[str], storage: str | None = None) -> tuple[list[dict]
             "best_trial": None if best is None else best["trial"],
             "best": None if best is None else label_row(best),
             "best_val_nll": None if best is None else best["val_nll"],
-            "best_delta_nll": None if best is None or base_nll is None else best["val_nll"] - base_nll,
+            "best_delta_nll": None if best is None or base_nll is None else best["delta_nll"],
+            "best_delta_lo": None if best is None else best["delta_lo"],
+            "best_delta_hi": None if best is None else best["delta_hi"],
+            "best_vs_baseline": None if best is None else best["vs_baseline"],
+            "best_delta_basis": None if best is None else best["delta_basis"],
+            "best_seeds": None if best is None else best["seeds"],
         })
     warnings = [w for w in (
         _differs("budgets", {n: s.budget for n, s in specs.items()}, format_flops),
@@ -629,10 +641,10 @@ def comparison(names: list[str], storage: str | None = None) -> tuple[list[dict]
 def rich_comparison(rows: list[dict]):
     from rich.table import Table
 
-    table = Table(title="loopsearch compare: val NLL in nats/token (lower is better); Δ base = best - own baseline",
-                  title_justify="left")
+    table = Table(title="loopsearch compare: val NLL in nats/token (lower is better); Δ base = best - own baseline "
+                        "(paired, 95% interval; a tie when it contains 0)", title_justify="left")
     for c in ("study", "space", "budget", "corpus", "backbone", "vocab", "trials", "baseline NLL", "best trial",
-              "best NLL", "Δ base"):
+              "best NLL", "Δ base [95% CI]", "vs base"):
         table.add_column(c, justify="left" if c in ("study", "space", "corpus", "backbone", "best trial") else "right",
                          overflow="fold")
     num = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
@@ -640,5 +652,9 @@ def rich_comparison(rows: list[dict]):
         best = "" if r["best_trial"] is None else f"{r['best_trial']}: {r['best']}"
         table.add_row(r["study"], r["space"], format_flops(r["budget"]), r["corpus"], r["backbone"],
                       str(r["vocab_size"]), f"{r['complete']}/{r['trials']}", num(r["baseline_val_nll"], ".4f"),
-                      best, num(r["best_val_nll"], ".4f"), num(r["best_delta_nll"], "+.4f"))
+                      best, num(r["best_val_nll"], ".4f"),
+                      lb.delta_text({"delta_nll": r["best_delta_nll"], "delta_lo": r.get("best_delta_lo"),
+                                     "delta_hi": r.get("best_delta_hi")}),
+                      (r.get("best_vs_baseline") or "") + (f" ({r['best_delta_basis']})" if r.get("best_delta_basis")
+                                                            not in (None, "baseline") else ""))
     return table

@@ -15,42 +15,64 @@ counts, the zero-shot bounds of every arm on WikiText-2 and LAMBADA, the attenti
 the early-middle arm, and writes the report, whose first section (``sections``) puts each claim
 beside what was measured and says whether this small-scale run agrees. Every step is stored
 with the study and skipped when already done, so an interrupted ``repro`` continues.
+
+Verdicts respect the noise (loopsearch/stats.py): a claim "agrees" only when the 95% interval
+of its effect excludes 0 in the claimed direction, "disagrees" when it excludes 0 the other
+way, else "inconclusive". With ``seeds`` = N > 1 every arm trains N times (paired by seed:
+same initialisation offset and data order) and effects are means over seeds with a t interval
+on N - 1 degrees of freedom. With one seed the only interval is the paired Monte-Carlo one of
+the validation masks (per-window values stored with the trials), labelled "validation noise
+only": it says whether the two models differ on this validation data, not whether another
+training seed would agree.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from . import stats
 from .errors import LoopsearchError
+from .stats import Interval
 
 ATTENTION_ATTR = "loopsearch.attention."
 ROLES = ("baseline", "early_looped", "late_looped", "deeper")
 ZEROSHOT = {"WikiText-2": "wikitext-2/wiki.test.raw", "LAMBADA": "lambada/lambada_test.jsonl"}
 PAPER_FLOP_RATIO = 3.3
-TIE = 0.01  # nats/token (or attention share): a smaller difference is called inconclusive, not a result
 RATES = (0.15, 0.5, 0.85)
+MC_ONLY = "validation noise only"
 
 
 # ---- which trial plays which role ------------------------------------------------------------------
-def role_trials(study: optuna.Study, spec) -> dict[str, FrozenTrial]:
-    """{role: the complete trial of the arm with that role} (budget scale 1, seed 0 when a study
-    also sweeps budgets or seeds)."""
+def _seed(t: FrozenTrial) -> int:
+    return int(t.user_attrs.get("seed_offset", 0))
+
+
+def role_trials(study: optuna.Study, spec) -> dict[str, list[FrozenTrial]]:
+    """{role: the complete trials of the arm with that role, one per seed, by seed_offset} (budget
+    scale 1 when a study also sweeps budgets)."""
     roles = {name: arm.role for name, arm in spec.space.arms.items() if arm.role}
-    out: dict[str, FrozenTrial] = {}
+    out: dict[str, dict[int, FrozenTrial]] = {}
     for t in study.get_trials(deepcopy=False):
         a = t.user_attrs
         if t.state != TrialState.COMPLETE or a.get("arm") not in roles or "val_nll" not in a:
             continue
-        if float(a.get("budget_scale", 1.0)) != 1.0 or int(a.get("seed_offset", 0)) != 0:
+        if float(a.get("budget_scale", 1.0)) != 1.0:
             continue
-        out.setdefault(roles[a["arm"]], t)
-    return out
+        out.setdefault(roles[a["arm"]], {}).setdefault(_seed(t), t)
+    return {role: [by_seed[k] for k in sorted(by_seed)] for role, by_seed in out.items()}
+
+
+def one_per_role(trials: dict[str, list[FrozenTrial]]) -> dict[str, FrozenTrial]:
+    """The seed-0 trial (the lowest seed that finished) of each role: for what needs one model
+    (loop scaling, zero-shot bounds)."""
+    return {role: ts[0] for role, ts in trials.items() if ts}
 
 
 def has_roles(spec) -> bool:
@@ -61,20 +83,25 @@ def has_roles(spec) -> bool:
 def run(name: str = "loopmdm_repro", recipe: str = "loopmdm_repro", *, data: str | Path | None = None,
         budget: str | None = None, corpus: dict | None = None, storage: str | None = None, workers: int = 1,
         output: str | Path | None = None, fmt: str = "html", progress: bool = True, device: str = "auto",
-        say: Callable[[str], None] = print):
+        seeds: int | None = None, say: Callable[[str], None] = print):
     """Create (if needed) and run the repro study, then every evaluation the claims need, then
-    the report. Returns the written ``report.Report``."""
+    the report. ``seeds`` (default: the space's) trains every arm that many times, paired by
+    seed, so the claims get intervals over seeds. Returns the written ``report.Report``."""
     from . import report
     from . import study as studies
     from .data import shared_data_dir
 
     root = shared_data_dir(data)
     if name not in studies.study_names(storage):
-        spec = studies.spec_from_options(name, None, recipe, budget, corpus, None, None, None)
+        spec = make_spec(name, recipe, budget, corpus, seeds)
         studies.create(spec, storage)
-        say(f"created study {name!r}: {len(spec.space.grid())} arms at {spec.budget:.3g} training FLOPs each")
+        say(f"created study {name!r}: {len(spec.space.arms)} arms x {spec.space.seeds} seed(s) at "
+            f"{spec.budget:.3g} training FLOPs each")
     elif budget is not None or corpus is not None:
         raise LoopsearchError(f"study {name!r} exists; --budget/--corpus apply to a new one (pick another --name)")
+    elif seeds is not None and seeds != (have := studies.load(name, storage)[1].space.seeds):
+        raise LoopsearchError(f"study {name!r} exists with {have} seed(s); --seeds applies to a new one "
+                              f"(pick another --name)")
     from .workers import run_to_target
 
     run_to_target(name, storage, workers, progress, say)
@@ -84,12 +111,30 @@ def run(name: str = "loopmdm_repro", recipe: str = "loopmdm_repro", *, data: str
     if missing:
         raise LoopsearchError(f"study {name!r}: the arms {missing} did not finish (see `loopsearch leaderboard "
                               f"--study {name}`); run `loopsearch repro --name {name}` again")
-    loop_scaling(study, trials, device, say)
-    zero_shot(study, trials, root, device, say)
+    one = one_per_role(trials)
+    loop_scaling(study, one, device, say)
+    zero_shot(study, one, root, device, say)
     attention(study, trials, device, say)
     rep = report.write(name, output, fmt, storage)
     say(f"report: {rep.page}")
     return rep
+
+
+def make_spec(name: str, recipe: str, budget: str | None = None, corpus: dict | None = None,
+              seeds: int | None = None):
+    """The study spec of a recipe with command-line overrides; ``seeds`` replaces the space's."""
+    from . import study as studies
+    from .spec import validate
+
+    spec = studies.spec_from_options(name, None, recipe, budget, corpus, None, None, None)
+    if seeds is None or seeds == spec.space.seeds:
+        return spec
+    if seeds < 1:
+        raise LoopsearchError(f"--seeds must be >= 1, got {seeds}")
+    space = validate(type(spec.space), {**spec.space.model_dump(), "seeds": seeds}, f"space {spec.space.name!r}")
+    if "seeds" in type(spec).model_fields:  # a recipe-level seeds would override the space's
+        spec = spec.model_copy(update={"seeds": seeds})
+    return studies.make_spec(spec, name, space)
 
 
 def loop_scaling(study: optuna.Study, trials: dict[str, FrozenTrial], device: str, say) -> None:
@@ -130,13 +175,16 @@ def zero_shot(study: optuna.Study, trials: dict[str, FrozenTrial], root: Path | 
             metrics.store(study, t.number, metrics.zeroshot_metric(loaded, path, sequences=64))
 
 
-def attention(study: optuna.Study, trials: dict[str, FrozenTrial], device: str, say) -> None:
-    """Attention shares of the early-middle arm (and the baseline, for reference)."""
+def attention(study: optuna.Study, trials: dict[str, list[FrozenTrial]], device: str, say) -> None:
+    """Attention shares of the early-middle arm, every seed (the claim's interval is over seeds),
+    and of the baseline's first seed, for reference."""
     from . import analysis, evaluate
 
-    for role in ("early_looped", "baseline"):
-        t = trials.get(role)
-        if t is None or f"{ATTENTION_ATTR}{t.number}" in study.user_attrs:
+    todo = [("early_looped", t) for t in trials.get("early_looped", [])]
+    todo += [("baseline", t) for t in trials.get("baseline", [])[:1]]
+    for role, t in todo:
+        stored = study.user_attrs.get(f"{ATTENTION_ATTR}{t.number}")
+        if stored and all("self" in r for r in stored):  # rows without "self" counted it as mask->mask: redo
             continue
         say(f"attention analysis of trial {t.number} ({role})")
         rows = analysis.trial_attention_shares(evaluate.trial_checkpoint(study, t.number), RATES, device=device)
@@ -160,27 +208,109 @@ def flops_to_reach(curve: list[tuple[float, float]], target: float) -> tuple[flo
 
 
 def curve_of(t: FrozenTrial) -> list[tuple[float, float]]:
-    return [(float(f), float(v)) for f, v in t.user_attrs.get("history", [])]
+    return [(float(h[0]), float(h[1])) for h in t.user_attrs.get("history", [])]  # (FLOPs, val NLL, ...)
 
 
-def flop_rows(trials: dict[str, FrozenTrial]) -> list[dict[str, Any]]:
-    """Per arm: final val NLL, its difference from the baseline, and the FLOP ratio at which it
-    reaches the baseline's final val NLL (baseline FLOPs / the arm's FLOPs to get there)."""
+def mean_curve(ts: list[FrozenTrial]) -> list[tuple[float, float]]:
+    """The learning curve averaged over seeds, validation by validation (the seeds of an arm
+    validate at the same FLOPs; a shorter curve cuts the others)."""
+    curves = [curve_of(t) for t in ts]
+    n = min((len(c) for c in curves), default=0)
+    return [(statistics.fmean(c[i][0] for c in curves), statistics.fmean(c[i][1] for c in curves)) for i in range(n)]
+
+
+@dataclass(frozen=True)
+class Effect:
+    """An interval and what it is over: 'N seeds', '1 seed, validation noise only' or '1 seed,
+    no interval'."""
+
+    interval: Interval
+    basis: str
+
+    def text(self, fmt: str = "+.4f", unit: str = " nats/token") -> str:
+        """'+0.0312 [+0.0101, +0.0523] nats/token (3 seeds)': mean [95% interval] and the seeds behind it."""
+        return f"{self.interval.text(fmt)}{unit} ({self.basis})"
+
+    @property
+    def verdict(self) -> str:
+        """stats.verdict (effect > 0: the claim holds), with the reason when inconclusive."""
+        v = stats.verdict(self.interval)
+        if v != "inconclusive":
+            return v
+        why = "no interval" if self.interval.se is None else "the 95% interval contains 0"
+        return f"inconclusive ({why})"
+
+
+def _seeds(n: int) -> str:
+    return f"{n} seed" + ("" if n == 1 else "s")
+
+
+def paired_effect(a: list[FrozenTrial], b: list[FrozenTrial]) -> Effect | None:
+    """b - a of the final val NLL, paired by seed (same seed_offset): the mean over seeds with a t
+    interval on n - 1 degrees of freedom; with one pair, the paired Monte-Carlo interval of the
+    validation masks when both trials stored per-window values under the same eval_key
+    (validation noise only); else no interval. None when the arms share no seed."""
+    by_seed = {_seed(t): t for t in a}
+    pairs = [(by_seed[_seed(t)], t) for t in b if _seed(t) in by_seed]
+    if not pairs:
+        return None
+    diffs = [float(y.user_attrs["val_nll"]) - float(x.user_attrs["val_nll"]) for x, y in pairs]
+    if len(pairs) > 1:
+        return Effect(stats.mean_interval(diffs), _seeds(len(pairs)))
+    mc = stats.paired_results(pairs[0][0].user_attrs, pairs[0][1].user_attrs)
+    if mc is None:
+        return Effect(stats.mean_interval(diffs), "1 seed, no interval")
+    return Effect(Interval(diffs[0], mc.se, mc.df), f"1 seed, {MC_ONLY}")
+
+
+def value_effect(ts: list[FrozenTrial]) -> Effect:
+    """An arm's final val NLL: the mean over seeds with a t interval; with one seed, the
+    Monte-Carlo interval of its validation masks when per-window values are stored."""
+    values = [float(t.user_attrs["val_nll"]) for t in ts]
+    if len(values) > 1:
+        return Effect(stats.mean_interval(values), _seeds(len(values)))
+    a = ts[0].user_attrs
+    if a.get("val_windows") and int(a.get("val_draws") or 0) >= 2:
+        mc = stats.window_interval(a["val_windows"], int(a["val_draws"]))
+        return Effect(Interval(values[0], mc.se, mc.df), f"1 seed, {MC_ONLY}")
+    return Effect(stats.mean_interval(values), "1 seed, no interval")
+
+
+def flop_rows(trials: dict[str, list[FrozenTrial]]) -> list[dict[str, Any]]:
+    """Per arm: final val NLL (mean over seeds, with its interval), its paired difference from the
+    baseline (with its interval), and the FLOP ratio at which its mean learning curve reaches the
+    baseline's final val NLL minus the noise (baseline FLOPs / the arm's FLOPs to get there).
+
+    The noise is the half-width of the paired difference's 95% interval, or without one that of
+    the baseline's own value; without either (one seed, no per-window values) it is None and the
+    target is the bare baseline value, which ``claims`` does not accept as agreement."""
     base = trials["baseline"]
-    target, base_flops = float(base.user_attrs["val_nll"]), float(base.user_attrs["train_flops"])
+    base_value = value_effect(base)
+    target0 = base_value.interval.mean
+    base_flops = statistics.fmean(float(t.user_attrs["train_flops"]) for t in base)
     rows = []
     for role in ROLES:
-        t = trials.get(role)
-        if t is None:
+        ts = trials.get(role)
+        if not ts:
             continue
-        a = t.user_attrs
-        # the baseline defines the target: its own (noisy) curve may dip below its final value earlier
-        reach, first = (base_flops, False) if role == "baseline" else flops_to_reach(curve_of(t), target)
-        rows.append({"role": role, "arm": a["arm"], "trial": t.number, "val_nll": float(a["val_nll"]),
-                     "delta": float(a["val_nll"]) - target, "train_flops": float(a["train_flops"]),
+        a = ts[0].user_attrs
+        value = value_effect(ts)
+        if role == "baseline":
+            effect, noise, target = None, base_value.interval.half_width, target0
+            reach, first = base_flops, False  # the baseline defines the target
+        else:
+            effect = paired_effect(base, ts)
+            noise = effect.interval.half_width if effect is not None else None
+            noise = base_value.interval.half_width if noise is None else noise
+            target = target0 - (noise or 0.0)
+            reach, first = flops_to_reach(mean_curve(ts), target)
+        rows.append({"role": role, "arm": a["arm"], "trials": [t.number for t in ts], "seeds": len(ts),
+                     "val_nll": value.interval.mean, "value": value, "effect": effect,
+                     "delta": None if effect is None else effect.interval.mean,
+                     "train_flops": statistics.fmean(float(t.user_attrs["train_flops"]) for t in ts),
                      "steps": int(a["steps"]), "inference_flops_per_token": float(a["inference_flops_per_token"]),
-                     "flops_to_baseline": reach, "bound": first,
-                     "flop_ratio": None if reach is None else base_flops / reach})
+                     "target": target, "noise": noise, "flops_to_baseline": reach, "bound": first,
+                     "flop_ratio": None if reach is None or role == "baseline" else base_flops / reach})
     return rows
 
 
@@ -192,9 +322,24 @@ def scaling_rows(study: optuna.Study, t: FrozenTrial | None) -> list[dict[str, A
     return [r for r in evaluate.stored(study).get(t.number, []) if r.get("exit", "none") == "none"]
 
 
+def loop_effect(t: FrozenTrial, worse: dict[str, Any], better: dict[str, Any]) -> Effect:
+    """``worse`` minus ``better`` val NLL of two loop-scaling rows of one trial (same windows and
+    masks): the paired Monte-Carlo interval when both rows carry ``val_windows``, else none."""
+    draws = lambda r: r.get("val_draws", t.user_attrs.get("val_draws"))  # noqa: E731
+    a = {"val_windows": better.get("val_windows"), "val_draws": draws(better), "eval_key": t.number}
+    b = {"val_windows": worse.get("val_windows"), "val_draws": draws(worse), "eval_key": t.number}
+    diff = float(worse["val_nll"]) - float(better["val_nll"])
+    mc = stats.paired_results(a, b)
+    if mc is None:
+        return Effect(Interval(diff, None), "1 seed, no interval")
+    return Effect(Interval(diff, mc.se, mc.df), f"1 seed, {MC_ONLY}")
+
+
 def attention_change(study: optuna.Study, t: FrozenTrial | None) -> dict[str, float] | None:
-    """Mask->mask attention share in the looped block: first vs last loop iteration, mean over
-    the block's layers and the mask rates, beside the uniform share."""
+    """Attention shares in the looped block, first vs last loop iteration, means over the
+    block's layers and the mask rates: mask->mask (``first``, ``last``: mass on other masked
+    keys), self (``self_first``, ``self_last``: on the query's own position) and the uniform
+    reference (the masked share of the other keys)."""
     if t is None:
         return None
     rows = study.user_attrs.get(f"{ATTENTION_ATTR}{t.number}")
@@ -204,10 +349,11 @@ def attention_change(study: optuna.Study, t: FrozenTrial | None) -> dict[str, fl
     if not block:
         return None
     last = max(r["loop"] for r in block)
-    mean = lambda rs, key: statistics.fmean(r[key] for r in rs)  # noqa: E731
+    mean = lambda rs, key: statistics.fmean(r[key] for r in rs) if all(key in r for r in rs) else math.nan  # noqa: E731
     first_rows = [r for r in block if r["loop"] == 1]
     last_rows = [r for r in block if r["loop"] == last]
     return {"first": mean(first_rows, "mask_to_mask"), "last": mean(last_rows, "mask_to_mask"),
+            "self_first": mean(first_rows, "self"), "self_last": mean(last_rows, "self"),
             "uniform": mean(block, "masked_key_fraction"), "loops": last}
 
 
@@ -230,63 +376,88 @@ def zeroshot_rows(study: optuna.Study, trials: dict[str, FrozenTrial]) -> list[d
 
 
 # ---- the claims table -----------------------------------------------------------------------------------------
-def _verdict(ok: bool | None) -> str:
-    return "not measured" if ok is None else ("agrees" if ok else "disagrees")
+def flop_claim(rows: dict[str, dict[str, Any]]) -> tuple[str, str]:
+    """(measured, verdict) of claim 1: 'agrees' only when the early-middle arm's mean curve reaches
+    the baseline's final val NLL minus the noise with fewer FLOPs (ratio > 1); 'disagrees' when
+    the interval of its final difference lies above 0; else 'inconclusive'."""
+    early, base = rows["early_looped"], rows["baseline"]
+    effect, ratio, noise = early["effect"], early["flop_ratio"], early["noise"]
+    final = f"final Δ {effect.text()}" if effect else f"final {early['val_nll']:.4f}"
+    if noise is None:
+        measured = f"no noise estimate to set the target by (one seed, no per-window validation values); {final}"
+    elif ratio is None:
+        measured = (f"never reached the baseline's {base['val_nll']:.4f} minus the noise {noise:.4f} "
+                    f"(= {early['target']:.4f}); {final}")
+    else:
+        measured = (f"reached the baseline's {base['val_nll']:.4f} minus the noise {noise:.4f} "
+                    f"(= {early['target']:.4f}) after {early['flops_to_baseline']:.3g} of {base['train_flops']:.3g} "
+                    f"FLOPs: {ratio:.2f}x fewer"
+                    + (" (at its first validation: an upper bound on its FLOPs)" if early["bound"] else "")
+                    + f"; {final}")
+    if noise is not None and ratio is not None and ratio > 1.0:
+        return measured, "agrees"
+    if effect is not None and effect.interval.se is not None and effect.interval.lo > 0:
+        return measured, "disagrees"
+    if noise is None or effect is None or effect.interval.se is None:
+        return measured, "inconclusive (no interval)"
+    return measured, "inconclusive (target not reached with fewer FLOPs; the final Δ's 95% interval contains 0)"
 
 
-def _compare(gain: float) -> str:
-    """Verdict on a measured gain in the claim's direction (> 0: as the paper says)."""
-    if abs(gain) < TIE:
-        return f"inconclusive (|difference| < {TIE})"
-    return _verdict(gain > 0)
-
-
-def claims(study: optuna.Study, trials: dict[str, FrozenTrial]) -> list[dict[str, str]]:
-    """One row per claim: the paper's words, the measurement, and agrees / disagrees."""
-    rows = {r["role"]: r for r in flop_rows(trials)} if "baseline" in trials else {}
+def claims(study: optuna.Study, trials: dict[str, list[FrozenTrial]]) -> list[dict[str, str]]:
+    """One row per claim: the paper's words, the measurement (mean [95% interval] and the seeds
+    behind it) and agrees / disagrees / inconclusive."""
+    rows = {r["role"]: r for r in flop_rows(trials)} if trials.get("baseline") else {}
     early, late, deeper = rows.get("early_looped"), rows.get("late_looped"), rows.get("deeper")
     out = []
     if early:
-        ratio = early["flop_ratio"]
-        if ratio is None:
-            measured = (f"the early-middle looped model never reached the baseline's {rows['baseline']['val_nll']:.4f} "
-                        f"(final {early['val_nll']:.4f}, {early['delta']:+.4f} nats/token)")
-        else:
-            measured = (f"reached the baseline's final val NLL after {early['flops_to_baseline']:.3g} of "
-                        f"{rows['baseline']['train_flops']:.3g} FLOPs: {ratio:.2f}x fewer"
-                        + (" (at its first validation: an upper bound on its FLOPs)" if early["bound"] else ""))
-        verdict = _verdict(ratio is not None and ratio > 1.0)
-        if ratio is None and abs(early["delta"]) < TIE:
-            verdict = f"inconclusive (|difference| < {TIE})"
+        measured, verdict = flop_claim(rows)
         out.append({"claim": f"looping early-middle layers reaches the baseline's NLL with up to "
                              f"{PAPER_FLOP_RATIO}x fewer training FLOPs", "measured": measured, "verdict": verdict})
     if early and deeper:
+        effect = paired_effect(trials["early_looped"], trials["deeper"])  # > 0: the looped model is better
         out.append({"claim": "the looped model beats a deeper non-looped model of similar per-step compute",
-                    "measured": f"early-middle {early['val_nll']:.4f} vs deeper {deeper['val_nll']:.4f} nats/token "
-                                f"({early['inference_flops_per_token']:.3g} vs {deeper['inference_flops_per_token']:.3g} "
+                    "measured": f"deeper - early-middle {effect.text()}; early-middle "
+                                f"{early['val_nll']:.4f} vs deeper {deeper['val_nll']:.4f} ("
+                                f"{early['inference_flops_per_token']:.3g} vs {deeper['inference_flops_per_token']:.3g} "
                                 f"inference FLOPs/token)",
-                    "verdict": _compare(deeper["val_nll"] - early["val_nll"])})
+                    "verdict": effect.verdict})
     if early and late:
+        effect = paired_effect(trials["early_looped"], trials["late_looped"])
         out.append({"claim": "early-middle layers are the place to loop (not late ones)",
-                    "measured": f"early-middle {early['val_nll']:.4f} vs late {late['val_nll']:.4f} nats/token",
-                    "verdict": _compare(late["val_nll"] - early["val_nll"])})
-    scaling = {r["n_loops"]: r["val_nll"] for r in scaling_rows(study, trials.get("early_looped"))}
+                    "measured": f"late - early-middle {effect.text()}; early-middle {early['val_nll']:.4f} "
+                                f"vs late {late['val_nll']:.4f}",
+                    "verdict": effect.verdict})
+    t = one_per_role(trials).get("early_looped")
+    scaling = {r["n_loops"]: r for r in scaling_rows(study, t)}
     if scaling and early:
-        trained = int(trials["early_looped"].user_attrs["n_loops"])
+        trained = int(t.user_attrs["n_loops"])
+        text = ", ".join(f"{n}: {r['val_nll']:.4f}" for n, r in sorted(scaling.items()))
+        if 1 in scaling and trained in scaling:
+            effect = loop_effect(t, scaling[1], scaling[trained])  # > 0: more loops help
+            measured = f"val NLL at 1 minus at the trained {trained} loops {effect.text()}"
+            verdict = effect.verdict
+        else:
+            measured, verdict = "", "not measured"
         beyond = [n for n in sorted(scaling) if n > trained]
-        text = ", ".join(f"{n}: {v:.4f}" for n, v in sorted(scaling.items()))
-        verdict = _compare(scaling[1] - scaling[trained]) if 1 in scaling and trained in scaling else _verdict(None)
-        more = "" if not beyond else (f"; beyond the trained {trained} loops: "
-                                      f"{'still improves' if scaling[beyond[-1]] < scaling[trained] else 'no further gain'}")
+        if beyond and trained in scaling:
+            more = loop_effect(t, scaling[trained], scaling[beyond[-1]])  # > 0: still improves
+            measured += f"; {trained} minus {beyond[-1]} loops {more.interval.text()}"
         out.append({"claim": "more loops at inference help (loop count trades compute for quality)",
-                    "measured": f"val NLL by inference loops {text}{more}", "verdict": verdict})
-    att = attention_change(study, trials.get("early_looped"))
-    if att:
+                    "measured": f"{measured}; val NLL by inference loops {text}".lstrip("; "), "verdict": verdict})
+    changes = [c for c in (attention_change(study, t) for t in trials.get("early_looped", [])) if c]
+    if changes:
+        effect = Effect(stats.mean_interval([c["last"] - c["first"] for c in changes]),
+                        _seeds(len(changes)) + (", no interval" if len(changes) == 1 else ""))
+        mean = lambda key: statistics.fmean(c[key] for c in changes)  # noqa: E731
+        loops = changes[0]["loops"]
         out.append({"claim": "looping raises the attention masked positions pay to each other",
-                    "measured": f"mask->mask share in the looped block: loop 1 {att['first']:.3f} -> loop {att['loops']} "
-                                f"{att['last']:.3f} (uniform {att['uniform']:.3f}; mean over t = "
-                                f"{', '.join(str(r) for r in RATES)})",
-                    "verdict": _compare(att["last"] - att["first"])})
+                    "measured": f"mask->mask share (other masked keys) in the looped block, loop 1 -> loop {loops}: "
+                                f"{mean('first'):.3f} -> {mean('last'):.3f}, change {effect.text('+.3f', '')}; the "
+                                f"interval is over training seeds, each seed's value the mean over t = "
+                                f"{', '.join(str(r) for r in RATES)} and the block's layers (self "
+                                f"{mean('self_first'):.3f} -> {mean('self_last'):.3f}, apart; uniform "
+                                f"{mean('uniform'):.3f})",
+                    "verdict": effect.verdict})
     return out
 
 
@@ -300,29 +471,38 @@ def sections(d, out: Path) -> list:
     if "baseline" not in trials:
         sec.note = "No data: the baseline arm has not finished (run `loopsearch repro` or `loopsearch study run`)."
         return [sec]
+    seeds = max(len(ts) for ts in trials.values())
     sec.caption = ("Each claim of LoopMDM (arXiv 2605.26106) beside what this study measured, at "
-                   f"{float(trials['baseline'].user_attrs['budget']):.3g} training FLOPs per arm. At small budgets "
-                   "the answer can be the opposite of the paper's: a looped model gets fewer optimizer steps for "
-                   "the same FLOPs (see a budget sweep, `loopsearch sweep`). One seed per arm: a difference below "
-                   f"{TIE} nats/token (or attention share) is called inconclusive.")
+                   f"{float(trials['baseline'][0].user_attrs['budget']):.3g} training FLOPs per arm, {_seeds(seeds)} "
+                   "per arm. At small budgets the answer can be the opposite of the paper's: a looped model gets "
+                   "fewer optimizer steps for the same FLOPs (see a budget sweep, `loopsearch sweep`). Effects are "
+                   "printed as mean [95% interval]: Student's t over seeds (n - 1 degrees of freedom), paired by "
+                   "seed; with one seed, the paired interval of the validation masks (validation noise only, not "
+                   "seed-to-seed variation). A claim agrees only when the interval of its effect excludes 0 in the "
+                   "claimed direction (the FLOP ratio: when the arm reaches the baseline's NLL minus that noise); "
+                   "otherwise it disagrees (excluded the other way) or is inconclusive.")
     sec.headers = ["claim (paper)", "measured here", "verdict"]
     sec.rows = [[c["claim"], c["measured"], c["verdict"]] for c in claims(d.study, trials)]
     flops = Section("flop_ratio", "Matched-FLOP arms")
-    flops.caption = ("Final val NLL (nats/token) of each arm at the same training FLOPs, and the FLOP ratio at which "
-                     "its learning curve reaches the baseline's final val NLL (> 1: fewer FLOPs than the baseline).")
-    flops.headers = ["arm", "role", "trial", "steps", "val NLL", "Δ baseline", "inference FLOPs/token",
-                     "FLOPs to baseline NLL", "FLOP ratio"]
-    flops.rows = [[r["arm"], r["role"], str(r["trial"]), str(r["steps"]), f"{r['val_nll']:.4f}", f"{r['delta']:+.4f}",
-                   f"{r['inference_flops_per_token']:.3g}",
+    flops.caption = ("Final val NLL (nats/token) of each arm at the same training FLOPs, as the mean over seeds "
+                     "[95% interval], its paired difference from the baseline [95% interval], and the FLOP ratio at "
+                     "which its mean learning curve reaches the baseline's final val NLL minus the noise (the "
+                     "half-width of the difference's interval; > 1: fewer FLOPs than the baseline).")
+    flops.headers = ["arm", "role", "seeds", "trials", "steps", "val NLL [95%]", "Δ baseline [95%]",
+                     "inference FLOPs/token", "target", "FLOPs to target", "FLOP ratio"]
+    flops.rows = [[r["arm"], r["role"], str(r["seeds"]), ",".join(str(n) for n in r["trials"]), str(r["steps"]),
+                   r["value"].interval.text(".4f"), "" if r["effect"] is None else r["effect"].interval.text(),
+                   f"{r['inference_flops_per_token']:.3g}", f"{r['target']:.4f}",
                    "not reached" if r["flops_to_baseline"] is None else
                    f"{'≤ ' if r['bound'] else ''}{r['flops_to_baseline']:.3g}" + (" (target)" if r["role"] == "baseline" else ""),
                    "-" if r["flop_ratio"] is None else f"{'≥ ' if r['bound'] else ''}{r['flop_ratio']:.2f}x"]
                   for r in flop_rows(trials)]
     zs = Section("zeroshot", "Zero-shot perplexity bounds")
-    zrows = zeroshot_rows(d.study, trials)
+    zrows = zeroshot_rows(d.study, one_per_role(trials))
     if zrows:
         zs.caption = ("The diffusion ELBO on other corpora, bounding perplexity from above: nats/token under the "
-                      "study's tokenizer and bits/byte (comparable across tokenizers); 64 windows per corpus.")
+                      "study's tokenizer and bits/byte (comparable across tokenizers); 64 windows per corpus; the "
+                      "first seed of each arm.")
         zs.headers = ["arm", "role", "corpus", "NLL ≤ (nats/token)", "perplexity ≤", "bits/byte ≤"]
         zs.rows = [[r["arm"], r["role"], r["data"], f"{r['nll']:.4f}", f"{r['perplexity']:.2f}",
                     "-" if r["bits_per_byte"] is None else f"{r['bits_per_byte']:.4f}"] for r in zrows]

@@ -1,7 +1,7 @@
 """Training-state checkpoints: a trial that dies (kill -9, a lost machine) resumes, not restarts.
 
 Every ``checkpoint_every`` training FLOPs the trainer saves what it needs to continue exactly:
-weights, optimizer state, RNG states (the data/mask generator and torch's own), FLOPs spent,
+weights, optimizer state, RNG states (the data-order, mask and loop-count streams and torch's own), FLOPs spent,
 step count, the validation history and the running statistics. Layout of a state directory
 (``ARTIFACTS/STUDY/trial-NNNN/state/``, NNNN the first attempt of the trial)::
 
@@ -33,7 +33,7 @@ from safetensors.torch import load_model, save_file, save_model
 
 from .errors import LoopsearchError
 
-FORMAT = 1
+FORMAT = 2  # 2: separate random streams (data order, masks and t, loop counts)
 
 
 @dataclass
@@ -160,9 +160,15 @@ class Checkpointer:
             pass
 
 
-def _pack(opt: torch.optim.Optimizer, gen: torch.Generator) -> tuple[dict[str, torch.Tensor], dict]:
+def _streams(gen) -> dict[str, torch.Generator]:
+    """The trainer's random streams by name (one generator: the stream "gen")."""
+    return gen if isinstance(gen, dict) else {"gen": gen}
+
+
+def _pack(opt: torch.optim.Optimizer, gen) -> tuple[dict[str, torch.Tensor], dict]:
     sd = opt.state_dict()
-    tensors: dict[str, torch.Tensor] = {"rng.gen": gen.get_state(), "rng.torch": torch.get_rng_state()}
+    tensors: dict[str, torch.Tensor] = {f"rng.stream.{k}": g.get_state() for k, g in _streams(gen).items()}
+    tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = s
@@ -176,7 +182,7 @@ def _pack(opt: torch.optim.Optimizer, gen: torch.Generator) -> tuple[dict[str, t
     return tensors, {"param_groups": sd["param_groups"], "opt_scalars": scalars}
 
 
-def _unpack(tensors: dict[str, torch.Tensor], meta: dict, opt: torch.optim.Optimizer, gen: torch.Generator) -> None:
+def _unpack(tensors: dict[str, torch.Tensor], meta: dict, opt: torch.optim.Optimizer, gen) -> None:
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("opt."):
@@ -186,7 +192,12 @@ def _unpack(tensors: dict[str, torch.Tensor], meta: dict, opt: torch.optim.Optim
         state.setdefault(int(idx), {}).update(entry)
     groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
     opt.load_state_dict({"state": state, "param_groups": groups})  # moves state to the params' device
-    gen.set_state(tensors["rng.gen"])
+    for name, g in _streams(gen).items():
+        key = f"rng.stream.{name}"
+        if key not in tensors:
+            raise LoopsearchError(f"checkpoint has no random stream {name!r} (saved by another loopsearch version); "
+                                  f"delete its state directory to start the trial over")
+        g.set_state(tensors[key])
     torch.set_rng_state(tensors["rng.torch"])
     cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k[9:]))]
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():

@@ -121,7 +121,9 @@ class SearchSpace(Strict):
     arms: dict[str, Arm] = Field(default_factory=dict, description="named fixed configurations, instead of a search")
     budget_scales: list[float] = Field(default_factory=lambda: [1.0],
                                        description="with arms: each arm at each multiple of the study budget")
-    seeds: int = Field(1, ge=1, description="with arms: training seeds per arm and budget (paired across arms)")
+    seeds: int = Field(1, ge=1, description="training seeds per configuration (initialisation and data order): with "
+                                            "arms, one trial per seed, paired across arms; in a search, every "
+                                            "trial trains all of them and its value is their mean")
 
     @model_validator(mode="after")
     def _block_needed(self):
@@ -135,8 +137,8 @@ class SearchSpace(Strict):
             return self
         if not self.strategies:
             raise ValueError("give strategies = [...] to search over, or a table of [arms.NAME]")
-        if self.budget_scales != [1.0] or self.seeds != 1:
-            raise ValueError("budget_scales and seeds apply to [arms] spaces; a search draws one budget and seed")
+        if self.budget_scales != [1.0]:
+            raise ValueError("budget_scales applies to [arms] spaces; a search trains every trial at the study's budget")
         loops = [s for s in self.strategies if s != "none"]
         if loops and self.block is None:
             raise ValueError(f"strategies {loops} loop a block: add a [block] table (region or layers, and length)")
@@ -174,14 +176,27 @@ class TrainConfig(Strict):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     min_steps: int = Field(20, ge=1, description="reject trials whose budget buys fewer optimizer steps")
     eval_points: int = Field(4, ge=1, description="validations at equal FLOP fractions of the budget")
-    eval_sequences: int = Field(64, ge=1, description="validation sequences (fixed, from the valid split)")
-    eval_t_points: int = Field(8, ge=1, description="mask rates t of the validation ELBO grid")
+    eval_sequences: int = Field(1024, ge=1, description="validation windows of seq_len tokens: the whole valid "
+                                                        "split up to this many, evenly spaced")
+    eval_draws: int = Field(2, ge=2, description="independent mask draws per validation window (>= 2: the "
+                                                 "standard error comes from their spread)")
+    eval_curve_sequences: int = Field(64, ge=1, description="windows of the cheaper validations at the learning "
+                                                             "curve's checkpoints (the final one uses eval_sequences)")
+    eval_batch_size: int = Field(64, ge=1, description="sequences per validation forward pass (speed only)")
     antithetic: bool = Field(True, description="low-discrepancy sampling of t")
     train_tokens: int | None = Field(None, ge=16, description="train on only the first this many tokens of the training "
                                                               "split (the data-limited regime: many passes); None: all")
     checkpoint_every: float | None = Field(
         None, gt=0, description="save the training state (weights, optimizer, RNG, data position, FLOPs spent) every "
                                 "this many training FLOPs, so a retried trial resumes instead of starting over")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_retired(cls, data):
+        """Specs stored before the validation estimator had draws carry eval_t_points: ignored."""
+        if isinstance(data, dict) and "eval_t_points" in data:
+            data = {k: v for k, v in data.items() if k != "eval_t_points"}
+        return data
 
     @field_validator("checkpoint_every", mode="before")
     @classmethod
@@ -261,6 +276,8 @@ class StudyRecipe(Strict):
     backbone: PluginRef = PluginRef(name="transformer")
     train: TrainConfig = TrainConfig()
     seed: int = 0
+    seeds: int | None = Field(None, ge=1, description="training seeds per configuration (replicates); "
+                                                      "None: the space's seeds (default 1)")
     sampler: Literal[SAMPLERS] = Field(  # type: ignore[valid-type]
         "auto", description="Optuna sampler; auto = tpe, or nsga2 for a multi-objective study")
     pruner: Literal[PRUNERS] = Field(  # type: ignore[valid-type]
@@ -295,7 +312,13 @@ class TrialConfig(Strict):
     vocab_size: int
     train: TrainConfig
     budget: float
-    seed: int
+    seed: int  # initialisation, data order, training masks and loop counts
+    eval_seed: int | None = None  # validation masks (the study's seed: every trial scored on the same masks)
+
+    @property
+    def mask_seed(self) -> int:
+        """The key of the validation masks (older configs: the trial's seed)."""
+        return self.seed if self.eval_seed is None else self.eval_seed
 
 
 # ---- loading ------------------------------------------------------------------------------------

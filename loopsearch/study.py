@@ -9,6 +9,7 @@ comparison), and differ only in what was searched.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata as md
 import math
 from pathlib import Path
@@ -61,6 +62,9 @@ def make_spec(recipe: StudyRecipe, name: str, space: str | SearchSpace | None = 
     corpus_cls = reg.get("corpus", spec.corpus.name)
     spec.corpus.params = validate(corpus_cls.Params, spec.corpus.params,
                                   f"study {name!r}: corpus {spec.corpus.name!r} params").model_dump()
+    if spec.seeds is not None:  # the recipe's (or --seeds) replicates override the space's
+        spec.space.seeds = spec.seeds
+    spec.seeds = spec.space.seeds
     check_space(spec.space, spec.backbone.name, spec.backbone.params, f"search space {space_src!r}", reg)
     if spec.space.arms:  # a grid: the study is done when every arm ran at every budget and seed
         spec.n_trials = len(spec.space.grid())
@@ -138,7 +142,7 @@ def trial_config(spec: StudySpec, number: int, choice: Choice) -> TrialConfig:
         strategy={"name": choice.strategy, "params": choice.strategy_params},
         loop_start=choice.loop_start, loop_end=choice.loop_end, corpus=spec.corpus,
         vocab_size=spec.vocab_size, train=train_cfg, budget=spec.budget * choice.budget_scale,
-        seed=spec.seed + choice.seed_offset,
+        seed=spec.seed + choice.seed_offset, eval_seed=spec.seed,
     )
 
 
@@ -160,6 +164,19 @@ def check_budget(spec: StudySpec) -> None:
         raise BudgetError(
             f"budget {format_flops(spec.budget)} buys only {steps} steps of the no-loop baseline "
             f"(min_steps = {spec.train.min_steps}); raise --budget to at least {step * spec.train.min_steps:.3g}")
+
+
+def counted(t: optuna.trial.FrozenTrial) -> bool:
+    """A finished trial that counts towards the study's n_trials (confirmation runs do not)."""
+    return t.state in FINISHED and t.user_attrs.get(CONFIRM_OF_ATTR) is None
+
+
+def trial_budget(spec: StudySpec) -> float:
+    """The training FLOPs one trial may spend: the budget (at its largest scale) times the seeds
+    it trains (a search trains every seed in one trial; an arms grid one seed per trial)."""
+    if spec.space.arms:
+        return spec.budget * max(spec.space.budget_scales)
+    return spec.budget * spec.space.seeds
 
 
 # ---- storage-level helpers ------------------------------------------------------------------------
@@ -272,6 +289,32 @@ def ensure_grid(study: optuna.Study, space) -> None:
 
 # ---- the objective ---------------------------------------------------------------------------------
 RESUME_ATTR = "loopsearch.resume_dir"  # the trial's training-state directory; a retry inherits it
+CONFIRM_OF_ATTR = "loopsearch.confirm_of"  # a confirmation trial: the trial whose configuration it retrains
+CONFIRM_SEEDS_ATTR = "loopsearch.confirm_seeds"  # ... and the seed offsets it trains
+
+
+def combine(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The attributes of a trial trained with several seeds: the mean over seeds of val NLL (and
+    of the per-window validation values: every seed is scored on the same masks), its Monte-Carlo
+    standard error, the seeds' interval (t, n - 1 degrees of freedom), and the FLOPs of all seeds
+    (what the trial cost). Other results are the first seed's."""
+    from .stats import mean_interval
+
+    first = dict(rows[0]["attrs"])
+    values = [r["val_nll"] for r in rows]
+    ci = mean_interval(values)
+    windows = [r["attrs"].get("val_windows") for r in rows]
+    if all(w is not None and len(w) == len(windows[0]) for w in windows):
+        first["val_windows"] = [round(sum(col) / len(col), 6) for col in zip(*windows)]
+    first.update(
+        val_nll=ci.mean, perplexity=math.exp(min(ci.mean, 700)),
+        val_nll_se=math.sqrt(sum(r["val_nll_se"] ** 2 for r in rows)) / len(rows),
+        seeds=len(rows), seed_se=ci.se, seed_lo=ci.lo, seed_hi=ci.hi,
+        train_flops=sum(float(r["train_flops"]) for r in rows),
+        wall_s=sum(float(r["attrs"].get("wall_s", 0.0)) for r in rows),
+        eval_s=sum(float(r["attrs"].get("eval_s", 0.0)) for r in rows),
+    )
+    return first
 
 
 class Objective:
@@ -301,10 +344,44 @@ class Objective:
             return BASELINE
         return suggest(trial, self.spec.space, self.spec.backbone.params)
 
+    def seed_offsets(self, trial: optuna.Trial, choice: Choice) -> list[int]:
+        """The training seeds (offsets from the study's seed) this trial trains: a confirmation
+        trial's new seeds; an arm's own seed; else ``seeds`` replicates, 0 .. seeds - 1."""
+        confirm = trial.user_attrs.get(CONFIRM_SEEDS_ATTR)
+        if confirm is not None:
+            return [int(s) for s in confirm]
+        if self.spec.space.arms:
+            return [choice.seed_offset]
+        return list(range(self.spec.space.seeds))
+
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
+        """Train the trial's configuration once per seed (the replicates), store every seed's
+        result as it finishes (a retried trial skips them), and return the mean over seeds."""
+        choice = self.choose(trial)
+        offsets = self.seed_offsets(trial, choice)
+        done = {int(r["seed_offset"]): r for r in trial.user_attrs.get("seed_results", [])}
+        last = None
+        for i, offset in enumerate(offsets):
+            if offset in done:
+                continue
+            last = self.train_seed(trial, choice, offset, first=i == 0, replicate=len(offsets) > 1)
+            done[offset] = last["row"]
+            trial.set_user_attr("seed_results", [done[o] for o in offsets if o in done])
+        rows = [done[o] for o in offsets]
+        results = combine(rows) if len(rows) > 1 else dict(rows[0]["attrs"])
+        results["seed_results"] = rows
+        for key, value in results.items():
+            trial.set_user_attr(key, value)
+        first_dir = Path(rows[0]["attrs"]["checkpoint"])
+        return self.objective_values(trial, first_dir, results["val_nll"], results)
+
+    def train_seed(self, trial: optuna.Trial, choice: Choice, offset: int, first: bool,
+                   replicate: bool) -> dict[str, Any]:
+        """Build and train one seed of the trial's configuration; save its checkpoint. Only the
+        first seed reports to the pruner (the others would repeat its steps)."""
         import torch
 
-        choice = self.choose(trial)
+        choice = dataclasses.replace(choice, seed_offset=offset)
         config = trial_config(self.spec, trial.number, choice)
         if self.overrides:
             config = config.model_copy(update={"train": config.train.model_copy(update=self.overrides)})
@@ -316,23 +393,29 @@ class Objective:
             reason = f"invalid configuration: {str(exc).splitlines()[0][:300]}"
             trial.set_user_attr("rejected", reason)
             raise optuna.TrialPruned(reason) from None
-        trial.set_user_attr("config", config.model_dump(mode="json"))
-        for key, value in describe_choice(model, config, choice).items():
-            trial.set_user_attr(key, value)
-        self.reject_if_unaffordable(trial, model, config)
-        ckpt = self.checkpointer(trial, config)
+        if first:
+            trial.set_user_attr("config", config.model_dump(mode="json"))
+            for key, value in describe_choice(model, config, choice).items():
+                trial.set_user_attr(key, value)
+            if choice.arm is not None:  # the no-loop arm at any budget and seed: what the others pair with
+                trial.set_user_attr("baseline_arm", self.spec.space.arms[choice.arm].is_baseline)
+            self.reject_if_unaffordable(trial, model, config)
+        suffix = f"-seed{offset}" if replicate and not first else ""
+        ckpt = self.checkpointer(trial, config, suffix)
         if self.share is not None:
             self.share({"trial": trial.number, "config": config.model_dump(mode="json"), "state": str(ckpt.dir)})
 
         reported: set[int] = set()
 
         def report(gflops: int, nll: float) -> None:
-            if self.spec.objective.metrics != ["val_nll"] or gflops in reported:
+            if self.spec.objective.metrics != ["val_nll"]:
                 return  # pruners compare the objective's intermediate values: only val NLL has them
-            reported.add(gflops)  # tiny budgets: two checkpoints can round to the same whole GFLOP
-            trial.report(nll, gflops)
-            prune = trial.should_prune()
-            if self.share is not None:
+            prune = False
+            if first and gflops not in reported:  # tiny budgets: two checkpoints can round to one GFLOP
+                reported.add(gflops)
+                trial.report(nll, gflops)
+                prune = trial.should_prune()
+            if self.share is not None:  # data-parallel followers wait for a decision at every report
                 self.share({"prune": prune})
             if prune:
                 reason = f"pruned by {self.spec.pruner} pruner at {gflops} GFLOPs (val NLL {nll:.4f})"
@@ -342,8 +425,10 @@ class Objective:
 
         try:
             result = train(model, data, config.train, config.budget, config.seed, report=report,
-                           progress=self.progress, description=f"trial {trial.number} {label(config)}",
-                           checkpointer=ckpt)
+                           progress=self.progress,
+                           description=f"trial {trial.number} {label(config)}"
+                                       + (f" seed +{offset}" if replicate else ""),
+                           checkpointer=ckpt, eval_seed=config.mask_seed)
         except FloatingPointError as exc:
             stopped(trial, ckpt, "rejected", str(exc))
             raise optuna.TrialPruned(str(exc)) from None
@@ -354,18 +439,19 @@ class Objective:
                       f"({config.train.batch_size}), the model size or seq_len ({config.train.seq_len})")
             stopped(trial, ckpt, "failed", reason)
             raise TrialFailed(reason) from None
-        out_dir = Path(self.spec.artifacts_dir) / self.spec.name / f"trial-{trial.number:04d}"
-        results = result_attrs(model, config, result)
+        out_dir = Path(self.spec.artifacts_dir) / self.spec.name / f"trial-{trial.number:04d}{suffix}"
+        results = result_attrs(model, config, result, data.fingerprint)
         checkpoint.save(out_dir, model, config, data.tokenizer_json, results)
         ckpt.clear()
         results["checkpoint"] = str(out_dir.resolve())
-        for key, value in results.items():
-            trial.set_user_attr(key, value)
-        return self.objective_values(trial, out_dir, result.val_nll, results)
+        row = {"seed_offset": offset, "seed": config.seed, "val_nll": result.val_nll, "val_nll_se": result.val_se,
+               "train_flops": result.train_flops, "steps": result.steps, "checkpoint": results["checkpoint"]}
+        return {"row": {**row, "attrs": results}}
 
-    def checkpointer(self, trial: optuna.Trial, config: TrialConfig) -> Checkpointer:
+    def checkpointer(self, trial: optuna.Trial, config: TrialConfig, suffix: str = "") -> Checkpointer:
         """The trial's training-state directory: its own, or (a retry of a trial whose worker died)
-        the one it inherited, whose newest checkpoint training resumes from."""
+        the one it inherited, whose newest checkpoint training resumes from. ``suffix``: a further
+        seed of the trial (``-seedK``), beside the first seed's directory."""
         from .train import distributed
 
         directory = trial.user_attrs.get(RESUME_ATTR)
@@ -373,6 +459,9 @@ class Objective:
             directory = str((Path(self.spec.artifacts_dir) / self.spec.name / f"trial-{trial.number:04d}"
                              / "state").resolve())
             trial.set_user_attr(RESUME_ATTR, directory)
+        if suffix:
+            base = Path(directory).parent
+            directory = str(base.parent / f"{base.name}{suffix}" / "state")
         ckpt = Checkpointer(directory, config.train.checkpoint_every, writer=distributed()[0] == 0)
         saved = ckpt.saved_spent()
         if saved is not None:
@@ -453,11 +542,23 @@ def describe_choice(model, config: TrialConfig, choice: Choice) -> dict[str, Any
     }
 
 
-def result_attrs(model, config: TrialConfig, r: TrainResult) -> dict[str, Any]:
+def eval_key(config: TrialConfig, fingerprint: str) -> str:
+    """What makes two validations comparable window by window and mask by mask: the corpus, the
+    tokeniser, the windows and the mask key. Paired differences need equal keys."""
+    t = config.train
+    return f"{fingerprint}:v{config.vocab_size}:T{t.seq_len}:W{t.eval_sequences}:R{t.eval_draws}:s{config.mask_seed}"
+
+
+def result_attrs(model, config: TrialConfig, r: TrainResult, fingerprint: str = "") -> dict[str, Any]:
     return {
         "train_flops": r.train_flops, "steps": r.steps, "planned_steps": r.planned_steps, "tokens": r.tokens,
-        "val_nll": r.val_nll, "perplexity": math.exp(min(r.val_nll, 700)), "final_loss": r.final_loss,
-        "wall_s": r.wall_s, "tokens_per_s": r.tokens_per_s, "flops_per_s": r.flops_per_s,
+        "val_nll": r.val_nll, "val_nll_se": r.val_se, "perplexity": math.exp(min(r.val_nll, 700)),
+        "final_loss": r.final_loss,
+        # per-(window, draw) values of the final validation: paired differences with other trials
+        "val_windows": r.validation.flat() if r.validation is not None else None,
+        "val_draws": r.validation.draws if r.validation is not None else None,
+        "eval_key": eval_key(config, fingerprint),
+        "wall_s": r.wall_s, "eval_s": r.eval_s, "tokens_per_s": r.tokens_per_s, "flops_per_s": r.flops_per_s,
         "mean_train_loops": r.mean_train_loops, "history": [list(h) for h in r.history],
         # executed by the final validation (the model's own inference mode; halting stops early)
         "inference_flops_per_token": model.inference_flops_per_token(
@@ -494,14 +595,14 @@ def run(name: str, storage: str | None = None, n_trials: int | None = None, time
 
 def spec_from_options(name: str, space: str | None, recipe: str | None, budget: str | None,
                       corpus: dict | None, seed: int | None, sampler: str | None, n_trials: int | None,
-                      pruner: str | None = None) -> StudySpec:
+                      pruner: str | None = None, seeds: int | None = None) -> StudySpec:
     """Merge a recipe (or the defaults) with command-line overrides and resolve it."""
     from .space import load_recipe
 
     base = load_recipe(recipe) if recipe else StudyRecipe()
     data = base.model_dump()
     for key, value in (("budget", budget), ("corpus", corpus), ("seed", seed), ("sampler", sampler),
-                       ("n_trials", n_trials), ("pruner", pruner)):
+                       ("n_trials", n_trials), ("pruner", pruner), ("seeds", seeds)):
         if value is not None:
             data[key] = value
     merged = validate(StudyRecipe, data, "command-line options")

@@ -3,13 +3,23 @@
 A sweep is a study whose search space lists fixed ``[arms.NAME]`` and ``budget_scales`` (and
 ``seeds``): every arm trains at every budget and seed (loopsearch/space.py: ``suggest_arm``).
 At a small budget a looped model can lose to the plain one (it gets fewer optimizer steps for
-the same FLOPs) and win at a larger one; this module finds that crossover budget.
+the same FLOPs) and win at a larger one; this module finds that crossover budget, and says when
+the data cannot place it.
 
 Differences are paired: each arm is compared with the baseline arm trained with the same seed
-(same data order) at the same budget, and every model is validated on identical masked
-windows (``validation_nll`` uses a fixed seed), so the noise of the masks cancels. With several
-seeds the mean difference carries a standard error; the crossover's interval is where the
-mean +- one standard error crosses zero. The crossover is interpolated in log budget.
+(same data order) at the same budget, on identical validation windows and masks. With several
+seeds the mean difference gets a 95% t interval on n - 1 degrees of freedom (loopsearch/stats.py;
+with 2 seeds the quantile is 12.7); with one seed the only interval is the paired Monte-Carlo one
+of the validation masks (per-window values stored with the trials), which is validation noise
+only, not seed-to-seed variation. A budget's words: the arm wins or loses when the interval
+excludes 0, else tie.
+
+The crossover ("crosses") needs the mean difference to change sign exactly once along the
+ladder, from + (the arm loses) to - (it wins), with the interval of the last budget before the
+change above 0 and that of the first budget after it below 0. The crossing budget is where the
+mean difference turns negative, interpolated in log budget; its interval is where the upper and
+lower interval bounds cross zero. One change of sign without intervals that exclude 0 on both
+sides is an inconclusive crossing; more than one change (or one from - to +) is mixed.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ import optuna
 import polars as pl
 from optuna.trial import TrialState
 
+from . import stats
 from .errors import LoopsearchError
 
 
@@ -70,15 +81,23 @@ def make_spec(name: str, recipe: str, space: str | None = None, arms: list[str] 
 
 
 def frame(study: optuna.Study) -> pl.DataFrame:
-    """One row per complete arm trial: arm, budget (training FLOPs), seed_offset, val_nll."""
+    """One row per complete arm trial: arm, budget (training FLOPs), seed_offset, val_nll, and the
+    per-window validation values when stored (val_windows, val_draws, eval_key; null if not)."""
+    def windows(a):
+        w = a.get("val_windows")
+        return [float(v) for v in w] if w else None
+
     rows = [{"trial": t.number, "arm": t.user_attrs["arm"], "budget": float(t.user_attrs["budget"]),
              "budget_scale": float(t.user_attrs.get("budget_scale", 1.0)),
              "seed_offset": int(t.user_attrs.get("seed_offset", 0)), "val_nll": float(t.user_attrs["val_nll"]),
-             "train_flops": float(t.user_attrs.get("train_flops", 0.0)), "steps": int(t.user_attrs.get("steps", 0))}
+             "train_flops": float(t.user_attrs.get("train_flops", 0.0)), "steps": int(t.user_attrs.get("steps", 0)),
+             "val_windows": windows(t.user_attrs), "val_draws": t.user_attrs.get("val_draws"),
+             "eval_key": t.user_attrs.get("eval_key")}
             for t in study.get_trials(deepcopy=False)
             if t.state == TrialState.COMPLETE and "arm" in t.user_attrs and "val_nll" in t.user_attrs]
     schema = {"trial": pl.Int64, "arm": pl.Utf8, "budget": pl.Float64, "budget_scale": pl.Float64,
-              "seed_offset": pl.Int64, "val_nll": pl.Float64, "train_flops": pl.Float64, "steps": pl.Int64}
+              "seed_offset": pl.Int64, "val_nll": pl.Float64, "train_flops": pl.Float64, "steps": pl.Int64,
+              "val_windows": pl.List(pl.Float64), "val_draws": pl.Int64, "eval_key": pl.Utf8}
     return pl.DataFrame(rows, schema=schema)
 
 
@@ -106,53 +125,104 @@ def curves(df: pl.DataFrame) -> list[dict[str, Any]]:
     return out
 
 
+NO_INTERVAL = "no interval (1 seed)"
+MC_ONLY = "validation noise only"
+
+
 def paired(df: pl.DataFrame, baseline: str) -> list[dict[str, Any]]:
-    """Per arm and budget: val NLL minus the baseline's with the same seed (negative: the arm wins)."""
-    base = {(r["budget"], r["seed_offset"]): r["val_nll"] for r in df.filter(pl.col("arm") == baseline).iter_rows(named=True)}
+    """Per arm and budget: val NLL minus the baseline's with the same seed (negative: the arm
+    wins), its mean over seeds with a 95% interval (``lo``, ``hi``; t on ``df`` = seeds - 1
+    degrees of freedom) and the words ``verdict``: wins, loses or tie. With one seed, the paired
+    Monte-Carlo interval of the validation masks when both trials stored their per-window values
+    (``basis`` says "validation noise only"); else no interval."""
+    base = {(r["budget"], r["seed_offset"]): r for r in df.filter(pl.col("arm") == baseline).iter_rows(named=True)}
     out = []
     for (arm, budget), group in sorted(df.filter(pl.col("arm") != baseline).group_by(["arm", "budget"]),
                                        key=lambda g: (g[0][0], g[0][1])):
-        diffs = [r["val_nll"] - base[(budget, r["seed_offset"])] for r in group.iter_rows(named=True)
+        pairs = [(base[(budget, r["seed_offset"])], r) for r in group.iter_rows(named=True)
                  if (budget, r["seed_offset"]) in base]
-        if not diffs:
+        if not pairs:
             continue
-        mean, se = mean_se(diffs)
-        out.append({"arm": arm, "budget": budget, "delta": mean, "se": se, "pairs": len(diffs),
-                    "significant": se is not None and abs(mean) > 2 * se})
+        iv = stats.mean_interval([r["val_nll"] - b["val_nll"] for b, r in pairs])
+        basis = f"{len(pairs)} seeds"
+        if len(pairs) == 1:
+            mc = stats.paired_results(*pairs[0])
+            iv, basis = (iv, None) if mc is None else (stats.Interval(iv.mean, mc.se, mc.df), MC_ONLY)
+        out.append({"arm": arm, "budget": budget, "delta": iv.mean, "se": iv.se, "lo": iv.lo, "hi": iv.hi,
+                    "df": iv.df, "pairs": len(pairs), "basis": basis,
+                    "verdict": stats.tie_words(iv, "wins", "loses") or NO_INTERVAL})
     return out
 
 
-def _cross(points: list[tuple[float, float]]) -> float | None:
-    """The first budget (log-interpolated) where the difference goes from >= 0 to < 0."""
-    for (b0, d0), (b1, d1) in zip(points, points[1:]):
-        if d0 >= 0 > d1:
-            frac = d0 / (d0 - d1)
-            return math.exp(math.log(b0) + frac * (math.log(b1) - math.log(b0)))
-    return None
+def _log_cross(b0: float, v0: float, b1: float, v1: float) -> float:
+    """The budget between b0 and b1 (log-interpolated) where a curve going from v0 to v1 is 0."""
+    frac = v0 / (v0 - v1)
+    return math.exp(math.log(b0) + frac * (math.log(b1) - math.log(b0)))
+
+
+def _bounds(rows: list[dict[str, Any]], i: int) -> tuple[float | None, float | None]:
+    """The crossing interval around a change of sign between rows i and i + 1: where the lower
+    bound curve last turns from > 0 to <= 0 at or below it, and where the upper bound curve first
+    turns negative at or above it (None: outside the ladder, or a budget without an interval)."""
+    if any(r.get("lo") is None for r in rows):
+        return None, None
+    low = high = None
+    for j in range(i, -1, -1):  # lo[i + 1] <= delta[i + 1] < 0: walk down to the last lo > 0
+        if rows[j]["lo"] > 0:
+            low = _log_cross(rows[j]["budget"], rows[j]["lo"], rows[j + 1]["budget"], rows[j + 1]["lo"])
+            break
+    for k in range(i + 1, len(rows)):  # hi[i] >= delta[i] >= 0: walk up to the first hi < 0
+        if rows[k]["hi"] < 0:
+            high = _log_cross(rows[k - 1]["budget"], rows[k - 1]["hi"], rows[k]["budget"], rows[k]["hi"])
+            break
+    return low, high
+
+
+def _excludes(r: dict[str, Any]) -> str:
+    """Words for one budget's interval: 'loses at 95%', 'wins at 95%', 'tie' or 'no interval'."""
+    if r.get("lo") is None:
+        return "no interval"
+    return "loses at 95%" if r["lo"] > 0 else "wins at 95%" if r["hi"] < 0 else "tie"
 
 
 def crossover(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Where one arm starts to beat the baseline, from its paired rows (one per budget).
+    """Where one arm starts to beat the baseline, from its paired rows (one per budget, with
+    ``delta`` and the 95% bounds ``lo``/``hi``, None without an interval).
 
-    ``verdict`` is one of: wins at every budget, loses at every budget, crosses (with
-    ``budget`` and the interval ``low``/``high`` from mean -/+ one standard error; None where
-    that curve does not cross inside the ladder), or mixed (no clean change of sign)."""
+    ``kind``: crosses (one change of sign from + to -, the interval before it above 0 and the
+    one after it below 0), inconclusive (one such change without that support), mixed (more
+    than one change, or one from - to +), loses (+ at every budget) or wins (- at every
+    budget). ``budget``: the log-interpolated budget where the mean turns negative; ``low`` /
+    ``high``: where the lower / upper bound curves cross zero (None: outside the ladder)."""
     rows = sorted(rows, key=lambda r: r["budget"])
-    pts = [(r["budget"], r["delta"]) for r in rows]
-    lo_b, hi_b = pts[0][0], pts[-1][0]
-    if all(d < 0 for _, d in pts):
-        return {"verdict": f"wins at every budget (crossover below {lo_b:.3g} FLOPs)", "budget": None,
-                "low": None, "high": None}
-    if all(d >= 0 for _, d in pts):
-        return {"verdict": f"no crossover up to {hi_b:.3g} FLOPs", "budget": None, "low": None, "high": None}
-    best = _cross(pts)
-    if best is None:
-        return {"verdict": "mixed (wins below a budget where it loses)", "budget": None, "low": None, "high": None}
-    se = [r["se"] or 0.0 for r in rows]
-    # the optimistic curve (delta - se) crosses first, the pessimistic one (delta + se) last
-    low = _cross([(b, d - s) for (b, d), s in zip(pts, se)]) if any(se) else best
-    high = _cross([(b, d + s) for (b, d), s in zip(pts, se)]) if any(se) else best
-    return {"verdict": f"crosses at ~{best:.3g} FLOPs", "budget": best, "low": low, "high": high}
+    lo_b, hi_b = rows[0]["budget"], rows[-1]["budget"]
+    signs = [r["delta"] >= 0 for r in rows]  # True: the arm loses (or ties exactly)
+    changes = [i for i in range(len(rows) - 1) if signs[i] != signs[i + 1]]
+    none = {"budget": None, "low": None, "high": None}
+    if not changes and signs[0]:
+        return {"kind": "loses", **none,
+                "verdict": f"no crossover up to {hi_b:.3g} FLOPs ({_words_at(rows[-1], 'largest')})"}
+    if not changes:
+        return {"kind": "wins", **none,
+                "verdict": f"wins at every budget (crossover below {lo_b:.3g} FLOPs; {_words_at(rows[0], 'smallest')})"}
+    if len(changes) > 1 or not signs[changes[0]]:
+        order = ", ".join("+" if s else "-" for s in signs)
+        return {"kind": "mixed", **none, "verdict": f"mixed: the sign of the difference changes {len(changes)} "
+                                                    f"time(s) along the ladder ({order})"}
+    i = changes[0]
+    before, after = rows[i], rows[i + 1]
+    best = _log_cross(before["budget"], before["delta"], after["budget"], after["delta"])
+    low, high = _bounds(rows, i)
+    if before.get("lo") is not None and after.get("hi") is not None and before["lo"] > 0 and after["hi"] < 0:
+        return {"kind": "crosses", "verdict": f"crosses at ~{best:.3g} FLOPs", "budget": best, "low": low,
+                "high": high}
+    return {"kind": "inconclusive", "budget": best, "low": low, "high": high,
+            "verdict": (f"inconclusive crossing near ~{best:.3g} FLOPs ({before['budget']:.3g}: {_excludes(before)}; "
+                        f"{after['budget']:.3g}: {_excludes(after)})")}
+
+
+def _words_at(row: dict[str, Any], which: str) -> str:
+    return f"{_excludes(row)} at the {which} budget"
 
 
 def analyse(study: optuna.Study, spec) -> dict[str, Any]:
@@ -167,22 +237,35 @@ def analyse(study: optuna.Study, spec) -> dict[str, Any]:
             "crossover": {arm: crossover([r for r in pairs if r["arm"] == arm]) for arm in arms}}
 
 
+def _interval(r: dict[str, Any]) -> str:
+    return "-" if r["lo"] is None else f"[{r['lo']:+.4f}, {r['hi']:+.4f}]"
+
+
+def _words(r: dict[str, Any]) -> str:
+    """'loses', 'tie', 'wins' (with ', validation noise only' for a one-seed Monte-Carlo interval)."""
+    return r["verdict"] + (f" ({MC_ONLY})" if r["basis"] == MC_ONLY else "")
+
+
+def _crossing(c: dict[str, Any]) -> str:
+    return "-" if c["budget"] is None else f"{_fmt(c['low'])} .. {_fmt(c['high'])}"
+
+
 def rich_tables(result: dict[str, Any]):
     """The paired differences (one row per arm and budget) and the crossovers, as rich tables."""
     from rich.table import Table
 
-    diff = Table(title=f"val NLL minus {result['baseline']!r} at the same budget and seed (nats/token; < 0: the arm wins)")
-    for col in ("arm", "budget (FLOPs)", "Δ val NLL", "± s.e.", "pairs", "> 2 s.e."):
-        diff.add_column(col, justify="left" if col == "arm" else "right")
+    diff = Table(title=f"val NLL minus {result['baseline']!r} at the same budget and seed (nats/token; < 0: the arm "
+                       f"wins; 95% interval: t over seeds, or one seed's validation noise only)")
+    for col in ("arm", "budget (FLOPs)", "seeds", "Δ val NLL", "95% interval", "± s.e.", "in words"):
+        diff.add_column(col, justify="left" if col in ("arm", "in words") else "right")
     for r in result["paired"]:
-        diff.add_row(r["arm"], f"{r['budget']:.3g}", f"{r['delta']:+.4f}", "-" if r["se"] is None else f"{r['se']:.4f}",
-                     str(r["pairs"]), "yes" if r["significant"] else "no")
+        diff.add_row(r["arm"], f"{r['budget']:.3g}", str(r["pairs"]), f"{r['delta']:+.4f}", _interval(r),
+                     "-" if r["se"] is None else f"{r['se']:.4f}", _words(r))
     cross = Table(title="crossover budget: where looping starts to win")
-    for col in ("arm", "verdict", "interval (FLOPs, ± 1 s.e.)"):
+    for col in ("arm", "verdict", "crossing interval (FLOPs, 95%)"):
         cross.add_column(col)
     for arm, c in result["crossover"].items():
-        interval = "-" if c["budget"] is None else f"{_fmt(c['low'])} .. {_fmt(c['high'])}"
-        cross.add_row(arm, c["verdict"], interval)
+        cross.add_row(arm, c["verdict"], _crossing(c))
     return diff, cross
 
 
@@ -192,7 +275,7 @@ def _fmt(value: float | None) -> str:
 
 def section(d, out):
     """The report's iso-FLOP section: final val NLL vs training budget per arm (mean +- one
-    standard error over seeds) and the paired-difference and crossover table."""
+    standard error over seeds) and the paired differences with 95% intervals and the crossover."""
     from .report import NLL_LABEL, Section, _figure, _flop_axis, _save
 
     sec = Section("sweep", "Budget sweep (iso-FLOP curves)")
@@ -217,13 +300,17 @@ def section(d, out):
     fig.suptitle(f"{d.name}: final val NLL vs training budget ({seeds} seed(s) per point, ± 1 s.e.)", fontsize=9)
     sec.image = _save(fig, out, "iso_flop.png")
     sec.caption = ("Every arm trained to completion at each budget; differences are paired with the baseline of the "
-                   "same seed and budget on identical validation masks. Crossover: where the arm's mean difference "
-                   "turns negative (log-interpolated), its interval where mean ± 1 s.e. does.")
-    sec.headers = ["arm", "budget (FLOPs)", "Δ val NLL vs " + result["baseline"], "± s.e.", "pairs", "crossover"]
+                   "same seed and budget on identical validation masks. Intervals are 95%: Student's t over seeds "
+                   "(n - 1 degrees of freedom), or with one seed the validation-mask noise only; a difference whose "
+                   "interval contains 0 is a tie. Crossover: only where the mean difference changes sign once, from "
+                   "+ to -, with the intervals on both sides excluding 0 (log-interpolated; its interval where the "
+                   "interval bounds cross zero); otherwise inconclusive, mixed, loses or wins.")
+    sec.headers = ["arm", "budget (FLOPs)", "seeds", "Δ val NLL vs " + result["baseline"], "95% interval",
+                   "in words", "crossover"]
     sec.rows = []
     for arm, c in result["crossover"].items():
-        interval = "" if c["budget"] is None else f" ({_fmt(c['low'])} .. {_fmt(c['high'])})"
+        interval = "" if c["budget"] is None else f" (95%: {_crossing(c)})"
         for r in [r for r in result["paired"] if r["arm"] == arm]:
-            sec.rows.append([arm, f"{r['budget']:.3g}", f"{r['delta']:+.4f}",
-                             "-" if r["se"] is None else f"{r['se']:.4f}", str(r["pairs"]), c["verdict"] + interval])
+            sec.rows.append([arm, f"{r['budget']:.3g}", str(r["pairs"]), f"{r['delta']:+.4f}", _interval(r),
+                             _words(r), c["verdict"] + interval])
     return sec

@@ -60,7 +60,7 @@ lr = 3e-3
 min_steps = 5
 eval_points = 2
 eval_sequences = 16
-eval_t_points = 4
+eval_curve_sequences = 8
 """
 
 FLOP_TOLERANCE = 0.02  # relative difference allowed between the analytic and the counted FLOPs

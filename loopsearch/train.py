@@ -27,8 +27,8 @@ from typing import Callable
 import torch
 
 from . import interrupt
-from .data import PreparedData, random_batch, validation_batches
-from .diffusion import diffusion_loss, validation_nll
+from .data import PreparedData, random_batch, subsample, validation_windows
+from .diffusion import Validation, diffusion_loss, validation_elbo
 from .errors import BudgetError, LoopsearchError
 from .looping import ExecutionRecorder, LoopedMDM
 from .resume import Checkpointer, TrainState
@@ -47,17 +47,20 @@ class TrainResult:
     planned_steps: int
     tokens: int
     val_nll: float  # nats/token, ELBO bound on held-out data at the end
+    val_se: float  # its Monte-Carlo standard error given the validation windows
     final_loss: float
     wall_s: float
     tokens_per_s: float
     flops_per_s: float  # achieved training FLOP/s
     mean_train_loops: float
-    history: list[tuple[float, float]] = field(default_factory=list)  # (train FLOPs, val nll)
+    history: list[tuple[float, ...]] = field(default_factory=list)  # (train FLOPs, val nll, se)
     # what the final validation executed, per sequence (the model's own inference mode)
     eval_applications: float = 0.0
     eval_extra_flops: float = 0.0
     eval_token_loops: float | None = None  # mean loops per masked token, for strategies that report it
     train_stats: dict[str, float] = field(default_factory=dict)  # strategy stats averaged over steps
+    validation: Validation | None = None  # the final validation's per-(window, draw) values
+    eval_s: float = 0.0  # wall seconds this process spent validating (inside wall_s)
 
 
 def distributed() -> tuple[int, int]:
@@ -67,6 +70,18 @@ def distributed() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+STREAMS = ("data", "masks", "loops")  # separate random streams: arms with one seed see the same batches
+
+
+def streams(seed: int) -> dict[str, torch.Generator]:
+    """The trainer's random streams: data order, training masks and mask rates, loop-count draws.
+    Separate streams so that what one trial draws (a loop count) never shifts another's data:
+    every trial with the same seed trains on the same batches in the same order."""
+    from .diffusion import keyed_generator
+
+    return {name: keyed_generator(seed, -1 - i) for i, name in enumerate(STREAMS)}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -136,9 +151,12 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
 
 def train(model: LoopedMDM, data: PreparedData, cfg: TrainConfig, budget: float, seed: int,
           report: Reporter | None = None, progress: bool = True, description: str = "training",
-          checkpointer: Checkpointer | None = None) -> TrainResult:
+          checkpointer: Checkpointer | None = None, eval_seed: int | None = None) -> TrainResult:
     """Train until the next step would exceed ``budget`` FLOPs. ``report`` runs at every FLOP
-    checkpoint (on every DDP rank); ``checkpointer`` restores a saved state and saves new ones."""
+    checkpoint (on every DDP rank); ``checkpointer`` restores a saved state and saves new ones.
+    ``seed``: initialisation is the caller's; data order, masks and loop counts come from it here.
+    ``eval_seed`` keys the validation masks (default ``seed``): trials scored with the same one
+    are scored on identical masks, whatever their seed, batch size or loop count."""
     device = resolve_device(cfg.device)
     model.to(device)
     planned = plan_steps(model, cfg, budget)
@@ -156,33 +174,44 @@ def train(model: LoopedMDM, data: PreparedData, cfg: TrainConfig, budget: float,
                                       find_unused_parameters=True)  # strategies may skip parameters on a step
         step_forward = torch.compile(ddp) if cfg.compile else ddp
     opt = make_optimizer(model, cfg)
-    gen = torch.Generator().manual_seed(seed)  # data order, masks, t and loop counts
+    gens = streams(seed)
     mask_id = model.backbone.mask_id
-    val = [b.to(device) for b in validation_batches(data.valid, cfg.seq_len, cfg.eval_sequences, cfg.batch_size)]
+    eval_seed = seed if eval_seed is None else eval_seed
+    windows, window_keys = validation_windows(data.valid, cfg.seq_len, cfg.eval_sequences)
+    curve_windows, curve_keys = subsample(windows, window_keys, cfg.eval_curve_sequences)
+    windows, curve_windows = windows.to(device), curve_windows.to(device)
     train_ids = data.train if cfg.train_tokens is None else data.train[:cfg.train_tokens]  # (N,) token ids
     checkpoints = [budget * (i + 1) / cfg.eval_points for i in range(cfg.eval_points)]
-    history: list[tuple[float, float]] = []
+    history: list[tuple[float, ...]] = []
+    eval_s = 0.0
 
     recorder = ExecutionRecorder(forward)
 
-    def evaluate(spent: float) -> float:
+    def evaluate(spent: float, final: bool = False) -> Validation:
+        """Validate: the learning curve's checkpoints on ``eval_curve_sequences`` windows, the final
+        validation on all ``eval_sequences`` (the same masks for the windows both use)."""
+        nonlocal eval_s
+        began = time.perf_counter()
         model.eval()
         recorder.reset()  # keep what the latest validation executed
+        w, k = (windows, window_keys) if final else (curve_windows, curve_keys)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            nll = validation_nll(recorder, val, mask_id, cfg.eval_t_points, seed=seed + 1)
+            val = validation_elbo(recorder, w, k, mask_id, cfg.eval_draws, seed=eval_seed,
+                                  batch_size=cfg.eval_batch_size)
         model.train()
+        eval_s += time.perf_counter() - began
         nominal = checkpoints[min(len(history), len(checkpoints) - 1)]
-        history.append((spent, nll))
+        history.append((spent, val.nll, val.se))
         if report is not None:
             # keyed by the checkpoint's nominal GFLOPs (budget * i / eval_points), not the FLOPs spent, so
             # every trial of a study reports at the same steps whatever its step cost (pruners compare
             # trials at equal steps); in GFLOPs because Optuna's step is 32-bit on PostgreSQL
-            report(int(nominal // 1e9), nll)
-        return nll
+            report(int(nominal // 1e9), val.nll)
+        return val
 
     spent, steps, loops_sum, loss_val = 0.0, 0, 0.0, float("nan")
     stats_sum: dict[str, float] = {}
-    restored = checkpointer.restore(model, opt, gen) if checkpointer is not None else None
+    restored = checkpointer.restore(model, opt, gens) if checkpointer is not None else None
     if restored is not None:
         spent, steps, loops_sum, loss_val = restored.spent, restored.steps, restored.loops_sum, restored.loss
         stats_sum = dict(restored.stats_sum)
@@ -197,16 +226,16 @@ def train(model: LoopedMDM, data: PreparedData, cfg: TrainConfig, budget: float,
     with _progress(progress and rank == 0, description, budget) as bar:
         while True:
             interrupt.check()  # a Ctrl-C during a study stops here, not inside a storage call
-            n_loops = model.strategy.train_loops(gen)
+            n_loops = model.strategy.train_loops(gens["loops"])
             extra_bound = model.strategy.extra_flops_bound(n_loops, cfg.seq_len)
             step_flops = model.train_step_flops(cfg.seq_len, cfg.batch_size, n_loops, extra_bound)
             if spent + step_flops > budget:
                 break
             for group in opt.param_groups:
                 group["lr"] = lr_at(spent / budget, cfg)
-            x0 = random_batch(train_ids, cfg.batch_size, cfg.seq_len, gen).to(device)
+            x0 = random_batch(train_ids, cfg.batch_size, cfg.seq_len, gens["data"]).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss, out = diffusion_loss(step_forward, x0, mask_id, gen, n_loops, cfg.antithetic, shard=shard)
+                loss, out = diffusion_loss(step_forward, x0, mask_id, gens["masks"], n_loops, cfg.antithetic, shard=shard)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
@@ -233,18 +262,18 @@ def train(model: LoopedMDM, data: PreparedData, cfg: TrainConfig, budget: float,
                 evaluate(spent)
             if checkpointer is not None:
                 checkpointer.after_step(TrainState(spent, steps, loops_sum, loss_val, stats_sum, history),
-                                        worst_step, model, opt, gen)
+                                        worst_step, model, opt, gens)
     if steps == 0:
         raise BudgetError(f"budget {format_flops(budget)} did not pay for one step; raise --budget")
-    nll = evaluate(spent)
+    final = evaluate(spent, final=True)
     wall = time.perf_counter() - start
     tokens = steps * cfg.batch_size * cfg.seq_len
     eval_apps, eval_extra = recorder.means()
     # throughput of what this process ran (a resumed run did not run the restored steps)
-    return TrainResult(spent, budget, steps, planned, tokens, nll, loss_val, wall,
+    return TrainResult(spent, budget, steps, planned, tokens, final.nll, final.se, loss_val, wall,
                        (steps - start_steps) * cfg.batch_size * cfg.seq_len / wall,
                        (spent - start_spent) / wall, loops_sum / steps, history, eval_apps, eval_extra,
-                       recorder.mean_token_loops(), {k: v / steps for k, v in stats_sum.items()})
+                       recorder.mean_token_loops(), {k: v / steps for k, v in stats_sum.items()}, final, eval_s)
 
 
 class _NullBar:

@@ -50,8 +50,9 @@ from optuna.trial import FrozenTrial, TrialState
 from . import interrupt
 from .errors import LoopsearchError
 from .leaderboard import SURPLUS_ATTR
+from .study import CONFIRM_OF_ATTR
 from .storage import journal_path, mask, open_storage, sqlite_path, storage_url
-from .study import FINISHED, Objective, ensure_baseline, load, make_pruner, make_sampler
+from .study import FINISHED, Objective, counted, ensure_baseline, load, make_pruner, make_sampler, trial_budget
 
 LEASE_ATTR = "loopsearch.lease"
 MAX_RETRY = 3  # retries of a trial whose worker died
@@ -185,7 +186,7 @@ def decide(study: optuna.Study, limits: Limits, grace: float) -> tuple[str, str]
     """Before a trial: ("stop" | "wait" | "go", why)."""
     fail_stale(study, grace)
     trials = study.get_trials(deepcopy=False)
-    done = sum(t.state in FINISHED for t in trials)
+    done = sum(counted(t) for t in trials)
     running = sum(t.state == TrialState.RUNNING for t in trials)
     if done >= limits.target:
         return "stop", f"the study has {done} finished trials (target {limits.target})"
@@ -208,7 +209,7 @@ def claim(study: optuna.Study, trial: optuna.Trial, limits: Limits) -> None:
     trials = study.get_trials(deepcopy=False)
     ahead = [t for t in trials if t.number < trial.number
              and (t.state in FINISHED or t.state in (TrialState.RUNNING, TrialState.WAITING))
-             and not t.user_attrs.get(SURPLUS_ATTR)]
+             and not t.user_attrs.get(SURPLUS_ATTR) and t.user_attrs.get(CONFIRM_OF_ATTR) is None]
     reason = None
     if len(ahead) >= limits.target:
         reason = f"{len(ahead)} trials ahead of it reach the study's target of {limits.target}"
@@ -249,9 +250,9 @@ def work(name: str, storage: str | None = None, *, n_trials: int | None = None, 
     study.pruner = make_pruner(spec)
     if worker == 0:
         ensure_baseline(study)
-    done = sum(t.state in FINISHED for t in before)
+    done = sum(counted(t) for t in before)
     target = until if until is not None else (done + n_trials if n_trials is not None else spec.n_trials)
-    limits = Limits(target, study_budget, spec.budget)
+    limits = Limits(target, study_budget, trial_budget(spec))
     objective = Objective(spec, progress, device=device, checkpoint_every=checkpoint_every,
                           share=share if world > 1 else None)
     journal = not optuna.storages._heartbeat.is_heartbeat_enabled(study._storage)
@@ -375,7 +376,7 @@ def follow(spec, device: str | None = None, checkpoint_every: float | None = Non
 
         try:
             train(model, data, config.train, config.budget, config.seed, report=report, progress=False,
-                  checkpointer=ckpt)
+                  checkpointer=ckpt, eval_seed=config.mask_seed)
         except (_Pruned, FloatingPointError):  # every rank sees the same (rank-averaged) loss
             pass
         trained += 1
@@ -478,7 +479,7 @@ def spawn(name: str, storage: str | None, workers: int, *, n_trials: int | None 
             f"{journal_path(run_url)} (copied back into {db} when they stop)")
     study, spec = load(name, run_url)
     ensure_baseline(study)
-    done = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
+    done = sum(counted(t) for t in study.get_trials(deepcopy=False))
     until = done + n_trials if n_trials is not None else spec.n_trials
     threads, gpus = worker_threads(workers), visible_gpus() if device in (None, "auto", "cuda") else []
     options = [("--timeout", timeout), ("--study-budget", study_budget), ("--grace", grace), ("--device", device),

@@ -3,7 +3,7 @@
 The text (WikiText-2 raw, LAMBADA jsonl, PTB, or any UTF-8 text file) is tokenised with the
 checkpoint's own tokeniser, cut into non-overlapping windows of ``seq_len`` tokens (the tail
 shorter than a window is dropped), and scored with the validation ELBO
-(``loopsearch.diffusion.validation_nll``: a fixed grid of mask rates, fixed-seed masks). The
+(``loopsearch.diffusion.validation_elbo``: masks keyed by window, with a standard error). The
 ELBO is an upper bound on the NLL, so exp(nats/token) is an upper bound on the perplexity.
 
 Per-token numbers depend on the tokeniser; bits per byte do not:
@@ -11,7 +11,7 @@ bits/byte = total nats / ln 2 / UTF-8 bytes of the evaluated windows. The byte c
 with the byte-level BPE every token is a run of bytes, counted one by one (a window may start
 or end inside a multi-byte character). Inference FLOPs per token are what the forward passes
 executed (``ExecutionRecorder``), in the one FLOP accounting; ``eval_flops`` is their total
-over every window and every mask rate of the grid.
+over every window and every mask draw.
 """
 
 from __future__ import annotations
@@ -105,23 +105,26 @@ def tokenize(tokenizer_json: str, text: str) -> torch.Tensor:
 
 @torch.no_grad()
 def zeroshot_nll(model, tokenizer_json: str, text: str, *, seq_len: int, n_sequences: int | None = None,
-                 batch_size: int = 16, t_points: int = 8, seed: int = 1234, device: str | None = None,
+                 batch_size: int = 64, draws: int = 2, seed: int = 1234, device: str | None = None,
                  n_loops: int | None = None) -> dict:
-    """ELBO bound of ``model`` (a LoopedMDM) on ``text``, over its first ``n_sequences``
-    non-overlapping windows of ``seq_len`` tokens (None: every whole window).
+    """ELBO bound of ``model`` (a LoopedMDM) on ``text``, over ``n_sequences`` non-overlapping
+    windows of ``seq_len`` tokens evenly spaced over it (None: every whole window), with ``draws``
+    mask draws per window (loopsearch/diffusion.py: validation_elbo).
 
-    Returns nll (nats/token, the ELBO), perplexity_bound (exp of it), bits_per_byte, total_nats,
+    Returns nll (nats/token, the ELBO), nll_se (its Monte-Carlo standard error), perplexity_bound
+    (exp of nll), bits_per_byte, total_nats,
     tokens and bytes evaluated, windows, tokens_available (the whole text), mean_loops (loop-block
     applications per forward pass), inference_flops_per_token (one forward pass, what ran) and
     eval_flops (all the forward passes). ``n_loops``: the loop count (None: the model's own);
     ``device``: where to run (None: where the model is).
     """
-    from .diffusion import validation_nll
+    from .data import validation_windows
+    from .diffusion import validation_elbo
     from .looping import ExecutionRecorder
     from .train import resolve_device
 
-    if seq_len < 1 or batch_size < 1 or t_points < 1:
-        raise LoopsearchError(f"seq_len, batch_size and t_points must be >= 1, got {seq_len}, {batch_size}, {t_points}")
+    if seq_len < 1 or batch_size < 1 or draws < 2:
+        raise LoopsearchError(f"seq_len and batch_size must be >= 1 and draws >= 2, got {seq_len}, {batch_size}, {draws}")
     if n_sequences is not None and n_sequences < 1:
         raise LoopsearchError(f"n_sequences must be >= 1 (or None for every window), got {n_sequences}")
     if not text.strip():
@@ -131,34 +134,35 @@ def zeroshot_nll(model, tokenizer_json: str, text: str, *, seq_len: int, n_seque
     if n == 0:
         raise LoopsearchError(f"the evaluation text has {len(ids)} tokens, fewer than one window of seq_len={seq_len}; "
                               f"use a longer text or a smaller seq_len")
-    n = min(n, n_sequences or n)
-    windows = ids[: n * seq_len].view(n, seq_len)
+    windows, keys = validation_windows(ids, seq_len, n_sequences or n)
+    n = len(keys)
     dev = resolve_device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.to(dev).eval()
     rec = ExecutionRecorder(model)
-    batches = [b.to(dev) for b in windows.split(batch_size)]
     try:
-        nll = validation_nll(rec, batches, model.backbone.mask_id, t_points, seed=seed, n_loops=n_loops)
+        val = validation_elbo(rec, windows.to(dev), keys, model.backbone.mask_id, draws, seed=seed,
+                              batch_size=batch_size, n_loops=n_loops)
     finally:
         model.train(was_training)
     apps, extra = rec.means()
     flops_tok = model.inference_flops_per_token(seq_len, apps, extra)
     tokens = n * seq_len
     n_bytes = _window_bytes(tokenizer_json, windows)
+    nll = val.nll
     total = nll * tokens
-    return {"nll": nll, "perplexity_bound": math.exp(min(nll, 700.0)), "bits_per_byte": total / math.log(2) / n_bytes,
+    return {"nll": nll, "nll_se": val.se, "perplexity_bound": math.exp(min(nll, 700.0)), "bits_per_byte": total / math.log(2) / n_bytes,
             "total_nats": total, "tokens": tokens, "bytes": n_bytes, "windows": n, "seq_len": seq_len,
-            "tokens_available": len(ids), "t_points": t_points, "seed": seed,
+            "tokens_available": len(ids), "draws": draws, "seed": seed,
             "mean_loops": apps if model.strategy.loops_block else 1.0,
-            "inference_flops_per_token": flops_tok, "eval_flops": flops_tok * tokens * t_points}
+            "inference_flops_per_token": flops_tok, "eval_flops": flops_tok * tokens * draws}
 
 
 def zeroshot_checkpoint(directory: str | Path, path: str | Path, *, seq_len: int | None = None,
-                        n_sequences: int | None = None, batch_size: int | None = None, t_points: int | None = None,
+                        n_sequences: int | None = None, batch_size: int | None = None, draws: int | None = None,
                         seed: int = 1234, device: str = "auto", n_loops: int | None = None) -> dict:
     """``zeroshot_nll`` of a trial checkpoint on the text file ``path``; defaults come from the
-    trial's config (seq_len: its training length, at most; batch_size, eval_t_points)."""
+    trial's config (seq_len: its training length, at most; eval_batch_size, eval_draws)."""
     from . import checkpoint
 
     text = read_eval_text(path)
@@ -168,6 +172,6 @@ def zeroshot_checkpoint(directory: str | Path, path: str | Path, *, seq_len: int
     if not 1 <= seq_len <= trained:
         raise LoopsearchError(f"seq_len {seq_len} must be between 1 and {trained}, the length the trial was trained at")
     out = zeroshot_nll(model, tokenizer_json, text, seq_len=seq_len, n_sequences=n_sequences,
-                       batch_size=batch_size or config.train.batch_size, t_points=t_points or config.train.eval_t_points,
+                       batch_size=batch_size or config.train.eval_batch_size, draws=draws or config.train.eval_draws,
                        seed=seed, device=device, n_loops=n_loops)
     return {"path": str(path), "checkpoint": str(directory), **out}

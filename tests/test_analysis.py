@@ -58,8 +58,8 @@ def test_shares_rows_and_ranges(n_loops):
     n_layer, block_len = 4, 2
     assert len(rows) == len(rates) * (n_layer - block_len + block_len * n)
     for r in rows:
-        assert 0.0 <= r["mask_to_mask"] <= 1.0 and 0.0 <= r["masked_key_fraction"] <= 1.0
-        assert r["mask_to_mask"] + r["mask_to_unmasked"] == pytest.approx(1.0)
+        assert 0.0 <= r["mask_to_mask"] <= 1.0 and 0.0 <= r["masked_key_fraction"] <= 1.0 and 0.0 <= r["self"] <= 1.0
+        assert r["mask_to_mask"] + r["self"] + r["mask_to_unmasked"] == pytest.approx(1.0)
     for t in rates:
         sub = [(r["layer"], r["loop"]) for r in rows if r["t"] == t]
         assert sub == [(0, 1)] + [(i, k) for k in range(1, n + 1) for i in (1, 2)] + [(3, 1)]
@@ -106,11 +106,29 @@ def test_uniform_attention_gives_the_masked_key_fraction():
     rows = analysis.attention_shares(model, batches(), model.backbone.mask_id, (0.3, 0.7))
     layer2 = [r for r in rows if r["layer"] == 2]
     assert len(layer2) == 4
-    for r in layer2:
-        assert r["mask_to_mask"] == pytest.approx(r["masked_key_fraction"], abs=1e-6)
+    for r in layer2:  # 1/T on itself; the rest spread over the other keys, a masked_key_fraction of them masked
+        assert r["self"] == pytest.approx(1 / 16, abs=1e-6)
+        assert r["mask_to_mask"] / (1 - r["self"]) == pytest.approx(r["masked_key_fraction"], abs=1e-6)
     # a trained-looking layer is not uniform (the check is not vacuous)
     other = [r for r in rows if r["layer"] == 0]
-    assert any(abs(r["mask_to_mask"] - r["masked_key_fraction"]) > 1e-6 for r in other)
+    assert any(abs(r["mask_to_mask"] / (1 - r["self"]) - r["masked_key_fraction"]) > 1e-6 for r in other)
+
+
+def test_self_attention_is_not_mask_to_mask():
+    """Hand-built probabilities: T = 4, positions 0, 1, 3 masked (B = 1, H = 1)."""
+    masked = torch.tensor([[True, True, False, True]])
+    n, own, unmasked, uniform, count = analysis._shares(torch.eye(4)[None, None], masked)
+    assert count == 3 and own == 3.0 and n == 0.0 and unmasked == 0.0  # identity: self = 1, mask->mask = 0
+    assert uniform / count == pytest.approx(2 / 3)  # (3 masked - 1) / (4 - 1) other keys
+    probs = torch.tensor([[0.1, 0.2, 0.3, 0.4],  # query 0 (masked): others masked 0.2 + 0.4, self 0.1
+                          [0.5, 0.5, 0.0, 0.0],  # query 1 (masked): others masked 0.5, self 0.5
+                          [1.0, 0.0, 0.0, 0.0],  # query 2 is unmasked: not counted
+                          [0.0, 0.0, 1.0, 0.0]])  # query 3 (masked): all on the unmasked key
+    n, own, unmasked, uniform, count = analysis._shares(probs[None, None], masked)
+    assert count == 3
+    assert n == pytest.approx(0.6 + 0.5 + 0.0) and own == pytest.approx(0.1 + 0.5 + 0.0)
+    assert unmasked == pytest.approx(0.3 + 0.0 + 1.0)
+    assert n + own + unmasked == pytest.approx(count)
 
 
 def test_parse_rates():
@@ -132,7 +150,7 @@ def test_cli_on_trained_study(trained):
 
     table = run_cli("analyze", "attention", "scale", "1", "--loops", "2")
     assert table.returncode == 0, table.stderr
-    assert "mask→mask" in table.stdout and "uniform share" in table.stdout
+    assert "mask→mask" in table.stdout and "uniform share" in table.stdout and "self" in table.stdout
     print(table.stdout)
 
     bad = run_cli("analyze", "attention", "scale", "1", "--rates", "0.5,1.2")

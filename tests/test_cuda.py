@@ -16,7 +16,7 @@ def test_train_on_cuda_with_bf16():
     ids = torch.randint(0, 40, (5000,))
     data = PreparedData(ids, ids[:1000].clone(), "", 40, "random")
     model = tiny_model(vocab=40, seq_len=32, loop=(1, 3, {"n_loops": 2}))
-    cfg = TrainConfig(batch_size=8, seq_len=32, device="cuda", min_steps=1, eval_sequences=8, eval_t_points=2)
+    cfg = TrainConfig(batch_size=8, seq_len=32, device="cuda", min_steps=1, eval_sequences=8)
     assert use_bf16(cfg.precision, torch.device("cuda")) == torch.cuda.is_bf16_supported()
     r = train(model, data, cfg, 5e8, seed=0, progress=False)
     assert r.train_flops <= 5e8 and next(model.parameters()).device.type == "cuda"

@@ -2,9 +2,11 @@
 
 import json
 
+import optuna
 import pytest
+from optuna.trial import TrialState
 
-from loopsearch import repro, report
+from loopsearch import evaluate, repro, report, stats
 from loopsearch import study as studies
 from loopsearch.errors import LoopsearchError, SpecError
 from loopsearch.space import load_recipe, load_space
@@ -62,8 +64,9 @@ def test_repro_trains_the_arms_evaluates_them_and_reports_the_claims(tiny_repro_
     rep = repro.run("rp", str(tiny_repro_recipe), data=eval_data, output=tmp_path / "out", fmt="md",
                     progress=False, say=said.append)
     st, spec = studies.load("rp")
-    trials = repro.role_trials(st, spec)
-    assert set(trials) == set(repro.ROLES)
+    by_seed = repro.role_trials(st, spec)
+    assert set(by_seed) == set(repro.ROLES) and all(len(ts) == 1 for ts in by_seed.values())
+    trials = repro.one_per_role(by_seed)
     assert trials["baseline"].user_attrs[studies.BASELINE_ATTR]
     # every arm trained at the same budget; the deeper arm is the 5-layer plain model
     assert {t.user_attrs["budget"] for t in trials.values()} == {spec.budget}
@@ -71,6 +74,7 @@ def test_repro_trains_the_arms_evaluates_them_and_reports_the_claims(tiny_repro_
     claims = next(s for s in rep.sections if s.key == "claims")
     assert len(claims.rows) == 5, claims.rows
     assert all(row[2] in ("agrees", "disagrees") or row[2].startswith("inconclusive") for row in claims.rows)
+    assert all("1 seed" in row[1] for row in claims.rows), claims.rows
     page = rep.page.read_text()
     assert "LoopMDM's claims vs this study" in page and "3.3x fewer training FLOPs" in page
     zs = repro.zeroshot_rows(st, trials)
@@ -88,9 +92,149 @@ def test_repro_trains_the_arms_evaluates_them_and_reports_the_claims(tiny_repro_
     assert not [m for m in said if m.startswith(("loop scaling", "zero-shot", "attention", "trial "))], said
 
 
-def test_small_differences_are_inconclusive_not_verdicts():
-    assert repro._compare(0.05) == "agrees" and repro._compare(-0.05) == "disagrees"
-    assert repro._compare(0.0001).startswith("inconclusive")
+class Stored:
+    """A study stand-in for the claims: stored evaluations and attention rows, and its trials."""
+
+    def __init__(self, trials=(), **user_attrs):
+        self.user_attrs, self.trials = user_attrs, list(trials)
+
+    def get_trials(self, deepcopy=False):
+        return self.trials
+
+
+ARM_OF = {"baseline": "baseline", "early_looped": "early", "late_looped": "late", "deeper": "deeper"}
+
+
+def trial(number, role, val_nll, seed=0, history=None, windows=None, key="k", **attrs):
+    """A complete arm trial as the study stores it (FLOPs 1e12, final validation at the end)."""
+    a = {"arm": ARM_OF[role], "val_nll": val_nll, "seed_offset": seed, "budget": 1e12, "train_flops": 1e12,
+         "steps": 100, "inference_flops_per_token": 1e6, "loop_start": 1, "loop_end": 2, "n_loops": 2,
+         "history": history or [[5e11, val_nll + 0.3], [1e12, val_nll]], **attrs}
+    if windows is not None:
+        a.update(val_windows=windows, val_draws=2, eval_key=key)
+    t = optuna.trial.create_trial(state=TrialState.COMPLETE, value=val_nll, user_attrs=a)
+    t.number = number
+    return t
+
+
+def arms(values, roles=("baseline", "early_looped"), histories=None):
+    """{role: [trials]} from {role: [val NLL per seed]}."""
+    histories = histories or {}
+    out, n = {}, 0
+    for role in roles:
+        out[role] = []
+        for seed, v in enumerate(values[role]):
+            out[role].append(trial(n, role, v, seed, (histories.get(role) or [None] * 9)[seed]))
+            n += 1
+    return out
+
+
+def claim(rows, start):
+    return next(r for r in rows if r["claim"].startswith(start))
+
+
+def test_a_curve_ending_just_below_the_baseline_does_not_agree():
+    # the early arm ends 0.001 below the baseline (mean of 3 paired seeds) with a paired s.e. of 0.0025
+    base, early = [4.000, 4.010, 3.990], [4.004, 4.006, 3.987]
+    trials = arms({"baseline": base, "early_looped": early})
+    rows = {r["role"]: r for r in repro.flop_rows(trials)}
+    e = rows["early_looped"]
+    assert e["delta"] == pytest.approx(-0.001) and e["effect"].interval.df == 2
+    assert e["noise"] == pytest.approx(e["effect"].interval.half_width) and e["noise"] > 0.001
+    assert e["target"] == pytest.approx(4.0 - e["noise"]) and e["flop_ratio"] is None
+    c = claim(repro.claims(Stored(), trials), "looping early-middle")
+    assert c["verdict"].startswith("inconclusive"), c
+    assert "3 seeds" in c["measured"] and "[" in c["measured"]
+    # one seed whose curve ends 0.001 below, with only the validation noise: still not agreement
+    one = {"baseline": [trial(0, "baseline", 4.0, windows=[4.0, 4.02, 3.99, 3.99])],
+           "early_looped": [trial(1, "early_looped", 3.999, windows=[3.995, 4.02, 3.99, 3.991])]}
+    c = claim(repro.claims(Stored(), one), "looping early-middle")
+    assert c["verdict"].startswith("inconclusive") and "validation noise only" in c["measured"], c
+    # one seed without per-window values: no noise to set the target by, never 'agrees'
+    bare = arms({"baseline": [4.0], "early_looped": [3.9]})
+    c = claim(repro.claims(Stored(), bare), "looping early-middle")
+    assert c["verdict"] == "inconclusive (no interval)" and "1 seed, no interval" in c["measured"], c
+
+
+def test_flop_ratio_agrees_beyond_the_noise_and_disagrees_above_zero():
+    base = [4.00, 4.02, 3.98]
+    history = [[2.5e11, 4.6], [5e11, 3.9], [1e12, 3.8]]  # well below the baseline at half the FLOPs
+    good = arms({"baseline": base, "early_looped": [3.80, 3.81, 3.79]}, histories={"early_looped": [history] * 3})
+    c = claim(repro.claims(Stored(), good), "looping early-middle")
+    assert c["verdict"] == "agrees" and "x fewer" in c["measured"], c
+    bad = arms({"baseline": base, "early_looped": [4.20, 4.23, 4.19]})
+    c = claim(repro.claims(Stored(), bad), "looping early-middle")
+    assert c["verdict"] == "disagrees" and "never reached" in c["measured"], c
+
+
+def test_paired_claims_use_seeds_or_the_validation_noise_of_one_seed():
+    roles = ("baseline", "early_looped", "late_looped", "deeper")
+    trials = arms({"baseline": [4.0, 4.1], "early_looped": [4.1, 4.2], "late_looped": [4.0, 4.101],
+                   "deeper": [4.3, 4.41]}, roles)
+    rows = repro.claims(Stored(), trials)
+    deeper = claim(rows, "the looped model beats")
+    # deeper - early over 2 seeds: 0.2 and 0.21; t with 1 degree of freedom
+    iv = repro.paired_effect(trials["early_looped"], trials["deeper"]).interval
+    assert iv.mean == pytest.approx(0.205) and iv.df == 1
+    assert iv.half_width == pytest.approx(12.706 * iv.se, rel=1e-4)
+    assert deeper["verdict"] == "agrees" and "2 seeds" in deeper["measured"] and iv.text() in deeper["measured"]
+    late = claim(rows, "early-middle layers are the place")
+    assert late["verdict"] == "disagrees" and "2 seeds" in late["measured"], late  # late - early: -0.1, -0.099
+    # one seed: the paired masks' noise when both trials were scored on the same windows and masks
+    w_early, w_late = [4.0, 4.2, 4.1, 4.1], [3.9, 4.1, 4.0, 4.0]  # late better by 0.1 on every draw
+    one = {"baseline": [trial(0, "baseline", 4.0)], "early_looped": [trial(1, "early_looped", 4.1, windows=w_early)],
+           "late_looped": [trial(2, "late_looped", 4.0, windows=w_late)]}
+    e = repro.paired_effect(one["early_looped"], one["late_looped"])
+    assert e.basis == "1 seed, validation noise only" and e.interval.mean == pytest.approx(-0.1)
+    other = {**one, "late_looped": [trial(2, "late_looped", 4.0, windows=w_late, key="other masks")]}
+    e = repro.paired_effect(other["early_looped"], other["late_looped"])
+    assert e.basis == "1 seed, no interval" and e.verdict == "inconclusive (no interval)"
+
+
+def test_loop_scaling_needs_per_window_values():
+    early = trial(1, "early_looped", 4.1, val_draws=2)
+    trials = {"baseline": [trial(0, "baseline", 4.0)], "early_looped": [early]}
+    rows = [{"n_loops": 1, "exit": "none", "val_nll": 4.2, "val_windows": [4.2, 4.25, 4.15, 4.2]},
+            {"n_loops": 2, "exit": "none", "val_nll": 4.1, "val_windows": [4.1, 4.12, 4.08, 4.1]}]
+    study = Stored(**{f"{evaluate.EVAL_ATTR}1": {"loop_scaling": rows}})
+    c = claim(repro.claims(study, trials), "more loops")
+    effect = stats.paired_window_interval(rows[1]["val_windows"], rows[0]["val_windows"], 2)  # 1 loop minus 2
+    assert c["verdict"] == "agrees" and effect.text() in c["measured"] and "validation noise only" in c["measured"]
+    bare = Stored(**{f"{evaluate.EVAL_ATTR}1": {"loop_scaling": [
+        {k: v for k, v in r.items() if k != "val_windows"} for r in rows]}})
+    assert claim(repro.claims(bare, trials), "more loops")["verdict"] == "inconclusive (no interval)"
+
+
+def test_attention_claim_is_an_interval_over_seeds():
+    def shares(first, last):  # layer 1 is the looped block (loop_start 1, loop_end 2)
+        return [{"t": t, "layer": 1, "loop": k, "mask_to_mask": v, "self": 0.1, "mask_to_unmasked": 0.9 - v,
+                 "masked_key_fraction": 0.5} for t in repro.RATES for k, v in ((1, first), (2, last))]
+
+    trials = arms({"baseline": [4.0, 4.0], "early_looped": [4.1, 4.1]})
+    early = trials["early_looped"]
+    study = Stored(**{f"{repro.ATTENTION_ATTR}{early[0].number}": shares(0.50, 0.60),
+                      f"{repro.ATTENTION_ATTR}{early[1].number}": shares(0.52, 0.61)})
+    c = claim(repro.claims(study, trials), "looping raises the attention")
+    assert c["verdict"] == "agrees" and "2 seeds" in c["measured"] and "over training seeds" in c["measured"], c
+    assert "self 0.100 -> 0.100" in c["measured"]
+    change = repro.attention_change(study, early[0])
+    assert [change[k] for k in ("first", "last", "self_first", "uniform")] == pytest.approx([0.5, 0.6, 0.1, 0.5])
+    one = Stored(**{f"{repro.ATTENTION_ATTR}{early[0].number}": shares(0.50, 0.60)})
+    c = claim(repro.claims(one, trials), "looping raises the attention")
+    assert c["verdict"] == "inconclusive (no interval)" and "1 seed" in c["measured"], c
+
+
+def test_seeds_replace_the_spaces_and_every_seed_plays_its_role(tiny_repro_recipe):
+    spec = repro.make_spec("s3", str(tiny_repro_recipe), seeds=3)
+    assert spec.space.seeds == 3 and spec.n_trials == 12
+    assert repro.make_spec("s1", str(tiny_repro_recipe)).space.seeds == 1
+    with pytest.raises(LoopsearchError, match="--seeds must be >= 1"):
+        repro.make_spec("s0", str(tiny_repro_recipe), seeds=0)
+    ts = [trial(n, role, 4.0 + n / 100, seed) for n, (seed, role) in
+          enumerate((s, r) for s in (2, 0, 1) for r in ("baseline", "early_looped"))]
+    trials = repro.role_trials(Stored(ts), spec)
+    assert [repro._seed(t) for t in trials["baseline"]] == [0, 1, 2]
+    assert repro.one_per_role(trials)["early_looped"].user_attrs["seed_offset"] == 0
 
 
 def test_flop_ratio_reads_the_learning_curve():
@@ -127,8 +271,8 @@ def test_shipped_recipe_has_the_four_arms_at_matched_per_step_compute():
 def test_arms_spaces_are_checked_before_training(tiny_recipe, tmp_path):
     with pytest.raises(ValueError, match="fixes every trial"):
         SearchSpace.model_validate({"name": "x", "strategies": ["fixed"], "arms": {"a": {}}})
-    with pytest.raises(ValueError, match="apply to \\[arms\\] spaces"):
-        SearchSpace.model_validate({"name": "x", "strategies": ["none"], "seeds": 3})
+    with pytest.raises(ValueError, match="applies to \\[arms\\] spaces"):  # seeds now apply to searches too
+        SearchSpace.model_validate({"name": "x", "strategies": ["none"], "budget_scales": [1.0, 2.0]})
     with pytest.raises(ValueError, match="give block"):
         SearchSpace.model_validate({"name": "x", "arms": {"a": {"strategy": "fixed"}}})
     bad = tmp_path / "bad.toml"

@@ -17,8 +17,8 @@ from conftest import run_cli
 from loopsearch import checkpoint, leaderboard
 from loopsearch import study as studies
 from loopsearch.data import prepare
-from loopsearch.diffusion import validation_nll
-from loopsearch.data import validation_batches
+from loopsearch.diffusion import validation_elbo
+from loopsearch.data import validation_windows
 from loopsearch.registry import get_registry
 from loopsearch.space import BASELINE_ATTR
 
@@ -70,10 +70,11 @@ def test_checkpoint_reloads_to_the_same_validation_nll(finished_study):
     assert (config.loop_start, config.loop_end) == (t.user_attrs["loop_start"], t.user_attrs["loop_end"])
     data = prepare(get_registry().get("corpus", "shakespeare")(
         get_registry().get("corpus", "shakespeare").Params()), 300)
-    val = validation_batches(data.valid, 32, 16, 8)
+    windows, keys = validation_windows(data.valid, config.train.seq_len, config.train.eval_sequences)
     model.eval()
-    nll = validation_nll(model, val, model.backbone.mask_id, 4, seed=spec.seed + 1)
-    assert nll == pytest.approx(t.user_attrs["val_nll"], rel=1e-5)
+    val = validation_elbo(model, windows, keys, model.backbone.mask_id, config.train.eval_draws, seed=spec.seed)
+    assert val.nll == pytest.approx(t.user_attrs["val_nll"], rel=1e-5)
+    assert val.se == pytest.approx(t.user_attrs["val_nll_se"], rel=1e-4)
 
 
 def test_leaderboard_rows_and_formats(finished_study, tmp_path):

@@ -10,7 +10,7 @@ from loopsearch.spec import TrainConfig
 from loopsearch.train import lr_at, plan_steps, train
 from loopsearch_builtins.corpora import Shakespeare, ShakespeareParams
 
-CFG = TrainConfig(batch_size=4, seq_len=32, min_steps=1, eval_points=2, eval_sequences=8, eval_t_points=2)
+CFG = TrainConfig(batch_size=4, seq_len=32, min_steps=1, eval_points=2, eval_sequences=8)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,6 @@ def test_model_learns_to_use_context():
     data = PreparedData(ids, ids[:4000].clone(), "", 16, "periodic")
     counts = torch.bincount(base, minlength=16).float() / 7
     unigram = -(counts[counts > 0] * counts[counts > 0].log()).sum().item()
-    cfg = TrainConfig(batch_size=8, seq_len=32, lr=3e-3, min_steps=1, eval_points=2, eval_sequences=16,
-                      eval_t_points=4)
+    cfg = TrainConfig(batch_size=8, seq_len=32, lr=3e-3, min_steps=1, eval_points=2, eval_sequences=16)
     r = train(tiny_model(vocab=16, seq_len=32), data, cfg, 3e10, seed=0, progress=False)
     assert r.val_nll < 0.5 < 1.5 < unigram < math.log(16)

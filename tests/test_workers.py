@@ -64,7 +64,7 @@ def test_resumed_training_equals_uninterrupted_training(tmp_path):
     from loopsearch_builtins.corpora import Shakespeare, ShakespeareParams
 
     data = prepare(Shakespeare(ShakespeareParams()), 300)
-    cfg = TrainConfig(batch_size=4, seq_len=32, min_steps=1, eval_points=3, eval_sequences=8, eval_t_points=2)
+    cfg = TrainConfig(batch_size=4, seq_len=32, min_steps=1, eval_points=3, eval_sequences=8)
     loop = (0, 2, {"n_loops": 4, "train_loops": "uniform"})
     ref = train(tiny_model(vocab=data.vocab_size, seq_len=32, loop=loop), data, cfg, 2e9, seed=0, progress=False)
 
@@ -402,9 +402,9 @@ def test_ddp_with_two_gloo_processes_matches_one_process(tmp_path):
     ddp, one = (studies.load(name)[0].get_trials() for name in ("ddp", "one"))
     assert [t.state for t in ddp] == [TrialState.COMPLETE] * 2 and ddp[1].params == one[1].params
     for a, b in zip(one, ddp):
-        curve_a, curve_b = a.user_attrs["history"], b.user_attrs["history"]  # (FLOPs spent, val NLL)
-        assert len(curve_a) == 4 and [f for f, _ in curve_a] == [f for f, _ in curve_b]
-        assert [v for _, v in curve_b] == pytest.approx([v for _, v in curve_a], abs=1e-4)
+        curve_a, curve_b = a.user_attrs["history"], b.user_attrs["history"]  # (FLOPs spent, val NLL, its SE)
+        assert len(curve_a) == 4 and [h[0] for h in curve_a] == [h[0] for h in curve_b]
+        assert [h[1] for h in curve_b] == pytest.approx([h[1] for h in curve_a], abs=1e-4)
         for key in ("steps", "train_flops"):
             assert a.user_attrs[key] == b.user_attrs[key]
         assert b.user_attrs["final_loss"] == pytest.approx(a.user_attrs["final_loss"], abs=1e-4)

@@ -100,7 +100,7 @@ def test_byte_lengths_are_exact(tok_json):
 def test_zeroshot_nll_on_a_tiny_untrained_model(tok_json, vocab):
     model = tiny_model(vocab=vocab, seq_len=SEQ, loop=(1, 3, {"n_loops": 3}))
     ids = tokenize(tok_json, TEXT)
-    out = zeroshot_nll(model, tok_json, TEXT, seq_len=SEQ, batch_size=4, t_points=4)
+    out = zeroshot_nll(model, tok_json, TEXT, seq_len=SEQ, batch_size=4, draws=4)
     n = len(ids) // SEQ
     assert out["windows"] == n and out["tokens"] == n * SEQ and out["tokens_available"] == len(ids)
     assert math.isfinite(out["nll"]) and abs(out["nll"] - math.log(vocab)) < 0.5  # untrained: near uniform
@@ -109,13 +109,13 @@ def test_zeroshot_nll_on_a_tiny_untrained_model(tok_json, vocab):
     assert out["bits_per_byte"] == pytest.approx(out["total_nats"] / math.log(2) / out["bytes"])
     assert out["bytes"] == int(token_byte_lengths(tok_json)[ids[: n * SEQ].numpy()].sum())
     assert out["bytes"] < len(TEXT.encode("utf-8"))  # the tail shorter than a window is not scored
-    # FLOPs: what ran (3 loops of the block in every call), summed over windows and the t grid
+    # FLOPs: what ran (3 loops of the block in every call), summed over windows and mask draws
     assert out["mean_loops"] == 3.0
     assert out["inference_flops_per_token"] == pytest.approx(model.inference_flops_per_token(SEQ))
     assert out["eval_flops"] == pytest.approx(out["inference_flops_per_token"] * out["tokens"] * 4)
     # deterministic, and the same as a second call
-    assert zeroshot_nll(model, tok_json, TEXT, seq_len=SEQ, batch_size=4, t_points=4) == out
-    fewer = zeroshot_nll(model, tok_json, TEXT, seq_len=SEQ, n_sequences=2, batch_size=4, t_points=4, n_loops=1)
+    assert zeroshot_nll(model, tok_json, TEXT, seq_len=SEQ, batch_size=4, draws=4) == out
+    fewer = zeroshot_nll(model, tok_json, TEXT, seq_len=SEQ, n_sequences=2, batch_size=4, draws=4, n_loops=1)
     assert fewer["windows"] == 2 and fewer["mean_loops"] == 1.0
     assert fewer["inference_flops_per_token"] < out["inference_flops_per_token"]
 
@@ -136,13 +136,13 @@ def test_zeroshot_checkpoint(tok_json, vocab, tmp_path):
 
     config = TrialConfig(study="t", trial=0, backbone=PluginRef(name="transformer", params={"n_layer": 2, "d_model": 32, "n_heads": 2}),
                          strategy=PluginRef(name="none"), corpus=PluginRef(name="shakespeare"), vocab_size=300,
-                         train=TrainConfig(seq_len=SEQ, batch_size=4, eval_t_points=2), budget=1e9, seed=0)
+                         train=TrainConfig(seq_len=SEQ, batch_size=4, eval_draws=2), budget=1e9, seed=0)
     model = checkpoint.build_model(config, vocab)
     checkpoint.save(tmp_path / "ck", model, config, tok_json)
     path = tmp_path / "eval.txt"
     path.write_text(TEXT)
     out = zeroshot_checkpoint(tmp_path / "ck", path, n_sequences=3, device="cpu")
-    assert out["windows"] == 3 and out["t_points"] == 2 and out["seq_len"] == SEQ and out["path"] == str(path)
+    assert out["windows"] == 3 and out["draws"] == 2 and out["seq_len"] == SEQ and out["path"] == str(path)
     assert out["mean_loops"] == 1.0 and math.isfinite(out["bits_per_byte"])
     with pytest.raises(LoopsearchError, match="seq_len 64 must be between 1 and 32"):
         zeroshot_checkpoint(tmp_path / "ck", path, seq_len=64)
