@@ -171,8 +171,14 @@ def validation_elbo(model: Model, windows: torch.Tensor, keys: list[int], mask_i
         interrupt.check()
         rows = slice(i, i + batch_size)
         x0, m = x[rows].to(device), masked[rows].to(device)
-        out = model(xt[rows].to(device), n_loops, t[rows].to(device), **model_kwargs)
-        values.append((masked_nll(out.logits, x0, m, mask_id).sum(-1).double().cpu() / k[rows]))
+        if getattr(model, "supports_positions", False):  # the head only where the loss is
+            out = model(xt[rows].to(device), n_loops, t[rows].to(device), positions=m, **model_kwargs)
+            nll = torch.zeros(x0.shape, dtype=torch.float32, device=device)
+            nll[m] = -subs_log_probs(out.logits, mask_id).gather(-1, x0[m][:, None]).squeeze(-1)
+        else:
+            out = model(xt[rows].to(device), n_loops, t[rows].to(device), **model_kwargs)
+            nll = masked_nll(out.logits, x0, m, mask_id)
+        values.append(nll.sum(-1).double().cpu() / k[rows])
     vals = torch.cat(values).view(len(keys), draws)
     ci = window_interval(vals.reshape(-1).tolist(), draws)
     return Validation(ci.mean, ci.se, vals, list(keys))

@@ -154,10 +154,14 @@ class LoopedMDM(nn.Module):
         p = self.flop_profile(seq_len)
         return sum(p.layers[self.loop_end:]) + p.head
 
+    supports_positions = True  # forward(..., positions=) (loopsearch/diffusion.py: validation_elbo)
+
     def forward(self, x: torch.Tensor, n_loops: int | None = None, t: torch.Tensor | None = None,
-                exit=None) -> ModelOutput:
+                exit=None, positions: torch.Tensor | None = None) -> ModelOutput:
         """x: (B, T) token ids; t: (B,) mask rates if known; exit: an inference-time exit
-        criterion. Returns logits (B, T, n_tokens) and what the loop block executed."""
+        criterion. Returns logits (B, T, n_tokens) and what the loop block executed; with
+        ``positions`` (a (B, T) bool mask) the head runs only there and logits are (N, n_tokens),
+        in row-major order of the True positions (the validation loss needs only masked ones)."""
         b = self.backbone
         n = self.strategy.eval_loops() if n_loops is None else n_loops
         h = b.embed(x)
@@ -167,7 +171,8 @@ class LoopedMDM(nn.Module):
             ctx = LoopContext(t=t, masked=x == b.mask_id, training=self.training, exit=exit, readout=self.readout)
             result = self.strategy.run(h, self._block, n, ctx)
         h = self.run_range(result.h, self.loop_end, b.n_layer)
-        return ModelOutput(b.head(h), result.applications, result.extra_flops, result.aux_loss, result.stats)
+        logits = b.head(h) if positions is None else b.head(h[positions][None])[0]
+        return ModelOutput(logits, result.applications, result.extra_flops, result.aux_loss, result.stats)
 
     # ---- FLOPs of what runs (see flops.py) ---------------------------------------------------
     def flop_profile(self, seq_len: int) -> FlopProfile:
@@ -208,6 +213,7 @@ class ExecutionRecorder:
 
     def __init__(self, model):
         self.model = model
+        self.supports_positions = getattr(model, "supports_positions", False)
         self.reset()
 
     def reset(self) -> None:
