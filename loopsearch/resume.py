@@ -38,14 +38,15 @@ FORMAT = 2  # 2: separate random streams (data order, masks and t, loop counts)
 
 @dataclass
 class TrainState:
-    """The trainer's loop counters (FLOPs in FLOPs, history as (FLOPs, val NLL nats/token))."""
+    """Every counter of the trainer (FLOPs spent, steps, loop applications, the latest loss, strategy
+    stats summed over steps, the validation history): what a checkpoint saves and a resume restores."""
 
     spent: float = 0.0
     steps: int = 0
     loops_sum: float = 0.0
     loss: float = float("nan")
     stats_sum: dict[str, float] = field(default_factory=dict)
-    history: list[tuple[float, float]] = field(default_factory=list)
+    history: list[tuple[float, ...]] = field(default_factory=list)  # (FLOPs, val NLL, its SE)
 
 
 class Checkpointer:

@@ -19,6 +19,7 @@ with the same global batch, up to floating-point reduction order.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from . import interrupt
 from .data import PreparedData, random_batch, subsample, validation_windows
 from .diffusion import Validation, diffusion_loss, validation_elbo
 from .errors import BudgetError, LoopsearchError
+from .flops import TRAIN_MULTIPLIER
 from .looping import ExecutionRecorder, LoopedMDM
 from .resume import Checkpointer, TrainState
 from .spec import TrainConfig
@@ -157,6 +159,7 @@ def train(model: LoopedMDM, data: PreparedData, cfg: TrainConfig, budget: float,
     ``seed``: initialisation is the caller's; data order, masks and loop counts come from it here.
     ``eval_seed`` keys the validation masks (default ``seed``): trials scored with the same one
     are scored on identical masks, whatever their seed, batch size or loop count."""
+    # ---- set-up: device, DDP, optimizer, random streams, validation windows ----
     device = resolve_device(cfg.device)
     model.to(device)
     planned = plan_steps(model, cfg, budget)
@@ -182,15 +185,16 @@ def train(model: LoopedMDM, data: PreparedData, cfg: TrainConfig, budget: float,
     windows, curve_windows = windows.to(device), curve_windows.to(device)
     train_ids = data.train if cfg.train_tokens is None else data.train[:cfg.train_tokens]  # (N,) token ids
     checkpoints = [budget * (i + 1) / cfg.eval_points for i in range(cfg.eval_points)]
-    history: list[tuple[float, ...]] = []
-    eval_s = 0.0
-
+    shard = (rank, world) if world > 1 else None
     recorder = ExecutionRecorder(forward)
+    # every counter lives in the state a checkpoint saves (loopsearch/resume.py)
+    restored = checkpointer.restore(model, opt, gens) if checkpointer is not None else None
+    state = copy.deepcopy(restored) if restored is not None else TrainState()
+    timing = {"eval_s": 0.0}
 
-    def evaluate(spent: float, final: bool = False) -> Validation:
+    def evaluate(final: bool = False) -> Validation:
         """Validate: the learning curve's checkpoints on ``eval_curve_sequences`` windows, the final
         validation on all ``eval_sequences`` (the same masks for the windows both use)."""
-        nonlocal eval_s
         began = time.perf_counter()
         model.eval()
         recorder.reset()  # keep what the latest validation executed
@@ -199,9 +203,9 @@ def train(model: LoopedMDM, data: PreparedData, cfg: TrainConfig, budget: float,
             val = validation_elbo(recorder, w, k, mask_id, cfg.eval_draws, seed=eval_seed,
                                   batch_size=cfg.eval_batch_size)
         model.train()
-        eval_s += time.perf_counter() - began
-        nominal = checkpoints[min(len(history), len(checkpoints) - 1)]
-        history.append((spent, val.nll, val.se))
+        timing["eval_s"] += time.perf_counter() - began
+        nominal = checkpoints[min(len(state.history), len(checkpoints) - 1)]
+        state.history.append((state.spent, val.nll, val.se))
         if report is not None:
             # keyed by the checkpoint's nominal GFLOPs (budget * i / eval_points), not the FLOPs spent, so
             # every trial of a study reports at the same steps whatever its step cost (pruners compare
@@ -209,71 +213,79 @@ def train(model: LoopedMDM, data: PreparedData, cfg: TrainConfig, budget: float,
             report(int(nominal // 1e9), val.nll)
         return val
 
-    spent, steps, loops_sum, loss_val = 0.0, 0, 0.0, float("nan")
-    stats_sum: dict[str, float] = {}
-    restored = checkpointer.restore(model, opt, gens) if checkpointer is not None else None
-    if restored is not None:
-        spent, steps, loops_sum, loss_val = restored.spent, restored.steps, restored.loops_sum, restored.loss
-        stats_sum = dict(restored.stats_sum)
-        history.extend(restored.history)
+    def step(n_loops: int, step_flops: float) -> None:
+        """One optimizer step at ``n_loops`` loops: learning rate, batch, loss (agreed over DDP
+        ranks and checked finite before the update), backward, clip, update, and what it cost."""
+        for group in opt.param_groups:
+            group["lr"] = lr_at(state.spent / budget, cfg)
+        x0 = random_batch(train_ids, cfg.batch_size, cfg.seq_len, gens["data"]).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss, out = diffusion_loss(step_forward, x0, mask_id, gens["masks"], n_loops, cfg.antithetic, shard=shard)
+        keys = sorted(out.stats)
+        loss_val, applications, extra, *stat_values = _agree(
+            [loss.item(), float(out.applications), float(out.extra_flops)] + [float(out.stats[k]) for k in keys],
+            world, device)
+        if not math.isfinite(loss_val):  # before the update: the weights stay finite
+            state.spent += step_flops / TRAIN_MULTIPLIER  # the forward ran (training = 3x forward)
+            raise FloatingPointError(f"non-finite training loss {loss_val} at step {state.steps + 1}; "
+                                     f"lower lr ({cfg.lr})")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        # count what ran (a strategy may stop early); never more than the pre-checked bound
+        state.spent += min(step_flops, model.train_step_flops(cfg.seq_len, cfg.batch_size, applications, extra))
+        state.steps += 1
+        state.loss = loss_val
+        state.loops_sum += applications
+        for key, value in zip(keys, stat_values):
+            state.stats_sum[key] = state.stats_sum.get(key, 0.0) + value
+
+    # ---- the loop: a step runs only if its FLOPs (known before it runs) fit in the budget ----
     n_max = model.strategy.max_train_loops()
     worst_step = model.train_step_flops(cfg.seq_len, cfg.batch_size, n_max,
                                         model.strategy.extra_flops_bound(n_max, cfg.seq_len))
-    shard = (rank, world) if world > 1 else None
     model.train()
     start = time.perf_counter()
-    start_spent, start_steps = spent, steps
+    start_spent, start_steps = state.spent, state.steps
     with _progress(progress and rank == 0, description, budget) as bar:
         while True:
             interrupt.check()  # a Ctrl-C during a study stops here, not inside a storage call
             n_loops = model.strategy.train_loops(gens["loops"])
-            extra_bound = model.strategy.extra_flops_bound(n_loops, cfg.seq_len)
-            step_flops = model.train_step_flops(cfg.seq_len, cfg.batch_size, n_loops, extra_bound)
-            if spent + step_flops > budget:
+            step_flops = model.train_step_flops(cfg.seq_len, cfg.batch_size, n_loops,
+                                                model.strategy.extra_flops_bound(n_loops, cfg.seq_len))
+            if state.spent + step_flops > budget:
                 break
-            for group in opt.param_groups:
-                group["lr"] = lr_at(spent / budget, cfg)
-            x0 = random_batch(train_ids, cfg.batch_size, cfg.seq_len, gens["data"]).to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss, out = diffusion_loss(step_forward, x0, mask_id, gens["masks"], n_loops, cfg.antithetic, shard=shard)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            keys = sorted(out.stats)
-            loss_val, applications, extra, *stat_values = _agree(
-                [loss.item(), float(out.applications), float(out.extra_flops)] + [float(out.stats[k]) for k in keys],
-                world, device)
-            # count what ran (a strategy may stop early); never more than the pre-checked bound
-            spent += min(step_flops, model.train_step_flops(cfg.seq_len, cfg.batch_size, applications, extra))
-            steps += 1
-            loops_sum += applications
-            for key, value in zip(keys, stat_values):
-                stats_sum[key] = stats_sum.get(key, 0.0) + value
-            if checkpointer is not None:
-                checkpointer.track(spent, steps)  # what a pruned or failed trial used
-            if not math.isfinite(loss_val):
-                raise FloatingPointError(f"non-finite training loss {loss_val} at step {steps}; lower lr ({cfg.lr})")
+            try:
+                step(n_loops, step_flops)
+            finally:
+                if checkpointer is not None:
+                    checkpointer.track(state.spent, state.steps)  # what a pruned or failed trial used
             elapsed = time.perf_counter() - start
-            bar.update(spent, loss_val, (steps - start_steps) * cfg.batch_size * cfg.seq_len / elapsed,
-                       (spent - start_spent) / elapsed)
-            while len(history) < len(checkpoints) - 1 and spent >= checkpoints[len(history)]:
-                evaluate(spent)
+            bar.update(state.spent, state.loss, (state.steps - start_steps) * cfg.batch_size * cfg.seq_len / elapsed,
+                       (state.spent - start_spent) / elapsed)
+            while len(state.history) < len(checkpoints) - 1 and state.spent >= checkpoints[len(state.history)]:
+                evaluate()
             if checkpointer is not None:
-                checkpointer.after_step(TrainState(spent, steps, loops_sum, loss_val, stats_sum, history),
-                                        worst_step, model, opt, gens)
-    if steps == 0:
+                checkpointer.after_step(state, worst_step, model, opt, gens)
+    if state.steps == 0:
         raise BudgetError(f"budget {format_flops(budget)} did not pay for one step; raise --budget")
-    final = evaluate(spent, final=True)
+    final = evaluate(final=True)
+
+    # ---- the result ----
     wall = time.perf_counter() - start
-    tokens = steps * cfg.batch_size * cfg.seq_len
+    ran_tokens = (state.steps - start_steps) * cfg.batch_size * cfg.seq_len  # this process (not restored steps)
     eval_apps, eval_extra = recorder.means()
-    # throughput of what this process ran (a resumed run did not run the restored steps)
-    return TrainResult(spent, budget, steps, planned, tokens, final.nll, final.se, loss_val, wall,
-                       (steps - start_steps) * cfg.batch_size * cfg.seq_len / wall,
-                       (spent - start_spent) / wall, loops_sum / steps, history, eval_apps, eval_extra,
-                       recorder.mean_token_loops(), {k: v / steps for k, v in stats_sum.items()}, final, eval_s)
+    return TrainResult(
+        train_flops=state.spent, budget=budget, steps=state.steps, planned_steps=planned,
+        tokens=state.steps * cfg.batch_size * cfg.seq_len, val_nll=final.nll, val_se=final.se,
+        final_loss=state.loss, wall_s=wall, tokens_per_s=ran_tokens / wall,
+        flops_per_s=(state.spent - start_spent) / wall, mean_train_loops=state.loops_sum / state.steps,
+        history=list(state.history), eval_applications=eval_apps, eval_extra_flops=eval_extra,
+        eval_token_loops=recorder.mean_token_loops(),
+        train_stats={k: v / state.steps for k, v in state.stats_sum.items()}, validation=final,
+        eval_s=timing["eval_s"])
 
 
 class _NullBar:

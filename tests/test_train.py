@@ -94,3 +94,22 @@ def test_model_learns_to_use_context():
     cfg = TrainConfig(batch_size=8, seq_len=32, lr=3e-3, min_steps=1, eval_points=2, eval_sequences=16)
     r = train(tiny_model(vocab=16, seq_len=32), data, cfg, 3e10, seed=0, progress=False)
     assert r.val_nll < 0.5 < 1.5 < unigram < math.log(16)
+
+
+def test_non_finite_loss_stops_before_the_update(data, monkeypatch):
+    """A NaN loss raises before the optimizer step: the weights stay finite, and the forward that
+    ran is charged."""
+    import loopsearch.train as trainer
+
+    real, calls = trainer.diffusion_loss, []
+
+    def poisoned(*args, **kwargs):
+        loss, out = real(*args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 3 else loss), out
+
+    monkeypatch.setattr(trainer, "diffusion_loss", poisoned)
+    model = model_for(data)
+    with pytest.raises(FloatingPointError, match="non-finite training loss nan at step 3"):
+        train(model, data, CFG, 1e9, seed=0, progress=False)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
