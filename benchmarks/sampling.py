@@ -29,9 +29,10 @@ from pathlib import Path
 
 import torch
 
-from loopsearch import evaluate, generation, metrics
-from loopsearch import study as studies
-from loopsearch.reference import check_tokenizer, gen_ppl, load_reference, unigram_entropy
+from loopsearch.eval import generation, metrics
+from loopsearch.eval import loop_scaling as evaluate
+from loopsearch.eval.reference import check_tokenizer, gen_ppl, load_reference, unigram_entropy
+from loopsearch.search import study as studies
 
 
 def settings(max_loops: int, steps: int) -> list[dict]:

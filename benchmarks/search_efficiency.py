@@ -18,7 +18,7 @@ Two searches are replayed:
   best looped row and the grid is the looped rows.
 
 Methods: the Optuna samplers and pruners that ``loopsearch study`` builds, made by the same
-functions (``loopsearch.study.make_sampler`` / ``make_pruner``: TPE with 4 startup trials and the
+functions (``loopsearch.search.study.make_sampler`` / ``make_pruner``: TPE with 4 startup trials and the
 constant liar, pruners at the first report with reduction factor 3). Samplers whose dependencies
 are not installed (QMC and GP need scipy, CMA-ES needs cmaes) are listed as skipped with the
 reason. A repeated suggestion of an already-tried placement is looked up and charged again, as a
@@ -54,7 +54,7 @@ import polars as pl
 from optuna.trial import TrialState
 
 from loopsearch.spec import BlockSpace, IntRange, SearchSpace, StudySpec, TrainConfig
-from loopsearch.study import make_pruner, make_sampler
+from loopsearch.search.study import make_pruner, make_sampler
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_TABLE = HERE / "placement_table.parquet"

@@ -54,10 +54,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from loopsearch import checkpoint
-    from loopsearch import study as studies
     from loopsearch.data import validation_windows
     from loopsearch.diffusion import validation_elbo
-    from loopsearch.space import BASELINE, Choice
+    from loopsearch.search import study as studies
+    from loopsearch.search.space import BASELINE, Choice
     from loopsearch.stats import paired_window_interval
     from loopsearch.train import train
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import click
 
-from .errors import LoopsearchError
+from .errors import BudgetError, LoopsearchError
+from .units import format_flops, parse_flops
 
 STORAGE_HELP = "Optuna storage URL (default: $LOOPSEARCH_STORAGE, else sqlite:///loopsearch.db in this directory)."
 
@@ -87,7 +88,7 @@ def spaces_list():
     from rich.table import Table
 
     from .registry import get_registry
-    from .space import load_recipe, load_space
+    from .search.space import load_recipe, load_space
 
     reg = get_registry()
     table = Table(title="search spaces (--space) and study recipes (--recipe)")
@@ -157,9 +158,8 @@ def study_create(space, recipe, name, budget, corpus, sampler, pruner, seed, see
 
     Example: loopsearch study create --space early_middle --name quick --budget '1 TFLOP'
     """
-    from . import study as studies
-    from .storage import mask, storage_url
-    from .units import format_flops
+    from .search import study as studies
+    from .search.storage import mask, storage_url
 
     base = space or (Path(recipe).stem if recipe else "study")
     name = name or f"{Path(base).stem}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -177,9 +177,6 @@ def _flops_option(ctx, param, value):
     """--study-budget / --checkpoint-every: FLOPs as 3e13 or '30 TFLOP'."""
     if value is None:
         return None
-    from .errors import BudgetError
-    from .units import parse_flops
-
     try:
         return parse_flops(value)
     except BudgetError as exc:
@@ -221,7 +218,8 @@ def study_run(name, n_trials, timeout, workers, study_budget, checkpoint_every, 
     Examples: loopsearch study run quick --n-trials 4;
     loopsearch study run quick --workers 4 --study-budget '20 TFLOP' --checkpoint-every 1e11
     """
-    from . import study as studies
+    from .search import study as studies
+    from .search import workers as pool
 
     name = name or studies.latest_study(storage)
     studies.load(name, storage)  # fail early on an unknown study
@@ -236,8 +234,6 @@ def study_run(name, n_trials, timeout, workers, study_budget, checkpoint_every, 
     options = dict(study_budget=study_budget, checkpoint_every=checkpoint_every, device=device, heartbeat=heartbeat,
                    grace=grace)
     if workers > 1:
-        from . import workers as pool
-
         console.print(f"running study [bold]{name}[/] with {workers} worker processes")
         try:
             codes = pool.spawn(name, storage, workers, n_trials=n_trials, timeout=timeout, say=say, **options)
@@ -257,8 +253,8 @@ def study_run(name, n_trials, timeout, workers, study_budget, checkpoint_every, 
         say(studies.trial_line(trial))
 
     try:
-        ran = studies.run(name, storage, n_trials, timeout, progress=progress, callback=done, until=until,
-                          worker=worker_id, say=say, **options)
+        ran = pool.run(name, storage, n_trials, timeout, progress=progress, callback=done, until=until,
+                       worker=worker_id, say=say, **options)
     except KeyboardInterrupt:
         click.echo(f"interrupted: finished trials of {name!r} are kept and the running one is marked failed; "
                    f"`loopsearch study run {name}` continues it", err=True)
@@ -291,8 +287,8 @@ def study_confirm(name, top, seeds, study_budget, progress, storage):
 
     Example: loopsearch study confirm quick --top 2 --seeds 2
     """
-    from . import confirm as confirming
-    from . import leaderboard as lb
+    from .results import leaderboard as lb
+    from .search import confirm as confirming
 
     console = _console()
     say = lambda message: console.print(message, highlight=False, markup=False)  # noqa: E731
@@ -312,7 +308,7 @@ def _state_counts(st) -> dict[str, int]:
     """Trials per state, without the surplus ones workers did not run."""
     from collections import Counter
 
-    from .leaderboard import SURPLUS_ATTR
+    from .search.workers import SURPLUS_ATTR
 
     return dict(Counter(t.state.name.lower() for t in st.get_trials(deepcopy=False)
                         if not t.user_attrs.get(SURPLUS_ATTR)))
@@ -328,7 +324,7 @@ def study_list(storage):
     import optuna
     from rich.table import Table
 
-    from .storage import open_storage
+    from .search.storage import open_storage
 
     table = Table(title="studies")
     for col in ("name", "trials", "best val NLL", "created"):
@@ -348,8 +344,7 @@ def study_show(name, as_json, storage):
 
     Example: loopsearch study show quick
     """
-    from . import study as studies
-    from .units import format_flops
+    from .search import study as studies
 
     st, spec = studies.load(name, storage)
     if as_json:
@@ -389,7 +384,7 @@ def leaderboard(studies_, top, fmt, output, scaling, pareto, storage):
     Examples: loopsearch leaderboard --study quick --top 5 --format csv --output quick.csv;
     loopsearch leaderboard --study multi --pareto
     """
-    from . import leaderboard as lb
+    from .results import leaderboard as lb
 
     if scaling:
         df = lb.scaling_frame(storage, list(studies_) or None)
@@ -425,7 +420,7 @@ def report_cmd(study_name, output, fmt, storage):
 
     Example: loopsearch report quickstart --output report-quickstart --format md
     """
-    from . import report
+    from .results import report
 
     result = report.write(study_name, output, fmt, storage)
     console = _console()
@@ -464,7 +459,7 @@ def repro_cmd(name, recipe, data_dir, budget, corpus, seeds, workers, output, fm
 
     Example: loopsearch repro --data ../shared/data --format md --seeds 3
     """
-    from . import repro
+    from .experiments import repro
 
     console = _console()
     say = lambda message: console.print(message, highlight=False, markup=False)  # noqa: E731
@@ -515,14 +510,16 @@ def sweep_cmd(name, recipe, space, arms, scales, seeds, budget, corpus, train_to
 
     Example: loopsearch sweep --name iso --arms baseline,early_middle --budget 2e12 --scales 1,2,4,8 --seeds 2
     """
-    from . import study as studies
-    from . import sweep
+    from .experiments import sweep as sweeping
+    from .results import sweep
+    from .search import study as studies
+    from .search.workers import run_to_target
 
     name = name or f"sweep-{datetime.now():%Y%m%d-%H%M%S}"
     if name not in studies.study_names(storage):
         chosen = [a.strip() for a in arms.split(",") if a.strip()] if arms else None
-        spec = sweep.make_spec(name, recipe, space, chosen, sweep.parse_scales(scales), seeds, budget,
-                               corpus_option(corpus), train_tokens)
+        spec = sweeping.make_spec(name, recipe, space, chosen, sweeping.parse_scales(scales), seeds, budget,
+                                  corpus_option(corpus), train_tokens)
         if chosen is not None and not any(a.is_baseline for a in spec.space.arms.values()):
             raise LoopsearchError(f"--arms {arms}: keep the baseline arm (strategy none) to compare with")
         studies.create(spec, storage)
@@ -531,8 +528,6 @@ def sweep_cmd(name, recipe, space, arms, scales, seeds, budget, corpus, train_to
     if run_it:
         console = _console()
         say = lambda message: console.print(message, highlight=False, markup=False)  # noqa: E731
-        from .workers import run_to_target
-
         try:
             run_to_target(name, storage, workers, progress, say)
         except KeyboardInterrupt:
@@ -563,7 +558,7 @@ def compare_cmd(names, as_json, storage):
 
     Example: loopsearch compare em deep
     """
-    from . import report
+    from .results import report
 
     rows, warnings = report.comparison(list(names), storage)
     if as_json:
@@ -595,22 +590,21 @@ def eval_cmd(study_name, trial, loops, exit_specs, device, as_json, storage):
 
     Example: loopsearch eval quickstart 2 --loops 1,2,3,4,6,8 --exit hidden_delta:tol=0.01
     """
-    from .exits import parse_exit
+    from .eval import loop_scaling as scaling
+    from .exits import check_exits, parse_exit
+    from .search import study as studies
 
-    from . import evaluate
-    from . import study as studies
-
-    counts = evaluate.parse_loops(loops)
+    counts = scaling.parse_loops(loops)
     exits = [parse_exit(spec) for spec in exit_specs]
-    evaluate.check_exits(exits)  # unknown names and bad parameters fail before any work
+    check_exits(exits)  # unknown names and bad parameters fail before any work
     st, _ = studies.load(study_name, storage)
-    directory = evaluate.trial_checkpoint(st, trial)
-    rows = evaluate.loop_scaling(directory, counts, device, exits)
-    evaluate.store(st, trial, directory, rows)
+    directory = scaling.trial_checkpoint(st, trial)
+    rows = scaling.loop_scaling(directory, counts, device, exits)
+    scaling.store(st, trial, directory, rows)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    from . import leaderboard as lb
+    from .results import leaderboard as lb
 
     _console().print(lb.rich_scaling_table(lb.scaling_frame(storage, [study_name]).filter(
         lb.pl.col("trial") == trial)))
@@ -647,23 +641,24 @@ def sample_cmd(study_name, trial, sampler, steps, loops, exit_spec, model_schedu
 
     Example: loopsearch sample quickstart 1 --sampler confidence --steps 32 --loop-schedule middle:1-4 --prompt "ROMEO:"
     """
-    from . import evaluate, generation
-    from . import study as studies
-    from .exits import parse_exit
+    from .eval import generation
+    from .eval import loop_scaling as scaling
+    from .exits import check_exits, parse_exit
     from .sampling import get_sampler, parse_loop_schedule
+    from .search import study as studies
 
     schedule = parse_loop_schedule(loops) if loops else None
     exit_ = parse_exit(exit_spec) if exit_spec else None
     if exit_ is not None:
-        evaluate.check_exits([exit_])
+        check_exits([exit_])
     sampler_params = generation.parse_params(params)
     get_sampler(sampler, sampler_params)  # unknown names and bad parameters fail before any work
     ranges = generation.parse_model_schedule(model_schedule) if model_schedule else []
     if n < 1:
         raise LoopsearchError(f"--n-samples must be >= 1, got {n}")
     st, _ = studies.load(study_name, storage)
-    loaded = generation.load_trial(evaluate.trial_checkpoint(st, trial), device)
-    models = [(a, b, generation.load_trial(evaluate.trial_checkpoint(st, k), device).model) for a, b, k in ranges]
+    loaded = generation.load_trial(scaling.trial_checkpoint(st, trial), device)
+    models = [(a, b, generation.load_trial(scaling.trial_checkpoint(st, k), device).model) for a, b, k in ranges]
     result, texts = generation.sample_trial(loaded, n=n, sampler=sampler, steps=steps, seed=seed,
                                             params=sampler_params, loops=schedule, exit=exit_, prompt=prompt,
                                             suffix=suffix, seq_len=seq_len, models=models)
@@ -723,10 +718,11 @@ def evaluate_cmd(study_name, trial, metric, data_paths, sequences, task, task_pa
     Examples: loopsearch evaluate quickstart 1 --metric genppl --sampler cached --steps 128;
     loopsearch evaluate quickstart 1 --metric zeroshot --data ../shared/data/wikitext-2/wiki.test.raw
     """
-    from . import evaluate, generation, metrics
-    from . import study as studies
-    from .exits import parse_exit
+    from .eval import generation, metrics
+    from .eval import loop_scaling as scaling
+    from .exits import check_exits, parse_exit
     from .sampling import get_sampler, parse_loop_schedule
+    from .search import study as studies
 
     sampler_params = generation.parse_params(params)
     get_sampler(sampler, sampler_params)
@@ -734,11 +730,11 @@ def evaluate_cmd(study_name, trial, metric, data_paths, sequences, task, task_pa
         parse_loop_schedule(loops)  # a bad schedule fails before any work
     exit_ = parse_exit(exit_spec) if exit_spec else None
     if exit_ is not None:
-        evaluate.check_exits([exit_])
+        check_exits([exit_])
     if metric == "zeroshot" and not data_paths:
         raise LoopsearchError("--metric zeroshot needs --data PATH (e.g. ../shared/data/wikitext-2/wiki.test.raw)")
     st, spec = studies.load(study_name, storage)
-    loaded = generation.load_trial(evaluate.trial_checkpoint(st, trial), device)
+    loaded = generation.load_trial(scaling.trial_checkpoint(st, trial), device)
     sampling = dict(sampler=sampler, params=sampler_params, steps=steps, seed=seed, loops=loops, exit=exit_)
     if metric == "genppl":
         ref = reference or metrics.ensure_reference(spec)
@@ -775,8 +771,8 @@ def reference_train(study_name, params, force, storage):
 
     Example: loopsearch reference train quickstart --param steps=600
     """
-    from . import generation, metrics
-    from . import study as studies
+    from .eval import generation, metrics
+    from .search import study as studies
 
     _, spec = studies.load(study_name, storage)
     path = metrics.reference_path(spec)
@@ -812,19 +808,20 @@ def analyze_attention(study_name, trial, rates, n_loops, device, as_json, storag
 
     Example: loopsearch analyze attention quickstart 2 --rates 0.15,0.5,0.85
     """
-    from . import analysis, evaluate
-    from . import study as studies
+    from .eval import attention
+    from .eval import loop_scaling as scaling
+    from .search import study as studies
 
-    parsed = analysis.parse_rates(rates)
+    parsed = attention.parse_rates(rates)
     if n_loops is not None and n_loops < 1:
         raise LoopsearchError(f"--loops must be >= 1, got {n_loops}")
     st, _ = studies.load(study_name, storage)
-    directory = evaluate.trial_checkpoint(st, trial)
-    rows = analysis.trial_attention_shares(directory, parsed, n_loops, device)
+    directory = scaling.trial_checkpoint(st, trial)
+    rows = attention.trial_attention_shares(directory, parsed, n_loops, device)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    _console().print(analysis.rich_table(rows))
+    _console().print(attention.rich_table(rows))
 
 
 def main(argv: list[str] | None = None) -> None:

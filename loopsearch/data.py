@@ -176,7 +176,7 @@ def subsample(windows: torch.Tensor, keys: list[int], n: int) -> tuple[torch.Ten
 
 def validation_batches(ids: torch.Tensor, seq_len: int, n_sequences: int, batch_size: int) -> list[torch.Tensor]:
     """The first n_sequences non-overlapping windows of the validation split, in batches (the
-    reference causal LM's validation, loopsearch/reference.py)."""
+    reference causal LM's validation, loopsearch/eval/reference.py)."""
     n = min(n_sequences, len(ids) // seq_len)
     if n == 0:
         raise LoopsearchError(f"validation split has {len(ids)} tokens, fewer than seq_len={seq_len}")

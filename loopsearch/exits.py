@@ -38,6 +38,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import SpecError
+from .registry import get_registry
 
 ReadoutFlops = float | Callable[[int], float]
 
@@ -109,8 +110,6 @@ def reduce_masked(values: torch.Tensor, masked: torch.Tensor | None, how: str) -
 def exit_params(name: str, params: dict | None = None) -> tuple[type, BaseModel]:
     """Look an exit criterion up and validate its parameters: one-line errors for an unknown
     name (listing the available ones) or bad parameters (naming the accepted ones)."""
-    from loopsearch.registry import get_registry
-
     cls = get_registry().get("exit_criterion", name)
     try:
         return cls, cls.Params.model_validate(params or {})
@@ -142,6 +141,18 @@ def parse_exit(spec: str) -> tuple[str, dict[str, str]]:
     if not name:
         raise SpecError(f"cannot read exit {spec!r}; write NAME or NAME:key=value, e.g. hidden_delta:tol=0.01")
     return name, params
+
+
+ExitSpec = tuple[str, dict]
+
+
+def check_exits(exits: list[ExitSpec] | None) -> list[tuple[str, str, dict]]:
+    """Validate exit criteria before any work: [(label, name, params)] (one-line errors)."""
+    out = []
+    for name, params in exits or []:
+        _, p = exit_params(name, params)
+        out.append((exit_label(name, p), name, dict(params or {})))
+    return out
 
 
 def exit_label(name: str, params: BaseModel) -> str:

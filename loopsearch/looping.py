@@ -96,6 +96,12 @@ class LoopStrategy(nn.Module):
         """Upper bound of ``LoopResult.extra_flops`` per sequence for a step run with n_loops."""
         return 0.0
 
+    def reinjects(self) -> bool:
+        """True when ``run`` adds the block's input to the hidden state before every loop after
+        the first (what a plain repetition of the block would miss: the attention analysis,
+        loopsearch/eval/attention.py, reproduces it)."""
+        return False
+
     def run(self, h: torch.Tensor, block: BlockFn, n_loops: int, ctx: LoopContext) -> LoopResult:
         """Run the loop block ``n_loops`` times (or fewer, if ``ctx.exit`` says stop)."""
         if ctx.exit is not None:

@@ -33,7 +33,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import LoopsearchError, SpecError
+from .exits import check_exits, make_exit
 from .looping import NoParams
+from .registry import get_registry
 
 
 # ---- loop schedules --------------------------------------------------------------------------------
@@ -197,8 +199,6 @@ class Denoiser:
         if self.exit_spec is None or not model.strategy.loops_block:
             return None
         if id(model) not in self._exits:
-            from .exits import make_exit
-
             self._exits[id(model)] = make_exit(self.exit_spec[0], self.exit_spec[1], model)
         return self._exits[id(model)]
 
@@ -285,8 +285,6 @@ def make_init(n: int, seq_len: int, mask_id: int, prefix: list[int] | None = Non
 
 def get_sampler(name: str, params: dict | None = None) -> Sampler:
     """A sampler plugin by name with validated parameters (one-line errors)."""
-    from .registry import get_registry
-
     cls = get_registry().get("sampler", name)
     try:
         return cls(cls.Params.model_validate(params or {}))
@@ -312,8 +310,6 @@ def generate(model, init: torch.Tensor, *, sampler: str | Sampler = "ancestral",
     smp = sampler if isinstance(sampler, Sampler) else get_sampler(sampler, params)
     schedule = parse_loop_schedule(loops)
     if exit is not None:
-        from .evaluate import check_exits
-
         check_exits([exit])
     was_training = model.training
     model.eval()

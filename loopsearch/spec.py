@@ -22,10 +22,10 @@ class Strict(BaseModel):
 
 # ---- search-space distributions --------------------------------------------------------------
 class IntRange(Strict):
-    low: int
-    high: int
-    step: int = 1
-    log: bool = False
+    low: int = Field(description="smallest value")
+    high: int = Field(description="largest value (included)")
+    step: int = Field(1, description="spacing of the values")
+    log: bool = Field(False, description="sample on a log scale")
 
     @model_validator(mode="after")
     def _order(self):
@@ -35,9 +35,9 @@ class IntRange(Strict):
 
 
 class FloatRange(Strict):
-    low: float
-    high: float
-    log: bool = False
+    low: float = Field(description="smallest value")
+    high: float = Field(description="largest value")
+    log: bool = Field(False, description="sample on a log scale")
 
     @model_validator(mode="after")
     def _order(self):
@@ -55,9 +55,9 @@ class BlockSpace(Strict):
     """Where the loop block may sit. Give ``region`` (fractions of the depth) or ``layers``
     (absolute layer indices [lo, hi)); the block [loop_start, loop_end) lies inside it."""
 
-    region: tuple[float, float] | None = None
-    layers: tuple[int, int] | None = None
-    length: tuple[int, int] = (1, 3)
+    region: tuple[float, float] | None = Field(None, description="[lo, hi): fractions of the depth")
+    layers: tuple[int, int] | None = Field(None, description="[lo, hi): absolute layer indices")
+    length: tuple[int, int] = Field((1, 3), description="block length in layers: (min, max)")
 
     @model_validator(mode="after")
     def _one_of(self):
@@ -82,9 +82,9 @@ class BlockSpace(Strict):
 class Arm(Strict):
     """One fixed configuration in a study of named arms (a paper's table, a budget sweep)."""
 
-    description: str = ""
+    description: str = Field("", description="one line on what the arm stands for")
     role: Literal["baseline", "early_looped", "late_looped", "deeper"] | None = Field(
-        None, description="what the arm stands for in the paper's experiment (loopsearch/repro.py reads it)")
+        None, description="what the arm stands for in the paper's experiment (loopsearch/results/claims.py reads it)")
     strategy: str = Field("none", description="loop strategy (none: a plain model)")
     params: dict[str, Scalar] = Field(default_factory=dict, description="the strategy's parameters")
     block: tuple[int, int] | None = Field(None, description="the looped layers [loop_start, loop_end)")
@@ -111,10 +111,11 @@ class SearchSpace(Strict):
     """What a study searches: distributions over strategies, blocks and parameters, or a fixed
     list of named ``arms`` run as a grid over arms x budget_scales x seeds."""
 
-    name: str
-    description: str = ""
-    strategies: list[str] = Field(default_factory=list)
-    block: BlockSpace | None = None
+    name: str = Field(description="the space's name")
+    description: str = Field("", description="one line on what the space searches")
+    strategies: list[str] = Field(default_factory=list, description="looping strategies to choose from "
+                                                                    "(\"none\" = the plain model)")
+    block: BlockSpace | None = Field(None, description="[block]: where the loop block may sit")
     strategy: dict[str, dict[str, Dist]] = Field(default_factory=dict, description="per-strategy parameter distributions")
     backbone: dict[str, Dist] = Field(default_factory=dict, description="backbone parameters searched")
     train: dict[str, Dist] = Field(default_factory=dict, description="training parameters searched (e.g. lr)")
@@ -168,8 +169,8 @@ class TrainConfig(Strict):
     lr: float = Field(1e-2, gt=0, description="peak learning rate (tiny models train fastest near 1e-2)")
     min_lr_frac: float = Field(0.1, ge=0, le=1, description="final lr as a fraction of the peak (cosine)")
     warmup_frac: float = Field(0.05, ge=0, lt=1, description="warmup length as a fraction of the FLOP budget")
-    weight_decay: float = Field(0.1, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (matrices only)")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
     grad_clip: float = Field(1.0, ge=0, description="max grad norm; 0 disables clipping")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast where it is faster")
     compile: bool = Field(False, description="torch.compile the model (pays off on long runs)")
@@ -266,16 +267,18 @@ def _budget(value: Any) -> float:
 class StudyRecipe(Strict):
     """A study recipe file (studies/*.toml): everything but the name may be given."""
 
-    name: str | None = None
-    description: str = ""
-    space: str = "early_middle"
+    name: str | None = Field(None, description="the study's name (usually given by --name)")
+    description: str = Field("", description="one line on what the recipe is for")
+    space: str = Field("early_middle", description="the search space: a name or a .toml path (--space overrides)")
     budget: float = Field(1e12, description="training FLOPs per trial")
     n_trials: int = Field(5, ge=1, description="trials `study run` completes by default")
-    corpus: PluginRef = PluginRef(name="shakespeare")
+    corpus: PluginRef = Field(PluginRef(name="shakespeare"), description="[corpus]: name and params of a corpus plugin")
     vocab_size: int = Field(1024, ge=260, description="BPE vocabulary size (>= 256 bytes + merges)")
-    backbone: PluginRef = PluginRef(name="transformer")
-    train: TrainConfig = TrainConfig()
-    seed: int = 0
+    backbone: PluginRef = Field(PluginRef(name="transformer"),
+                                description="[backbone]: name and params of a backbone plugin")
+    train: TrainConfig = Field(TrainConfig(), description="[train]: see its table")
+    seed: int = Field(0, description="the study's seed: first training seed of every trial, validation masks, "
+                                     "Optuna sampler")
     seeds: int | None = Field(None, ge=1, description="training seeds per configuration (replicates); "
                                                       "None: the space's seeds (default 1)")
     sampler: Literal[SAMPLERS] = Field(  # type: ignore[valid-type]

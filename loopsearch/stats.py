@@ -135,6 +135,18 @@ def paired_results(a: Mapping[str, Any], b: Mapping[str, Any], level: float = LE
     return paired_window_interval(wa, wb, int(draws), level)
 
 
+def proportion_interval(k: int, n: int, level: float = LEVEL) -> tuple[float, float]:
+    """The Wilson score interval of a proportion k / n (e.g. task accuracy): sensible at 0 and n,
+    where the normal interval collapses to a point."""
+    if n <= 0:
+        raise ValueError(f"no trials (n = {n})")
+    z = t_quantile(0.5 + level / 2, None)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def verdict(effect: Interval) -> str:
     """A claim whose effect is > 0 when the claim holds: 'agrees' when the interval lies above 0,
     'disagrees' when below, else 'inconclusive'. Without an interval: 'inconclusive'."""

@@ -347,7 +347,11 @@ def evaluate_task(model, tokenizer_json: str, problems: list[Problem], *, seq_le
                 examples.append({"prompt": p.prompt, "answer": p.answer, "completion": completion,
                                  "prediction": extract_answer(p.task, completion), "correct": ok})
     n = len(kept)
-    return {"accuracy": correct / n, "correct": correct, "n": n, "n_skipped": n_skipped,
+    from .stats import proportion_interval
+
+    ci = proportion_interval(correct, n)
+    return {"accuracy": correct / n, "accuracy_lo": ci[0], "accuracy_hi": ci[1],
+            "correct": correct, "n": n, "n_skipped": n_skipped,
             "sampler": sampler if isinstance(sampler, str) else sampler.name, "steps": steps, "seq_len": seq_len, "seed": seed,
             "cost": total.as_dict(), "examples": examples}
 

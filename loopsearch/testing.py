@@ -292,8 +292,9 @@ class StrategyConformance:
     def test_runs_in_a_study(self, tmp_path, monkeypatch):
         import optuna
 
-        from . import study as studies
-        from .space import BASELINE_ATTR
+        from .search import study as studies
+        from .search.space import BASELINE_ATTR
+        from .search.workers import run
 
         monkeypatch.chdir(tmp_path)
         monkeypatch.setenv("LOOPSEARCH_STORAGE", f"sqlite:///{tmp_path / 'conformance.db'}")
@@ -308,7 +309,7 @@ class StrategyConformance:
         recipe.write_text(self.study_recipe)
         name = f"conformance-{self.strategy}"
         studies.create(studies.spec_from_options(name, str(space), str(recipe), None, None, None, None, 2))
-        studies.run(name, n_trials=2, progress=False)
+        run(name, n_trials=2, progress=False)
         study, spec = studies.load(name)
         trials = study.get_trials(deepcopy=False)
         looped = [t for t in trials if not t.user_attrs.get(BASELINE_ATTR)]

@@ -53,6 +53,9 @@ class FixedLoops(LoopStrategy):
     def eval_loops(self) -> int:
         return self.params.n_loops
 
+    def reinjects(self) -> bool:
+        return self.params.reinject
+
     def run(self, h: torch.Tensor, block: BlockFn, n_loops: int, ctx: LoopContext) -> LoopResult:
         if not self.params.reinject:
             return super().run(h, block, n_loops, ctx)

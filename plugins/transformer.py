@@ -1,6 +1,6 @@
 """The builtin backbone: a bidirectional pre-norm transformer (RMSNorm, rotary, SwiGLU or GELU).
 
-With ``causal = true`` it is a causal (left-to-right) LM instead: loopsearch/reference.py trains one
+With ``causal = true`` it is a causal (left-to-right) LM instead: loopsearch/eval/reference.py trains one
 as the reference model that scores diffusion samples (generative perplexity).
 
 Small enough to read in one sitting; it exposes its blocks so a looping strategy can run any

@@ -106,10 +106,11 @@ train_loops = "uniform"
 @pytest.fixture
 def trained(tiny_recipe, tmp_path):
     """A tiny finished study 'scale': the baseline (trial 0) and fixed [1,3) x4, uniform-trained (trial 1)."""
-    from loopsearch import study as studies
+    from loopsearch.search import study as studies
+    from loopsearch.search import workers
 
     space = tmp_path / "uniform.toml"
     space.write_text(UNIFORM)
     studies.create(studies.spec_from_options("scale", str(space), str(tiny_recipe), None, None, None, None, 2))
-    studies.run("scale", progress=False)
+    workers.run("scale", progress=False)
     return studies.load("scale")[0]

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loopsearch import analysis
+from loopsearch.eval import attention
 from loopsearch.backbone import Backbone
 from loopsearch.errors import LoopsearchError
 from loopsearch_builtins.transformer import apply_rotary
@@ -53,7 +53,7 @@ def test_backbone_base_attention_probs_raises_clearly():
 def test_shares_rows_and_ranges(n_loops):
     model = tiny_model(loop=(1, 3, {"n_loops": 4}))
     rates = (0.15, 0.5, 0.85)
-    rows = analysis.attention_shares(model, batches(), model.backbone.mask_id, rates, n_loops=n_loops)
+    rows = attention.attention_shares(model, batches(), model.backbone.mask_id, rates, n_loops=n_loops)
     n = 4 if n_loops is None else n_loops
     n_layer, block_len = 4, 2
     assert len(rows) == len(rates) * (n_layer - block_len + block_len * n)
@@ -74,9 +74,9 @@ def test_schedule_follows_the_forward(monkeypatch):
     orig = model.backbone.run_block
     monkeypatch.setattr(model.backbone, "run_block", lambda i, h: calls.append(i) or orig(i, h))
     model(batches()[0])
-    assert [i for i, _ in analysis.layer_schedule(model)] == calls
+    assert [i for i, _ in attention.layer_schedule(model)] == calls
     plain = tiny_model()
-    assert analysis.layer_schedule(plain) == [(i, 1) for i in range(4)]
+    assert attention.layer_schedule(plain) == [(i, 1) for i in range(4)]
 
 
 def test_walk_reaches_the_model_output(monkeypatch):
@@ -87,8 +87,8 @@ def test_walk_reaches_the_model_output(monkeypatch):
         seen = []
         orig = model.backbone.attention_probs
         monkeypatch.setattr(model.backbone, "attention_probs", lambda i, h: seen.append(h) or orig(i, h))
-        analysis.attention_shares(model, [x], model.backbone.mask_id, rates=(0.5,), seed=0)
-        xt, _ = analysis.mask_tokens(x, torch.full((3,), 0.5), model.backbone.mask_id, torch.Generator().manual_seed(0))
+        attention.attention_shares(model, [x], model.backbone.mask_id, rates=(0.5,), seed=0)
+        xt, _ = attention.mask_tokens(x, torch.full((3,), 0.5), model.backbone.mask_id, torch.Generator().manual_seed(0))
         inputs = []
         orig_run = model.backbone.run_block
         monkeypatch.setattr(model.backbone, "run_block", lambda i, h: inputs.append(h) or orig_run(i, h))
@@ -103,7 +103,7 @@ def test_uniform_attention_gives_the_masked_key_fraction():
     model = tiny_model(loop=(1, 3, {"n_loops": 2}))
     with torch.no_grad():
         model.backbone.blocks[2].qkv.weight[:64].zero_()  # q and k = 0 -> uniform attention
-    rows = analysis.attention_shares(model, batches(), model.backbone.mask_id, (0.3, 0.7))
+    rows = attention.attention_shares(model, batches(), model.backbone.mask_id, (0.3, 0.7))
     layer2 = [r for r in rows if r["layer"] == 2]
     assert len(layer2) == 4
     for r in layer2:  # 1/T on itself; the rest spread over the other keys, a masked_key_fraction of them masked
@@ -117,14 +117,14 @@ def test_uniform_attention_gives_the_masked_key_fraction():
 def test_self_attention_is_not_mask_to_mask():
     """Hand-built probabilities: T = 4, positions 0, 1, 3 masked (B = 1, H = 1)."""
     masked = torch.tensor([[True, True, False, True]])
-    n, own, unmasked, uniform, count = analysis._shares(torch.eye(4)[None, None], masked)
+    n, own, unmasked, uniform, count = attention._shares(torch.eye(4)[None, None], masked)
     assert count == 3 and own == 3.0 and n == 0.0 and unmasked == 0.0  # identity: self = 1, mask->mask = 0
     assert uniform / count == pytest.approx(2 / 3)  # (3 masked - 1) / (4 - 1) other keys
     probs = torch.tensor([[0.1, 0.2, 0.3, 0.4],  # query 0 (masked): others masked 0.2 + 0.4, self 0.1
                           [0.5, 0.5, 0.0, 0.0],  # query 1 (masked): others masked 0.5, self 0.5
                           [1.0, 0.0, 0.0, 0.0],  # query 2 is unmasked: not counted
                           [0.0, 0.0, 1.0, 0.0]])  # query 3 (masked): all on the unmasked key
-    n, own, unmasked, uniform, count = analysis._shares(probs[None, None], masked)
+    n, own, unmasked, uniform, count = attention._shares(probs[None, None], masked)
     assert count == 3
     assert n == pytest.approx(0.6 + 0.5 + 0.0) and own == pytest.approx(0.1 + 0.5 + 0.0)
     assert unmasked == pytest.approx(0.3 + 0.0 + 1.0)
@@ -132,10 +132,10 @@ def test_self_attention_is_not_mask_to_mask():
 
 
 def test_parse_rates():
-    assert analysis.parse_rates("0.15, 0.5,0.85") == [0.15, 0.5, 0.85]
+    assert attention.parse_rates("0.15, 0.5,0.85") == [0.15, 0.5, 0.85]
     for bad in ("0,0.5", "1", "1.5", "x", "", "nan"):
         with pytest.raises(LoopsearchError):
-            analysis.parse_rates(bad)
+            attention.parse_rates(bad)
 
 
 def test_cli_on_trained_study(trained):
@@ -159,3 +159,10 @@ def test_cli_on_trained_study(trained):
     assert missing.returncode == 2 and "has no trial 99" in missing.stderr
     unknown = run_cli("analyze", "attention", "nope", "1")
     assert unknown.returncode != 0 and unknown.stderr.strip().count("\n") == 0
+
+
+def test_strategies_say_whether_they_reinject():
+    """The attention walk asks the strategy (``LoopStrategy.reinjects``), not its name or params."""
+    assert tiny_model(loop=(1, 3, {"n_loops": 2})).strategy.reinjects() is False
+    assert tiny_model(loop=(1, 3, {"n_loops": 2, "reinject": True})).strategy.reinjects() is True
+    assert tiny_model().strategy.reinjects() is False  # the base class's default

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from conftest import run_cli
-from loopsearch import evaluate, leaderboard
+from loopsearch.eval import loop_scaling as evaluate
+from loopsearch.results import leaderboard
 from loopsearch.errors import LoopsearchError
 
 def test_parse_loops():

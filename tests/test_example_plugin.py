@@ -1,4 +1,4 @@
-"""The out-of-tree example plugin (tests/example_plugin, the README's plugin guide) works end to end:
+"""The out-of-tree example plugin (tests/example_plugin, the plugin guide in docs/plugins.md) works end to end:
 discovered through its entry point, filtered by LOOPSEARCH_PLUGINS, numerically right, and usable
 from a user's own search-space file through the CLI."""
 

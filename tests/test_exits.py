@@ -9,11 +9,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import run_cli
 from helpers import tiny_model
-from loopsearch import evaluate, leaderboard
 from loopsearch.errors import LoopsearchError, UnknownPluginError
+from loopsearch.eval import loop_scaling
+from loopsearch.exits import check_exits, exit_label, exit_params, make_exit, parse_exit
 from loopsearch.looping import LoopContext, run_with_exit
 from loopsearch.registry import get_registry
-from loopsearch.exits import exit_label, exit_params, make_exit, parse_exit
+from loopsearch.results import leaderboard
 from loopsearch_builtins.exits import ArgmaxExit, HiddenDelta, KLExit
 
 B, T, D = 2, 6, 8
@@ -221,7 +222,8 @@ def test_parse_exit_and_label():
             parse_exit(bad)
     _, p = exit_params("hidden_delta", {"tol": "0.5"})
     assert p.tol == 0.5 and exit_label("hidden_delta", p) == "hidden_delta:tol=0.5"
-    assert evaluate.check_exits([("kl", {})]) == [("kl", "kl", {})]
+    assert check_exits([("kl", {})]) == [("kl", "kl", {})]
+    assert loop_scaling.check_exits is check_exits  # what the evaluations check with
 
 
 def test_plugins_list_shows_the_criteria():

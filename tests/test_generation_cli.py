@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from conftest import SHARED_DATA, run_cli
-from loopsearch import leaderboard, metrics
-from loopsearch import study as studies
+from loopsearch.eval import metrics
+from loopsearch.results import leaderboard
+from loopsearch.search import study as studies
 from loopsearch.errors import LoopsearchError
 
 TINY_REF = ["--param", "n_layer=1", "--param", "d_model=32", "--param", "n_heads=2", "--param", "seq_len=32",

@@ -302,7 +302,7 @@ def test_inference_flops_match_flop_counter(bias, expect_loops):
 
 # ---- search space and study -----------------------------------------------------------------------------
 def test_search_space_loads():
-    from loopsearch.space import check_space, load_space
+    from loopsearch.search.space import check_space, load_space
     from loopsearch.spec import FloatRange, IntRange
 
     space = load_space("halting")
@@ -315,11 +315,11 @@ def test_search_space_loads():
 def test_tiny_study_trains_a_halting_trial(tiny_recipe):
     from optuna.trial import TrialState
 
-    from loopsearch import study
+    from loopsearch.search import study, workers
 
     spec = study.spec_from_options("halt", "halting", str(tiny_recipe), None, None, None, "random", None)
     study.create(spec)
-    study.run("halt", n_trials=2, progress=False)
+    workers.run("halt", n_trials=2, progress=False)
     s, spec = study.load("halt")
     trials = [t for t in s.get_trials(deepcopy=False) if not t.user_attrs.get("loopsearch.baseline")]
     assert len(trials) == 1

@@ -24,7 +24,8 @@ def test_wheel_contains_spaces_recipes_corpus_and_entry_points(wheel):
     for path in ("loopsearch_builtins/search_spaces/early_middle.toml", "loopsearch_builtins/search_spaces/anywhere.toml",
                  "loopsearch_builtins/search_spaces/depth.toml", "loopsearch_builtins/studies/quickstart.toml",
                  "loopsearch_builtins/data/tinyshakespeare.txt", "loopsearch_builtins/strategies.py",
-                 "loopsearch/cli.py"):
+                 "loopsearch/cli.py", "loopsearch/search/study.py", "loopsearch/eval/metrics.py",
+                 "loopsearch/results/page.py", "loopsearch/experiments/repro.py"):
         assert path in names, path
     ep = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(ep).decode()
@@ -45,7 +46,7 @@ def test_installed_wheel_finds_its_spaces(wheel, tmp_path):
     Path(new_site, "_outer_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     subprocess.run([str(py), "-m", "pip", "install", "--quiet", "--no-deps", "--force-reinstall", str(wheel)],
                    check=True)
-    code = ("import loopsearch_builtins, loopsearch.space as s; "
+    code = ("import loopsearch_builtins, loopsearch.search.space as s; "
             "assert 'site-packages' in loopsearch_builtins.__file__, loopsearch_builtins.__file__; "
             "print(s.load_space('early_middle').name, s.load_recipe('quickstart').budget)")
     r = subprocess.run([str(py), "-c", code], capture_output=True, text=True, cwd=tmp_path)

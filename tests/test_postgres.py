@@ -9,8 +9,9 @@ import uuid
 import optuna
 import pytest
 
-from loopsearch import leaderboard
-from loopsearch import study as studies
+from loopsearch.results import leaderboard
+from loopsearch.search import study as studies
+from loopsearch.search import workers
 
 
 
@@ -20,7 +21,7 @@ def test_study_on_postgresql(pg, tiny_recipe):
     spec = studies.spec_from_options(name, "early_middle", str(tiny_recipe), "5e9", None, None, None, 2)
     studies.create(spec, pg)
     try:
-        assert studies.run(name, pg, progress=False) == 2
+        assert workers.run(name, pg, progress=False) == 2
         st = optuna.load_study(study_name=name, storage=pg)
         complete = [t for t in st.get_trials() if t.state.name == "COMPLETE"]
         assert len(complete) == 2

@@ -1,4 +1,4 @@
-"""The reference causal LM (loopsearch/reference.py) and the causal flag of the builtin transformer."""
+"""The reference causal LM (loopsearch/eval/reference.py) and the causal flag of the builtin transformer."""
 
 import json
 import math
@@ -8,7 +8,7 @@ import torch
 
 from loopsearch.data import prepare, random_batch
 from loopsearch.errors import BudgetError, LoopsearchError
-from loopsearch.reference import (ReferenceConfig, build_reference, causal_logits, check_tokenizer, gen_ppl,
+from loopsearch.eval.reference import (ReferenceConfig, build_reference, causal_logits, check_tokenizer, gen_ppl,
                                   load_reference, plan_steps, reference_dir, save_reference, train_reference,
                                   unigram_entropy)
 from loopsearch_builtins.corpora import Shakespeare, ShakespeareParams

@@ -12,8 +12,9 @@ import optuna
 import pytest
 
 from conftest import ROOT, run_cli
-from loopsearch import evaluate, report
-from loopsearch.space import BASELINE_ATTR
+from loopsearch.eval import loop_scaling as evaluate
+from loopsearch.results import report
+from loopsearch.search.space import BASELINE_ATTR
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # this 2-core machine is shared
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -66,7 +67,7 @@ def test_report_html_and_md(trained, tmp_path):
 
 
 def test_report_without_finished_trials_skips_every_plot(tiny_recipe, tmp_path):
-    from loopsearch import study as studies
+    from loopsearch.search import study as studies
 
     studies.create(studies.spec_from_options("fresh", "early_middle", str(tiny_recipe), None, None, None, None, 2))
     result = report.write("fresh")
@@ -89,7 +90,7 @@ def _multi_objective_study(tmp_path: Path, tiny_recipe: Path) -> optuna.Study:
     """A two-objective study (val NLL, zero-shot bits/byte) filled with made-up complete trials."""
     from optuna.distributions import CategoricalDistribution, IntDistribution
 
-    from loopsearch import study as studies
+    from loopsearch.search import study as studies
 
     text = tmp_path / "held_out.txt"
     text.write_text("To be, or not to be, that is the question.\n" * 20)
@@ -129,7 +130,7 @@ def test_report_pareto_front_importances_and_placement_panels(tiny_recipe, tmp_p
 
 # ---- compare ----------------------------------------------------------------------------------------
 def test_compare_warns_on_differing_budgets(trained, tiny_recipe):
-    from loopsearch import study as studies
+    from loopsearch.search import study as studies
 
     for name, budget in (("double", "6e9"), ("same", None)):
         studies.create(studies.spec_from_options(name, "early_middle", str(tiny_recipe), budget, None, None, None, 2))
@@ -195,8 +196,8 @@ def _assert_plain(value, where: str) -> None:
 def test_every_attribute_is_plain_json(trained, tmp_path):
     """Study and trial attributes (spec, results, eval and metric rows, Optuna's own system
     attributes) round-trip through json: optuna-dashboard and other tools can read them."""
-    from loopsearch import metrics
-    from loopsearch.generation import load_trial
+    from loopsearch.eval import metrics
+    from loopsearch.eval.generation import load_trial
 
     add_scaling_rows(trained, loops=(1, 2))
     text = tmp_path / "held_out.txt"

@@ -6,10 +6,13 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from loopsearch import evaluate, repro, report, stats
-from loopsearch import study as studies
+from loopsearch import stats
 from loopsearch.errors import LoopsearchError, SpecError
-from loopsearch.space import load_recipe, load_space
+from loopsearch.eval import loop_scaling as evaluate
+from loopsearch.experiments import repro
+from loopsearch.results import claims, report
+from loopsearch.search import study as studies
+from loopsearch.search.space import load_recipe, load_space
 from loopsearch.spec import SearchSpace
 
 from conftest import SHARED_DATA
@@ -64,26 +67,26 @@ def test_repro_trains_the_arms_evaluates_them_and_reports_the_claims(tiny_repro_
     rep = repro.run("rp", str(tiny_repro_recipe), data=eval_data, output=tmp_path / "out", fmt="md",
                     progress=False, say=said.append)
     st, spec = studies.load("rp")
-    by_seed = repro.role_trials(st, spec)
-    assert set(by_seed) == set(repro.ROLES) and all(len(ts) == 1 for ts in by_seed.values())
-    trials = repro.one_per_role(by_seed)
+    by_seed = claims.role_trials(st, spec)
+    assert set(by_seed) == set(claims.ROLES) and all(len(ts) == 1 for ts in by_seed.values())
+    trials = claims.one_per_role(by_seed)
     assert trials["baseline"].user_attrs[studies.BASELINE_ATTR]
     # every arm trained at the same budget; the deeper arm is the 5-layer plain model
     assert {t.user_attrs["budget"] for t in trials.values()} == {spec.budget}
     assert trials["deeper"].user_attrs["n_layer"] == 5
-    claims = next(s for s in rep.sections if s.key == "claims")
-    assert len(claims.rows) == 5, claims.rows
-    assert all(row[2] in ("agrees", "disagrees") or row[2].startswith("inconclusive") for row in claims.rows)
-    assert all("1 seed" in row[1] for row in claims.rows), claims.rows
+    table = next(s for s in rep.sections if s.key == "claims")
+    assert len(table.rows) == 5, table.rows
+    assert all(row[2] in ("agrees", "disagrees") or row[2].startswith("inconclusive") for row in table.rows)
+    assert all("1 seed" in row[1] for row in table.rows), table.rows
     page = rep.page.read_text()
     assert "LoopMDM's claims vs this study" in page and "3.3x fewer training FLOPs" in page
-    zs = repro.zeroshot_rows(st, trials)
+    zs = claims.zeroshot_rows(st, trials)
     assert sorted((r["role"], r["data"]) for r in zs) == sorted(
-        (role, corpus) for role in repro.ROLES for corpus in ("WikiText-2", "LAMBADA"))
+        (role, corpus) for role in claims.ROLES for corpus in ("WikiText-2", "LAMBADA"))
     assert all(r["bits_per_byte"] > 0 for r in zs)
-    scaling = repro.scaling_rows(st, trials["early_looped"])
+    scaling = claims.scaling_rows(st, trials["early_looped"])
     assert [r["n_loops"] for r in scaling] == [1, 2, 3, 4]
-    assert repro.attention_change(st, trials["early_looped"])["loops"] == 2
+    assert claims.attention_change(st, trials["early_looped"])["loops"] == 2
     # run again: nothing is trained or evaluated twice
     said.clear()
     repro.run("rp", str(tiny_repro_recipe), data=eval_data, output=tmp_path / "out", fmt="md", progress=False,
@@ -137,22 +140,22 @@ def test_a_curve_ending_just_below_the_baseline_does_not_agree():
     # the early arm ends 0.001 below the baseline (mean of 3 paired seeds) with a paired s.e. of 0.0025
     base, early = [4.000, 4.010, 3.990], [4.004, 4.006, 3.987]
     trials = arms({"baseline": base, "early_looped": early})
-    rows = {r["role"]: r for r in repro.flop_rows(trials)}
+    rows = {r["role"]: r for r in claims.flop_rows(trials)}
     e = rows["early_looped"]
     assert e["delta"] == pytest.approx(-0.001) and e["effect"].interval.df == 2
     assert e["noise"] == pytest.approx(e["effect"].interval.half_width) and e["noise"] > 0.001
     assert e["target"] == pytest.approx(4.0 - e["noise"]) and e["flop_ratio"] is None
-    c = claim(repro.claims(Stored(), trials), "looping early-middle")
+    c = claim(claims.claims(Stored(), trials), "looping early-middle")
     assert c["verdict"].startswith("inconclusive"), c
     assert "3 seeds" in c["measured"] and "[" in c["measured"]
     # one seed whose curve ends 0.001 below, with only the validation noise: still not agreement
     one = {"baseline": [trial(0, "baseline", 4.0, windows=[4.0, 4.02, 3.99, 3.99])],
            "early_looped": [trial(1, "early_looped", 3.999, windows=[3.995, 4.02, 3.99, 3.991])]}
-    c = claim(repro.claims(Stored(), one), "looping early-middle")
+    c = claim(claims.claims(Stored(), one), "looping early-middle")
     assert c["verdict"].startswith("inconclusive") and "validation noise only" in c["measured"], c
     # one seed without per-window values: no noise to set the target by, never 'agrees'
     bare = arms({"baseline": [4.0], "early_looped": [3.9]})
-    c = claim(repro.claims(Stored(), bare), "looping early-middle")
+    c = claim(claims.claims(Stored(), bare), "looping early-middle")
     assert c["verdict"] == "inconclusive (no interval)" and "1 seed, no interval" in c["measured"], c
 
 
@@ -160,10 +163,10 @@ def test_flop_ratio_agrees_beyond_the_noise_and_disagrees_above_zero():
     base = [4.00, 4.02, 3.98]
     history = [[2.5e11, 4.6], [5e11, 3.9], [1e12, 3.8]]  # well below the baseline at half the FLOPs
     good = arms({"baseline": base, "early_looped": [3.80, 3.81, 3.79]}, histories={"early_looped": [history] * 3})
-    c = claim(repro.claims(Stored(), good), "looping early-middle")
+    c = claim(claims.claims(Stored(), good), "looping early-middle")
     assert c["verdict"] == "agrees" and "x fewer" in c["measured"], c
     bad = arms({"baseline": base, "early_looped": [4.20, 4.23, 4.19]})
-    c = claim(repro.claims(Stored(), bad), "looping early-middle")
+    c = claim(claims.claims(Stored(), bad), "looping early-middle")
     assert c["verdict"] == "disagrees" and "never reached" in c["measured"], c
 
 
@@ -171,10 +174,10 @@ def test_paired_claims_use_seeds_or_the_validation_noise_of_one_seed():
     roles = ("baseline", "early_looped", "late_looped", "deeper")
     trials = arms({"baseline": [4.0, 4.1], "early_looped": [4.1, 4.2], "late_looped": [4.0, 4.101],
                    "deeper": [4.3, 4.41]}, roles)
-    rows = repro.claims(Stored(), trials)
+    rows = claims.claims(Stored(), trials)
     deeper = claim(rows, "the looped model beats")
     # deeper - early over 2 seeds: 0.2 and 0.21; t with 1 degree of freedom
-    iv = repro.paired_effect(trials["early_looped"], trials["deeper"]).interval
+    iv = claims.paired_effect(trials["early_looped"], trials["deeper"]).interval
     assert iv.mean == pytest.approx(0.205) and iv.df == 1
     assert iv.half_width == pytest.approx(12.706 * iv.se, rel=1e-4)
     assert deeper["verdict"] == "agrees" and "2 seeds" in deeper["measured"] and iv.text() in deeper["measured"]
@@ -184,10 +187,10 @@ def test_paired_claims_use_seeds_or_the_validation_noise_of_one_seed():
     w_early, w_late = [4.0, 4.2, 4.1, 4.1], [3.9, 4.1, 4.0, 4.0]  # late better by 0.1 on every draw
     one = {"baseline": [trial(0, "baseline", 4.0)], "early_looped": [trial(1, "early_looped", 4.1, windows=w_early)],
            "late_looped": [trial(2, "late_looped", 4.0, windows=w_late)]}
-    e = repro.paired_effect(one["early_looped"], one["late_looped"])
+    e = claims.paired_effect(one["early_looped"], one["late_looped"])
     assert e.basis == "1 seed, validation noise only" and e.interval.mean == pytest.approx(-0.1)
     other = {**one, "late_looped": [trial(2, "late_looped", 4.0, windows=w_late, key="other masks")]}
-    e = repro.paired_effect(other["early_looped"], other["late_looped"])
+    e = claims.paired_effect(other["early_looped"], other["late_looped"])
     assert e.basis == "1 seed, no interval" and e.verdict == "inconclusive (no interval)"
 
 
@@ -197,30 +200,30 @@ def test_loop_scaling_needs_per_window_values():
     rows = [{"n_loops": 1, "exit": "none", "val_nll": 4.2, "val_windows": [4.2, 4.25, 4.15, 4.2]},
             {"n_loops": 2, "exit": "none", "val_nll": 4.1, "val_windows": [4.1, 4.12, 4.08, 4.1]}]
     study = Stored(**{f"{evaluate.EVAL_ATTR}1": {"loop_scaling": rows}})
-    c = claim(repro.claims(study, trials), "more loops")
+    c = claim(claims.claims(study, trials), "more loops")
     effect = stats.paired_window_interval(rows[1]["val_windows"], rows[0]["val_windows"], 2)  # 1 loop minus 2
     assert c["verdict"] == "agrees" and effect.text() in c["measured"] and "validation noise only" in c["measured"]
     bare = Stored(**{f"{evaluate.EVAL_ATTR}1": {"loop_scaling": [
         {k: v for k, v in r.items() if k != "val_windows"} for r in rows]}})
-    assert claim(repro.claims(bare, trials), "more loops")["verdict"] == "inconclusive (no interval)"
+    assert claim(claims.claims(bare, trials), "more loops")["verdict"] == "inconclusive (no interval)"
 
 
 def test_attention_claim_is_an_interval_over_seeds():
     def shares(first, last):  # layer 1 is the looped block (loop_start 1, loop_end 2)
         return [{"t": t, "layer": 1, "loop": k, "mask_to_mask": v, "self": 0.1, "mask_to_unmasked": 0.9 - v,
-                 "masked_key_fraction": 0.5} for t in repro.RATES for k, v in ((1, first), (2, last))]
+                 "masked_key_fraction": 0.5} for t in claims.RATES for k, v in ((1, first), (2, last))]
 
     trials = arms({"baseline": [4.0, 4.0], "early_looped": [4.1, 4.1]})
     early = trials["early_looped"]
-    study = Stored(**{f"{repro.ATTENTION_ATTR}{early[0].number}": shares(0.50, 0.60),
-                      f"{repro.ATTENTION_ATTR}{early[1].number}": shares(0.52, 0.61)})
-    c = claim(repro.claims(study, trials), "looping raises the attention")
+    study = Stored(**{f"{claims.ATTENTION_ATTR}{early[0].number}": shares(0.50, 0.60),
+                      f"{claims.ATTENTION_ATTR}{early[1].number}": shares(0.52, 0.61)})
+    c = claim(claims.claims(study, trials), "looping raises the attention")
     assert c["verdict"] == "agrees" and "2 seeds" in c["measured"] and "over training seeds" in c["measured"], c
     assert "self 0.100 -> 0.100" in c["measured"]
-    change = repro.attention_change(study, early[0])
+    change = claims.attention_change(study, early[0])
     assert [change[k] for k in ("first", "last", "self_first", "uniform")] == pytest.approx([0.5, 0.6, 0.1, 0.5])
-    one = Stored(**{f"{repro.ATTENTION_ATTR}{early[0].number}": shares(0.50, 0.60)})
-    c = claim(repro.claims(one, trials), "looping raises the attention")
+    one = Stored(**{f"{claims.ATTENTION_ATTR}{early[0].number}": shares(0.50, 0.60)})
+    c = claim(claims.claims(one, trials), "looping raises the attention")
     assert c["verdict"] == "inconclusive (no interval)" and "1 seed" in c["measured"], c
 
 
@@ -232,27 +235,27 @@ def test_seeds_replace_the_spaces_and_every_seed_plays_its_role(tiny_repro_recip
         repro.make_spec("s0", str(tiny_repro_recipe), seeds=0)
     ts = [trial(n, role, 4.0 + n / 100, seed) for n, (seed, role) in
           enumerate((s, r) for s in (2, 0, 1) for r in ("baseline", "early_looped"))]
-    trials = repro.role_trials(Stored(ts), spec)
-    assert [repro._seed(t) for t in trials["baseline"]] == [0, 1, 2]
-    assert repro.one_per_role(trials)["early_looped"].user_attrs["seed_offset"] == 0
+    trials = claims.role_trials(Stored(ts), spec)
+    assert [claims._seed(t) for t in trials["baseline"]] == [0, 1, 2]
+    assert claims.one_per_role(trials)["early_looped"].user_attrs["seed_offset"] == 0
 
 
 def test_flop_ratio_reads_the_learning_curve():
     curve = [(1e9, 6.0), (2e9, 5.0), (3e9, 4.0), (4e9, 3.5)]
-    assert repro.flops_to_reach(curve, 4.5) == (2.5e9, False)  # linear between the 2e9 and 3e9 points
-    assert repro.flops_to_reach(curve, 7.0) == (1e9, True)  # already there at the first validation
-    assert repro.flops_to_reach(curve, 3.0) == (None, False)  # never reached
+    assert claims.flops_to_reach(curve, 4.5) == (2.5e9, False)  # linear between the 2e9 and 3e9 points
+    assert claims.flops_to_reach(curve, 7.0) == (1e9, True)  # already there at the first validation
+    assert claims.flops_to_reach(curve, 3.0) == (None, False)  # never reached
 
 
 def test_shipped_recipe_has_the_four_arms_at_matched_per_step_compute():
     recipe = load_recipe("loopmdm_repro")
     space = load_space(recipe.space)
-    assert {arm.role for arm in space.arms.values()} == set(repro.ROLES)
+    assert {arm.role for arm in space.arms.values()} == set(claims.ROLES)
     assert recipe.corpus.name == "ptb"
     spec = studies.make_spec(recipe, "check")
     assert spec.n_trials == 4
     # the deeper arm costs what the early-middle arm costs at its trained loop count, per forward pass
-    from loopsearch.space import suggest_arm
+    from loopsearch.search.space import suggest_arm
 
     class Fixed:  # an Optuna trial that returns the enqueued value
         def __init__(self, arm):

@@ -3,16 +3,17 @@
 import optuna
 import pytest
 
-from loopsearch import study as studies
+from loopsearch.search import study as studies
+from loopsearch.search import workers
 from loopsearch.errors import SpecError
-from loopsearch.space import load_space, suggest
+from loopsearch.search.space import load_space, suggest
 from loopsearch.spec import SearchSpace, validate
 
 
 @pytest.mark.parametrize("space", ["early_middle", "anywhere", "depth", "strategies"])
 def test_builtin_space_runs_a_trial(space, tiny_recipe):
     studies.create(studies.spec_from_options(space, space, str(tiny_recipe), None, None, None, "random", None))
-    studies.run(space, n_trials=2, progress=False)
+    workers.run(space, n_trials=2, progress=False)
     trials = studies.load(space)[0].get_trials()
     searched = trials[1]
     assert searched.state.name in ("COMPLETE", "PRUNED"), searched.system_attrs
@@ -60,7 +61,7 @@ def test_jointly_invalid_parameters_prune_one_trial_not_the_study(tiny_recipe, t
     path = tmp_path / "joint.toml"
     path.write_text('name = "joint"\nstrategies = ["none"]\n[backbone]\nd_model = [48]\nn_heads = [16]\n')
     studies.create(studies.spec_from_options("joint", str(path), str(tiny_recipe), None, None, None, None, None))
-    studies.run("joint", n_trials=2, progress=False)
+    workers.run("joint", n_trials=2, progress=False)
     trials = studies.load("joint")[0].get_trials()
     assert trials[0].state.name == "COMPLETE"
     assert trials[1].state.name == "PRUNED" and "invalid configuration" in trials[1].user_attrs["rejected"]

@@ -94,3 +94,14 @@ def test_tie_words():
     assert stats.tie_words(Interval(-0.05, 0.01, 5), "wins", "loses") == "wins"
     assert stats.tie_words(Interval(0.05, None)) == ""
     assert Interval(0.001, 0.005, 5).tie is True and Interval(0.05, 0.01, 5).tie is False
+
+
+def test_wilson_interval_for_accuracies():
+    from loopsearch.stats import proportion_interval
+
+    lo, hi = proportion_interval(0, 8)
+    assert lo == 0.0 and 0.3 < hi < 0.33  # 0 of 8 correct still allows ~32%
+    lo, hi = proportion_interval(50, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
+    with pytest.raises(ValueError):
+        proportion_interval(0, 0)

@@ -14,20 +14,22 @@ import polars as pl
 import pytest
 
 from conftest import run_cli
-from loopsearch import checkpoint, leaderboard
-from loopsearch import study as studies
+from loopsearch import checkpoint
+from loopsearch.results import leaderboard
+from loopsearch.search import study as studies
+from loopsearch.search import workers
 from loopsearch.data import prepare
 from loopsearch.diffusion import validation_elbo
 from loopsearch.data import validation_windows
 from loopsearch.registry import get_registry
-from loopsearch.space import BASELINE_ATTR
+from loopsearch.search.space import BASELINE_ATTR
 
 
 @pytest.fixture
 def finished_study(tiny_recipe):
     spec = studies.spec_from_options("tiny", "early_middle", str(tiny_recipe), None, None, None, None, None)
     studies.create(spec)
-    ran = studies.run("tiny", progress=False)
+    ran = workers.run("tiny", progress=False)
     assert ran == 3
     return studies.load("tiny")
 
@@ -93,8 +95,8 @@ def test_leaderboard_rows_and_formats(finished_study, tmp_path):
 
 
 def test_rerun_of_a_finished_study_runs_nothing(finished_study):
-    assert studies.run("tiny", progress=False) == 0
-    assert studies.run("tiny", n_trials=1, progress=False) == 1
+    assert workers.run("tiny", progress=False) == 0
+    assert workers.run("tiny", n_trials=1, progress=False) == 1
     assert len(studies.load("tiny")[0].get_trials()) == 4
 
 
@@ -104,7 +106,7 @@ def test_trials_too_expensive_for_min_steps_are_rejected_before_training(tiny_re
                      '[strategy.fixed]\nn_loops = 12\n')
     spec = studies.spec_from_options("heavy", str(space), str(tiny_recipe), None, None, None, None, None)
     studies.create(spec)
-    studies.run("heavy", n_trials=2, progress=False)
+    workers.run("heavy", n_trials=2, progress=False)
     trials = studies.load("heavy")[0].get_trials()
     assert trials[0].state.name == "COMPLETE"
     assert trials[1].state.name == "PRUNED" and "min_steps" in trials[1].user_attrs["rejected"]
@@ -157,7 +159,7 @@ def test_halting_trial_reports_executed_inference_flops(tiny_recipe, tmp_path):
     space.write_text('name = "halt"\nstrategies = ["halting"]\n[block]\nlayers = [1, 3]\nlength = [2, 2]\n'
                      '[strategy.halting]\nmax_loops = 4\n')
     studies.create(studies.spec_from_options("halt", str(space), str(tiny_recipe), None, None, None, None, None))
-    studies.run("halt", n_trials=2, progress=False)
+    workers.run("halt", n_trials=2, progress=False)
     st, spec = studies.load("halt")
     a = st.get_trials()[1].user_attrs
     cfg = studies.TrialConfig.model_validate(a["config"])
@@ -175,7 +177,7 @@ def test_halting_trial_reports_executed_inference_flops(tiny_recipe, tmp_path):
 def test_every_sampler_choice_works_on_a_real_space(sampler, tiny_recipe):
     """Each `--sampler` choice draws valid configurations from the conditional early_middle space
     (qmc and gp need scipy, cmaes needs cmaes: both are dependencies)."""
-    from loopsearch.space import suggest
+    from loopsearch.search.space import suggest
 
     spec = studies.spec_from_options("s", "early_middle", str(tiny_recipe), None, None, None, sampler, 12)
     study = optuna.create_study(sampler=studies.make_sampler(spec))

@@ -7,8 +7,10 @@ import polars as pl
 import pytest
 
 from conftest import run_cli
-from loopsearch import report, stats, sweep
-from loopsearch import study as studies
+from loopsearch import stats
+from loopsearch.experiments import sweep as sweeping
+from loopsearch.results import report, sweep
+from loopsearch.search import study as studies
 from loopsearch.errors import LoopsearchError
 
 ARMS = """name = "pair"
@@ -121,11 +123,11 @@ def test_one_seed_uses_the_paired_validation_noise_or_no_interval():
 
 
 def test_scales_parse_and_reject_nonsense():
-    assert sweep.parse_scales("x1,x2, x4,8") == [1.0, 2.0, 4.0, 8.0]
+    assert sweeping.parse_scales("x1,x2, x4,8") == [1.0, 2.0, 4.0, 8.0]
     with pytest.raises(LoopsearchError, match="not a number"):
-        sweep.parse_scales("1,two")
+        sweeping.parse_scales("1,two")
     with pytest.raises(LoopsearchError, match="positive"):
-        sweep.parse_scales("0,1")
+        sweeping.parse_scales("0,1")
 
 
 def test_sweep_command_runs_every_arm_at_every_budget_and_seed(tiny_recipe, tmp_path):

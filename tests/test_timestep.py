@@ -247,12 +247,12 @@ def test_training_step_flops_match_flop_counter(params, block):
 
 # ---- a study -----------------------------------------------------------------------------------
 def test_tiny_study_with_timestep_space(tiny_recipe):
-    from loopsearch import study
+    from loopsearch.search import study, workers
 
     spec = study.spec_from_options("ts", "timestep", str(tiny_recipe), None, None, None, "random", None)
     assert spec.space.strategies == ["timestep"]
     study.create(spec)
-    study.run("ts", n_trials=2, progress=False)
+    workers.run("ts", n_trials=2, progress=False)
     trials, _ = study.load("ts")
     searched = [t for t in trials.get_trials() if not t.user_attrs.get("loopsearch.baseline")]
     assert len(searched) == 1

@@ -1,6 +1,6 @@
 """Numbers with their errors: the validation's reported standard error matches the real spread
 over mask draws, replicates and confirmations work end to end, and the leaderboard's rows carry
-the intervals (loopsearch/stats.py, diffusion.validation_elbo, confirm.py, leaderboard.py)."""
+the intervals (loopsearch/stats.py, diffusion.validation_elbo, search/confirm.py, results/leaderboard.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import torch
 
 from conftest import run_cli
 from helpers import tiny_model
-from loopsearch import leaderboard as lb
-from loopsearch import study as studies
+from loopsearch.results import leaderboard as lb
+from loopsearch.search import study as studies
+from loopsearch.search import workers
 from loopsearch.data import PreparedData, validation_windows
 from loopsearch.diffusion import validation_elbo
 from loopsearch.spec import TrainConfig
@@ -88,7 +89,7 @@ def seeded_study(tiny_recipe):
     spec = studies.spec_from_options("rep", "early_middle", str(tiny_recipe), None, None, None, None, 3, seeds=2)
     assert spec.space.seeds == 2 and spec.seeds == 2
     studies.create(spec)
-    assert studies.run("rep", progress=False) == 3
+    assert workers.run("rep", progress=False) == 3
     return studies.load("rep")
 
 
@@ -127,9 +128,9 @@ def test_confirm_retrains_top_trials_and_the_baseline_with_new_seeds(seeded_stud
     looped = confirmed.filter(~confirmed["baseline"]).row(0, named=True)
     assert looped["delta_basis"] == "3 seeds"
     # the study's own trial count is unchanged: `study run` has nothing more to do
-    assert studies.run("rep", progress=False) == 0
+    assert workers.run("rep", progress=False) == 0
     # a second confirmation uses seeds after every one used so far
-    from loopsearch import confirm
+    from loopsearch.search import confirm
 
     planned = confirm.plan(st, top=1, seeds=2)
     assert all(offsets == [3, 4] for _, offsets in planned)
@@ -138,7 +139,7 @@ def test_confirm_retrains_top_trials_and_the_baseline_with_new_seeds(seeded_stud
 def test_leaderboard_json_carries_errors_intervals_and_ties(tiny_recipe):
     spec = studies.spec_from_options("one", "early_middle", str(tiny_recipe), None, None, None, None, 2)
     studies.create(spec)
-    studies.run("one", progress=False)
+    workers.run("one", progress=False)
     r = run_cli("leaderboard", "--study", "one", "--format", "json")
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)

@@ -25,11 +25,12 @@ from optuna.trial import TrialState
 
 from conftest import run_cli
 from helpers import tiny_model
-from loopsearch import leaderboard, workers
-from loopsearch import study as studies
 from loopsearch.resume import Checkpointer
-from loopsearch.space import BASELINE_ATTR
-from loopsearch.storage import mask
+from loopsearch.results import leaderboard
+from loopsearch.search import study as studies
+from loopsearch.search import workers
+from loopsearch.search.space import BASELINE_ATTR
+from loopsearch.search.storage import mask
 from loopsearch.testing import TINY_RECIPE
 
 torch.set_num_threads(1)
@@ -159,7 +160,7 @@ def test_running_trial_without_any_heartbeat_is_failed_after_the_grace_period(tm
 
 
 def test_out_of_memory_fails_the_trial_with_its_reason_and_the_study_goes_on(tiny_recipe, monkeypatch):
-    import loopsearch.study as study_module
+    import loopsearch.search.study as study_module
 
     real_train = study_module.train
     calls = []
@@ -172,7 +173,7 @@ def test_out_of_memory_fails_the_trial_with_its_reason_and_the_study_goes_on(tin
 
     monkeypatch.setattr(study_module, "train", flaky)
     studies.create(studies.spec_from_options("oom", "early_middle", str(tiny_recipe), None, None, None, None, 2))
-    assert studies.run("oom", progress=False) == 3
+    assert workers.run("oom", progress=False) == 3
     trials = studies.load("oom")[0].get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
     assert "CUDA out of memory" in trials[0].user_attrs["failed"] and "lower batch_size" in trials[0].user_attrs["failed"]
@@ -194,7 +195,7 @@ def test_pruning_reduces_total_training_flops(tmp_path, capsys):
         path = recipe(tmp_path, budget="4.5e9", n_trials=8, sampler="random", pruner=pruner)
         path.write_text(path.read_text().replace("eval_points = 2", "eval_points = 3"))
         studies.create(studies.spec_from_options(pruner, "early_middle", str(path), None, None, None, None, None))
-        studies.run(pruner, progress=False)
+        workers.run(pruner, progress=False)
         totals[pruner] = _total_flops(pruner)
     st = studies.load("median")[0]
     pruned = [t for t in st.get_trials() if t.state == TrialState.PRUNED]
@@ -234,7 +235,7 @@ def test_multi_objective_study_uses_nsga2_and_shows_its_pareto_front(tmp_path):
     spec = studies.spec_from_options("mo", "early_middle", str(path), None, None, None, None, None)
     assert spec.sampler == "auto" and isinstance(studies.make_sampler(spec), optuna.samplers.NSGAIISampler)
     studies.create(spec)
-    studies.run("mo", progress=False)
+    workers.run("mo", progress=False)
     st = studies.load("mo")[0]
     assert [d.name for d in st.directions] == ["MINIMIZE", "MINIMIZE"]
     for t in finished(st):
@@ -398,7 +399,7 @@ def test_ddp_with_two_gloo_processes_matches_one_process(tmp_path):
                         str(29500 + os.getpid() % 1000), "-m", "loopsearch", "study", "run", "ddp", "--no-progress"],
                        env={**os.environ, **ENV1}, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    studies.run("one", progress=False)
+    workers.run("one", progress=False)
     ddp, one = (studies.load(name)[0].get_trials() for name in ("ddp", "one"))
     assert [t.state for t in ddp] == [TrialState.COMPLETE] * 2 and ddp[1].params == one[1].params
     for a, b in zip(one, ddp):

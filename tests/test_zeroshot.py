@@ -1,4 +1,4 @@
-"""Zero-shot perplexity bounds on held-out text files (loopsearch/zeroshot.py)."""
+"""Zero-shot perplexity bounds on held-out text files (loopsearch/eval/zeroshot.py)."""
 
 import json
 import math
@@ -9,7 +9,7 @@ from conftest import SHARED_DATA
 from helpers import tiny_model
 from loopsearch.data import train_tokenizer
 from loopsearch.errors import LoopsearchError
-from loopsearch.zeroshot import read_eval_text, token_byte_lengths, tokenize, zeroshot_checkpoint, zeroshot_nll
+from loopsearch.eval.zeroshot import read_eval_text, token_byte_lengths, tokenize, zeroshot_checkpoint, zeroshot_nll
 
 SEQ = 32
 

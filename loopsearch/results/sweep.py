@@ -1,10 +1,11 @@
-"""Budget sweeps (iso-FLOP curves): the same arms at a ladder of training-FLOP budgets.
+"""Budget sweeps (iso-FLOP curves), the analysis: the same arms at a ladder of training-FLOP budgets.
 
-A sweep is a study whose search space lists fixed ``[arms.NAME]`` and ``budget_scales`` (and
-``seeds``): every arm trains at every budget and seed (loopsearch/space.py: ``suggest_arm``).
-At a small budget a looped model can lose to the plain one (it gets fewer optimizer steps for
-the same FLOPs) and win at a larger one; this module finds that crossover budget, and says when
-the data cannot place it.
+A sweep (created by ``loopsearch sweep``: loopsearch/experiments/sweep.py) is a study whose
+search space lists fixed ``[arms.NAME]`` and ``budget_scales`` (and ``seeds``): every arm trains
+at every budget and seed (loopsearch/search/space.py: ``suggest_arm``). At a small budget a
+looped model can lose to the plain one (it gets fewer optimizer steps for the same FLOPs) and
+win at a larger one; this module finds that crossover budget, and says when the data cannot
+place it.
 
 Differences are paired: each arm is compared with the baseline arm trained with the same seed
 (same data order) at the same budget, on identical validation windows and masks. With several
@@ -31,53 +32,11 @@ from typing import Any
 import optuna
 import polars as pl
 from optuna.trial import TrialState
+from rich.table import Table
 
-from . import stats
-from .errors import LoopsearchError
-
-
-def parse_scales(text: str) -> list[float]:
-    """'1,2,4,8' or 'x1,x2,x4,x8' -> [1.0, 2.0, 4.0, 8.0] (multiples of the recipe's budget)."""
-    out = []
-    for part in filter(None, (p.strip().lstrip("xX") for p in text.split(","))):
-        try:
-            out.append(float(part))
-        except ValueError:
-            raise LoopsearchError(f"--scales {text!r}: {part!r} is not a number; give e.g. 1,2,4,8") from None
-    if not out or any(x <= 0 for x in out):
-        raise LoopsearchError(f"--scales {text!r}: give positive multiples of the budget, e.g. 1,2,4,8")
-    return sorted(set(out))
-
-
-def make_spec(name: str, recipe: str, space: str | None = None, arms: list[str] | None = None,
-              scales: list[float] | None = None, seeds: int = 1, budget: str | None = None,
-              corpus: dict | None = None, train_tokens: int | None = None):
-    """The spec of a sweep study: the recipe's (or ``space``'s) arms, restricted to ``arms``, at
-    every budget scale and seed; ``train_tokens`` limits every arm's training data (the
-    data-limited regime)."""
-    from . import study as studies
-    from .space import load_recipe, load_space
-    from .spec import StudyRecipe, validate
-
-    base = load_recipe(recipe)
-    resolved = load_space(space or base.space)
-    if not resolved.arms:
-        raise LoopsearchError(f"search space {resolved.name!r} has no [arms.NAME] tables; a sweep runs fixed arms "
-                              f"(e.g. --space loopmdm_repro)")
-    chosen = arms or list(resolved.arms)
-    unknown = [a for a in chosen if a not in resolved.arms]
-    if unknown:
-        raise LoopsearchError(f"unknown arm(s) {unknown}; the space {resolved.name!r} has {list(resolved.arms)}")
-    data = resolved.model_dump()
-    data.update(arms={a: data["arms"][a] for a in chosen}, budget_scales=scales or [1.0], seeds=seeds)
-    recipe_data = base.model_dump()
-    for key, value in (("budget", budget), ("corpus", corpus)):
-        if value is not None:
-            recipe_data[key] = value
-    if train_tokens is not None:
-        recipe_data["train"]["train_tokens"] = train_tokens
-    merged = validate(StudyRecipe, recipe_data, "sweep options")
-    return studies.make_spec(merged, name, validate(type(resolved), data, f"sweep of space {resolved.name!r}"))
+from .. import stats
+from ..errors import LoopsearchError
+from .page import NLL_LABEL, Section, figure, flop_axis, save
 
 
 def frame(study: optuna.Study) -> pl.DataFrame:
@@ -252,8 +211,6 @@ def _crossing(c: dict[str, Any]) -> str:
 
 def rich_tables(result: dict[str, Any]):
     """The paired differences (one row per arm and budget) and the crossovers, as rich tables."""
-    from rich.table import Table
-
     diff = Table(title=f"val NLL minus {result['baseline']!r} at the same budget and seed (nats/token; < 0: the arm "
                        f"wins; 95% interval: t over seeds, or one seed's validation noise only)")
     for col in ("arm", "budget (FLOPs)", "seeds", "Δ val NLL", "95% interval", "± s.e.", "in words"):
@@ -276,15 +233,13 @@ def _fmt(value: float | None) -> str:
 def section(d, out):
     """The report's iso-FLOP section: final val NLL vs training budget per arm (mean +- one
     standard error over seeds) and the paired differences with 95% intervals and the crossover."""
-    from .report import NLL_LABEL, Section, _figure, _flop_axis, _save
-
     sec = Section("sweep", "Budget sweep (iso-FLOP curves)")
     df = frame(d.study)
     if df.is_empty() or df["budget"].n_unique() < 2:
         sec.note = "No data: fewer than two budgets have finished arms."
         return sec
     result = analyse(d.study, d.spec)
-    fig = _figure(7.5, 4.5)
+    fig = figure(7.5, 4.5)
     ax = fig.subplots()
     for arm in sorted({c["arm"] for c in result["curves"]}, key=lambda a: a != result["baseline"]):
         pts = [c for c in result["curves"] if c["arm"] == arm]
@@ -292,13 +247,13 @@ def section(d, out):
                     marker="o", markersize=4, capsize=3, label=arm,
                     color="black" if arm == result["baseline"] else None)
     ax.set_xscale("log")
-    _flop_axis(ax.xaxis, "training compute per arm")
+    flop_axis(ax.xaxis, "training compute per arm")
     ax.set_ylabel(NLL_LABEL)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     seeds = df.group_by(["arm", "budget"]).len()["len"].max()
     fig.suptitle(f"{d.name}: final val NLL vs training budget ({seeds} seed(s) per point, ± 1 s.e.)", fontsize=9)
-    sec.image = _save(fig, out, "iso_flop.png")
+    sec.image = save(fig, out, "iso_flop.png")
     sec.caption = ("Every arm trained to completion at each budget; differences are paired with the baseline of the "
                    "same seed and budget on identical validation masks. Intervals are 95%: Student's t over seeds "
                    "(n - 1 degrees of freedom), or with one seed the validation-mask noise only; a difference whose "

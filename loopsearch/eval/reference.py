@@ -28,12 +28,15 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from safetensors.torch import load_model, save_model
+from tokenizers import Tokenizer
 
-from .data import PreparedData, random_batch, validation_batches
-from .errors import BudgetError, LoopsearchError
-from .flops import train_step_flops
-from .train import _progress, lr_at, make_optimizer, resolve_device, use_bf16
-from .units import format_flops, parse_flops
+from ..data import PreparedData, random_batch, validation_batches
+from ..errors import BudgetError, LoopsearchError
+from ..flops import train_step_flops
+from ..registry import get_registry
+from ..train import _progress, lr_at, make_optimizer, resolve_device, use_bf16
+from ..units import format_flops, parse_flops
 
 BACKBONE = "transformer"  # the builtin backbone, run with causal = true
 FORMAT = "loopsearch-reference-v1"
@@ -96,8 +99,6 @@ def reference_dir(artifacts_dir: str | Path, study_name: str) -> Path:
 def build_reference(config: ReferenceConfig, vocab_size: int):
     """The causal backbone (untrained), through the plugin registry. ``vocab_size`` counts the
     tokeniser's tokens; the backbone's extra MASK id is never predicted (logits are cut to the vocab)."""
-    from .registry import get_registry
-
     cls = get_registry().get("backbone", BACKBONE)
     return cls(cls.Params.model_validate(config.backbone_params()), vocab_size, config.seq_len)
 
@@ -180,8 +181,6 @@ def train_reference(data: PreparedData, config: ReferenceConfig | None = None,
 def save_reference(directory: str | Path, model: torch.nn.Module, config: ReferenceConfig, tokenizer_json: str,
                    info: dict[str, Any] | None = None) -> Path:
     """Write model.safetensors, config.json and tokenizer.json into ``directory``."""
-    from safetensors.torch import save_model
-
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     save_model(model, str(d / "model.safetensors"))  # handles the tied embedding/head weights
@@ -194,8 +193,6 @@ def save_reference(directory: str | Path, model: torch.nn.Module, config: Refere
 
 def load_reference(directory: str | Path) -> tuple[torch.nn.Module, ReferenceConfig, str, dict[str, Any]]:
     """Rebuild a saved reference LM (CPU, eval mode): (model, config, tokenizer_json, info)."""
-    from safetensors.torch import load_model
-
     d = Path(directory)
     if not (d / "config.json").is_file() or not (d / "model.safetensors").is_file():
         raise LoopsearchError(f"no reference LM in {d}; train one with `loopsearch reference train STUDY`")
@@ -214,8 +211,6 @@ def check_tokenizer(reference_tokenizer_json: str, model_tokenizer_json: str, st
     """Raise unless the reference was trained with the same tokeniser as the model it scores."""
     if json.loads(reference_tokenizer_json) == json.loads(model_tokenizer_json):
         return
-    from tokenizers import Tokenizer
-
     ref = Tokenizer.from_str(reference_tokenizer_json).get_vocab_size()
     mine = Tokenizer.from_str(model_tokenizer_json).get_vocab_size()
     raise LoopsearchError(

@@ -18,13 +18,14 @@ from pathlib import Path
 import optuna
 import torch
 
-from . import checkpoint
-from .data import prepare, subsample, validation_windows
-from .diffusion import validation_elbo
-from .errors import LoopsearchError
-from .looping import ExecutionRecorder
-from .registry import get_registry
-from .train import resolve_device
+from .. import checkpoint
+from ..data import prepare, subsample, validation_windows
+from ..diffusion import validation_elbo
+from ..errors import LoopsearchError
+from ..exits import ExitSpec, check_exits, make_exit  # noqa: F401 - check_exits: re-exported for the CLI
+from ..looping import ExecutionRecorder
+from ..registry import get_registry
+from ..train import resolve_device
 
 EVAL_ATTR = "loopsearch.eval."
 
@@ -56,20 +57,6 @@ def trial_checkpoint(study: optuna.Study, number: int) -> Path:
     return Path(path)
 
 
-ExitSpec = tuple[str, dict]
-
-
-def check_exits(exits: list[ExitSpec] | None) -> list[tuple[str, str, dict]]:
-    """Validate exit criteria before any work: [(label, name, params)] (one-line errors)."""
-    from .exits import exit_label, exit_params
-
-    out = []
-    for name, params in exits or []:
-        _, p = exit_params(name, params)
-        out.append((exit_label(name, p), name, dict(params or {})))
-    return out
-
-
 def validation_set(directory: str | Path, device: str = "auto"):
     """A trial's checkpoint in eval mode on ``device``, its TrialConfig, and the validation
     windows (W, T) and their keys the trial was scored on (the study's corpus, the same windows
@@ -99,8 +86,6 @@ def loop_scaling(directory: str | Path, loops: list[int], device: str = "auto",
     without an exit criterion ("none") and with each of ``exits`` ([(name, params)]), for which
     the loop count is a cap. ``mean_loops`` and the FLOPs are what the forward passes executed
     (loop-block applications per sequence, plus the criteria's readouts)."""
-    from .exits import make_exit
-
     criteria = check_exits(exits)
     model, config, windows, keys = validation_set(directory, device)
     cfg = config.train

@@ -22,8 +22,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer
 
-from .errors import LoopsearchError
+from .. import checkpoint
+from ..data import _encode, validation_windows
+from ..diffusion import validation_elbo
+from ..errors import LoopsearchError
+from ..looping import ExecutionRecorder
+from ..train import resolve_device
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 
@@ -75,8 +81,6 @@ def read_eval_text(path: str | Path) -> str:
 def token_byte_lengths(tokenizer_json: str) -> np.ndarray | None:
     """UTF-8 bytes of every token id of a byte-level BPE tokeniser (each character of a
     byte-level token stands for one byte); None for any other tokeniser."""
-    from tokenizers import Tokenizer
-
     spec = json.loads(tokenizer_json)
     if (spec.get("decoder") or {}).get("type") != "ByteLevel" or spec.get("added_tokens"):
         return None
@@ -88,18 +92,12 @@ def _window_bytes(tokenizer_json: str, windows: torch.Tensor) -> int:
     lengths = token_byte_lengths(tokenizer_json)
     if lengths is not None:
         return int(lengths[windows.reshape(-1).numpy()].sum())
-    from tokenizers import Tokenizer
-
     tok = Tokenizer.from_str(tokenizer_json)  # not byte-level: decode each window (approximate at the seams)
     return sum(len(tok.decode(w.tolist()).encode("utf-8")) for w in windows)
 
 
 def tokenize(tokenizer_json: str, text: str) -> torch.Tensor:
     """Token ids (N,) int64 of ``text``, encoded as the corpus was (loopsearch.data)."""
-    from tokenizers import Tokenizer
-
-    from .data import _encode
-
     return torch.from_numpy(_encode(Tokenizer.from_str(tokenizer_json), text).astype(np.int64))
 
 
@@ -118,11 +116,6 @@ def zeroshot_nll(model, tokenizer_json: str, text: str, *, seq_len: int, n_seque
     eval_flops (all the forward passes). ``n_loops``: the loop count (None: the model's own);
     ``device``: where to run (None: where the model is).
     """
-    from .data import validation_windows
-    from .diffusion import validation_elbo
-    from .looping import ExecutionRecorder
-    from .train import resolve_device
-
     if seq_len < 1 or batch_size < 1 or draws < 2:
         raise LoopsearchError(f"seq_len and batch_size must be >= 1 and draws >= 2, got {seq_len}, {batch_size}, {draws}")
     if n_sequences is not None and n_sequences < 1:
@@ -163,8 +156,6 @@ def zeroshot_checkpoint(directory: str | Path, path: str | Path, *, seq_len: int
                         seed: int = 1234, device: str = "auto", n_loops: int | None = None) -> dict:
     """``zeroshot_nll`` of a trial checkpoint on the text file ``path``; defaults come from the
     trial's config (seq_len: its training length, at most; eval_batch_size, eval_draws)."""
-    from . import checkpoint
-
     text = read_eval_text(path)
     model, config, tokenizer_json = checkpoint.load(directory)
     trained = config.train.seq_len

@@ -11,10 +11,10 @@ would put on masked ones.
 
 The walk follows the model's forward: ``backbone.embed``, then ``backbone.run_block(i, h)`` in
 the looped order, with ``backbone.attention_probs(i, h)`` read before each application. The loop
-block is applied ``n_loops`` times as a plain repetition; the ``fixed`` strategy's ``reinject``
-(adding the block's input before every loop after the first) is reproduced, but other
-strategy-specific execution (e.g. halting's per-token freezing) is not: for such strategies the
-shares describe the plainly repeated block.
+block is applied ``n_loops`` times as a plain repetition; a strategy that adds the block's input
+before every loop after the first (``LoopStrategy.reinjects()``: the ``fixed`` strategy with
+``reinject``) is reproduced, but other strategy-specific execution (e.g. halting's per-token
+freezing) is not: for such strategies the shares describe the plainly repeated block.
 """
 
 from __future__ import annotations
@@ -23,9 +23,11 @@ import math
 from typing import Iterable, Sequence
 
 import torch
+from rich.table import Table
 
-from .diffusion import mask_tokens
-from .errors import LoopsearchError
+from ..diffusion import mask_tokens
+from ..errors import LoopsearchError
+from .loop_scaling import load_for_validation
 
 
 def parse_rates(text: str) -> list[float]:
@@ -54,10 +56,6 @@ def layer_schedule(model, n_loops: int | None = None) -> list[tuple[int, int]]:
         raise LoopsearchError(f"--loops must be >= 1, got {n}")
     return ([(i, 1) for i in range(s)] + [(i, k) for k in range(1, n + 1) for i in range(s, e)]
             + [(i, 1) for i in range(e, n_layer)])
-
-
-def _reinjects(model) -> bool:
-    return getattr(model.strategy, "name", None) == "fixed" and bool(getattr(model.strategy.params, "reinject", False))
 
 
 def _shares(probs: torch.Tensor, masked: torch.Tensor) -> tuple[float, float, float, float, int]:
@@ -90,7 +88,7 @@ def attention_shares(model, batches: Iterable[torch.Tensor], mask_id: int,
     model.eval()
     batches = list(batches)
     schedule = layer_schedule(model, n_loops)
-    reinject = _reinjects(model)
+    reinject = model.strategy.loops_block and model.strategy.reinjects()
     s = model.loop_start
     rows: list[dict] = []
     try:
@@ -128,15 +126,11 @@ def trial_attention_shares(directory, rates: Sequence[float], n_loops: int | Non
                            device: str = "auto") -> list[dict]:
     """``attention_shares`` of a checkpoint on its study's validation split (the same windows
     ``loopsearch eval`` uses; the masks are keyed by the config's mask seed, the study's seed)."""
-    from .evaluate import load_for_validation
-
     model, config, val = load_for_validation(directory, device)
     return attention_shares(model, val, model.backbone.mask_id, rates, seed=config.mask_seed, n_loops=n_loops)
 
 
 def rich_table(rows: list[dict]):
-    from rich.table import Table
-
     table = Table(title="attention of masked queries (mask→mask: other masked keys; self apart; uniform share: "
                         "masked fraction of the other keys)")
     for name in ("t", "layer", "loop", "mask→mask (others)", "self", "mask→unmasked", "uniform share"):

@@ -13,68 +13,37 @@ side-by-side comparison of studies.
 - the leaderboard table, and ``report.html`` or ``report.md`` referencing the PNGs by relative path.
 
 A section without data says so on the page instead of drawing an empty plot. Plots are drawn on
-matplotlib's Agg canvas (headless; the caller's pyplot backend is left alone).
+matplotlib's Agg canvas (headless; the caller's pyplot backend is left alone). The sections,
+plot helpers and HTML/Markdown rendering are in loopsearch/results/page.py.
 """
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import warnings
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import polars as pl
+from optuna.importance import PedAnovaImportanceEvaluator
 from optuna.trial import FrozenTrial, TrialState
+from rich.table import Table
 
+from ..errors import LoopsearchError
+from ..search import study as studies
+from ..search.space import BASELINE_ATTR
+from ..units import format_flops
+from . import claims, sweep
 from . import leaderboard as lb
-from .errors import LoopsearchError
-from .space import BASELINE_ATTR
-from .units import format_flops
+from .page import (FORMATS, NLL_LABEL, OBJECTIVE_LABELS, Report, Section, figure, flop_axis, render_html, render_md,
+                   save)
 
-FORMATS = ("html", "md")
 PLOTS = ("learning_curves.png", "placement.png", "loop_scaling.png", "pareto_front.png", "importances.png",
          "iso_flop.png")
-NLL_LABEL = "val NLL (nats/token)"
-OBJECTIVE_LABELS = {  # axis labels, with units, of the study objectives
-    "val_nll": NLL_LABEL,
-    "gen_ppl": "gen PPL (perplexity = exp(nats/token) under the reference LM)",
-    "zeroshot_nll": "zero-shot NLL bound (bits/byte)",
-    "task_accuracy": "task accuracy (fraction of problems exactly right)",
-}
-
-
-@dataclass
-class Section:
-    """One part of the page: a plot (a PNG in the report directory), a table, or a note saying
-    why there is nothing to show."""
-
-    key: str
-    title: str
-    image: str | None = None
-    caption: str = ""
-    note: str = ""
-    headers: list[str] = field(default_factory=list)
-    rows: list[list[str]] = field(default_factory=list)
-    markdown: str = ""  # a ready Markdown table (the leaderboard's own), used instead of headers/rows
-
-
-@dataclass
-class Report:
-    page: Path
-    sections: list[Section]
-
-    @property
-    def images(self) -> list[Path]:
-        return [self.page.parent / s.image for s in self.sections if s.image]
-
-    @property
-    def skipped(self) -> list[Section]:
-        return [s for s in self.sections if not s.image and not s.rows and not s.markdown and s.note]
 
 
 @dataclass
@@ -101,8 +70,6 @@ class Data:
 
 # ---- reading ---------------------------------------------------------------------------------------
 def load(name: str, storage: str | None = None) -> Data:
-    from . import study as studies
-
     study, spec = studies.load(name, storage)  # unknown study: a one-line StudyNotFoundError
     board = lb.frame(storage, [name])
     scaling = lb.scaling_frame(storage, [name])
@@ -127,31 +94,6 @@ def curve(t: FrozenTrial) -> list[tuple[float, float]]:
     if history:
         return [(float(h[0]), float(h[1])) for h in history]  # (FLOPs, val NLL[, its standard error])
     return [(float(step) * 1e9, float(v)) for step, v in sorted(t.intermediate_values.items())]
-
-
-# ---- plotting helpers ---------------------------------------------------------------------------------
-def _figure(width: float = 7.0, height: float = 4.5):
-    """A matplotlib Figure on the Agg canvas (headless; pyplot's global state is untouched)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _flop_axis(axis, what: str) -> None:
-    """Tick labels with SI prefixes (e.g. '1.5 GFLOP') and the unit in the axis label."""
-    from matplotlib.ticker import EngFormatter, MaxNLocator
-
-    axis.set_major_locator(MaxNLocator(5))
-    axis.set_major_formatter(EngFormatter(unit="FLOP", places=None))
-    axis.set_label_text(f"{what} (FLOPs)")
-
-
-def _save(fig, out: Path, name: str) -> str:
-    fig.savefig(out / name, format="png")
-    return name
 
 
 # ---- sections --------------------------------------------------------------------------------------------
@@ -198,7 +140,7 @@ def learning_curves(d: Data, out: Path) -> Section:
     if not curves:
         sec.note = "No data: no trial has reported a validation yet (run `loopsearch study run`)."
         return sec
-    fig = _figure()
+    fig = figure()
     ax = fig.add_subplot()
     many = len(curves) > 12
     for t, c in curves:
@@ -214,12 +156,12 @@ def learning_curves(d: Data, out: Path) -> Section:
     ax.axvline(d.spec.budget, color="grey", linestyle="--", linewidth=0.8)
     ax.annotate("budget", (d.spec.budget, 0.02), xycoords=("data", "axes fraction"), ha="right", va="bottom",
                 fontsize=8, color="grey", rotation=90)
-    _flop_axis(ax.xaxis, "training compute")
+    flop_axis(ax.xaxis, "training compute")
     ax.set_ylabel(NLL_LABEL)
     ax.set_title(f"{d.name}: validation NLL during training (lower is better)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
-    sec.image = _save(fig, out, "learning_curves.png")
+    sec.image = save(fig, out, "learning_curves.png")
     sec.caption = ("Every trial's validation NLL (nats/token, fixed-mask ELBO) at its FLOP checkpoints; the black "
                    "line is the no-loop baseline, the dotted line its final value; dashed lines are trials that did "
                    "not complete. "
@@ -238,7 +180,6 @@ def placements(d: Data) -> pl.DataFrame:
 
 
 def placement(d: Data, out: Path) -> Section:
-    import numpy as np
     from matplotlib.colors import Normalize, TwoSlopeNorm
 
     sec = Section("placement", "Where to loop: placement heatmap")
@@ -258,7 +199,7 @@ def placement(d: Data, out: Path) -> Section:
     cols = min(len(loops), 3)
     nrows = math.ceil(len(loops) / cols)
     panel_w, panel_h = max(2.8, 1.2 + 0.8 * len(lengths)), max(2.4, 1.2 + 0.5 * len(starts))
-    fig = _figure(1.6 + panel_w * cols, 0.9 + panel_h * nrows)
+    fig = figure(1.6 + panel_w * cols, 0.9 + panel_h * nrows)
     axes = fig.subplots(nrows, cols, squeeze=False).ravel()
     image = None
     for ax, n in zip(axes, loops):
@@ -286,7 +227,7 @@ def placement(d: Data, out: Path) -> Section:
     fig.suptitle(f"{d.name}: best val NLL per loop placement\n" +
                  ("no baseline yet" if base is None else f"baseline {base:.4f} nats/token = white, blue = better"),
                  fontsize=9)
-    sec.image = _save(fig, out, "placement.png")
+    sec.image = save(fig, out, "placement.png")
     sec.caption = ("Each cell is the best val NLL (nats/token) of the complete trials that loop layers "
                    "[loop_start, loop_start + length) n_loops times (inference loop count), with its difference "
                    "from the baseline below it; grey cells were not tried. "
@@ -305,7 +246,7 @@ def loop_scaling(d: Data, out: Path) -> Section:
     from matplotlib import colormaps
     from matplotlib.ticker import MaxNLocator
 
-    fig = _figure(10, 4.2)
+    fig = figure(10, 4.2)
     left, right = fig.subplots(1, 2, sharey=True)
     colours = colormaps["tab10"]
     markers = ["o", "s", "^", "D", "v", "P", "X"]
@@ -335,7 +276,7 @@ def loop_scaling(d: Data, out: Path) -> Section:
             left.plot([base["inference_flops_per_token"]], [base["val_nll"]], marker="o", color="black")
             left.annotate("baseline", (base["inference_flops_per_token"], base["val_nll"]), fontsize=7,
                           xytext=(4, 4), textcoords="offset points")
-    _flop_axis(left.xaxis, "inference compute per token")
+    flop_axis(left.xaxis, "inference compute per token")
     left.set_ylabel(NLL_LABEL)
     right.set_xlabel("loops executed (block applications per forward pass)")
     right.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -344,7 +285,7 @@ def loop_scaling(d: Data, out: Path) -> Section:
     left.legend(fontsize=7)
     fig.suptitle(f"{d.name}: val NLL vs inference compute (★ = the trained loop count; numbers = loop count)",
                  fontsize=9)
-    sec.image = _save(fig, out, "loop_scaling.png")
+    sec.image = save(fig, out, "loop_scaling.png")
     sec.caption = ("Val NLL (nats/token) of evaluated trials at each inference loop count, against the inference "
                    "FLOPs per token that ran (left) and the loops executed (right); dashed: with an exit criterion, "
                    "the loop count as a cap, and the right axis the mean loops that ran.")
@@ -368,7 +309,7 @@ def pareto(d: Data, out: Path) -> Section:
         sec.note = "No data: no complete trial has objective values yet."
         return sec
     front = {t.number for t in d.study.best_trials}
-    fig = _figure(6.5, 4.8)
+    fig = figure(6.5, 4.8)
     ax = fig.add_subplot()
     rest = [t for t in done if t.number not in front]
     best = sorted((t for t in done if t.number in front), key=lambda t: t.values[0])
@@ -388,7 +329,7 @@ def pareto(d: Data, out: Path) -> Section:
     ax.set_title(f"{d.name}: objectives of complete trials (numbers = trial)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    sec.image = _save(fig, out, "pareto_front.png")
+    sec.image = save(fig, out, "pareto_front.png")
     sec.caption = (f"Pareto front of {metrics[0]} and {metrics[1]}: {len(best)} of {len(done)} complete trials are "
                    f"not dominated." + (f" Only the first two of {len(metrics)} objectives are drawn."
                                         if len(metrics) > 2 else ""))
@@ -415,7 +356,7 @@ def importances(d: Data, out: Path) -> Section:
                     f"than one value.")
         return sec
     names = sorted(values, key=values.get)
-    fig = _figure(6.5, 1.2 + 0.35 * len(names))
+    fig = figure(6.5, 1.2 + 0.35 * len(names))
     ax = fig.add_subplot()
     ax.barh(names, [values[n] for n in names], color="tab:blue")
     for i, n in enumerate(names):
@@ -424,7 +365,7 @@ def importances(d: Data, out: Path) -> Section:
     ax.set_ylabel("searched parameter")
     ax.set_xlim(0, max(1.0, max(values.values()) * 1.15))
     ax.set_title(f"{d.name}: parameter importances over {len(done)} complete trials", fontsize=9)
-    sec.image = _save(fig, out, "importances.png")
+    sec.image = save(fig, out, "importances.png")
     sec.caption = (f"PED-ANOVA importances (optuna.importance, no extra dependencies): how much each searched "
                    f"parameter decides whether a trial lands in the best {quantile:.0%} of "
                    f"{OBJECTIVE_LABELS.get(metric, metric)}, as fractions summing to 1. The no-loop baseline has no "
@@ -437,8 +378,6 @@ def _importances(trials: list[FrozenTrial], directions, quantile: float) -> dict
     baseline, which has no parameters, would otherwise empty the common search space). fANOVA,
     Optuna's default, needs scikit-learn; PED-ANOVA needs nothing beyond Optuna and handles
     conditional (per-strategy) parameters."""
-    from optuna.importance import PedAnovaImportanceEvaluator
-
     tmp = optuna.create_study(directions=[x.name.lower() for x in directions])
     tmp.add_trials(trials)
     sign = -1.0 if directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1.0  # PED-ANOVA minimises
@@ -469,74 +408,11 @@ def leaderboard(d: Data) -> Section:
     return sec
 
 
-# ---- pages ---------------------------------------------------------------------------------------------
-CSS = """body{font-family:system-ui,-apple-system,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-h1{font-size:1.6em}h2{margin-top:1.8em;border-bottom:1px solid #ddd;padding-bottom:.2em}
-img{max-width:100%;border:1px solid #eee}figcaption,.caption{color:#555;font-size:.9em}
-.note{background:#fff8e1;border-left:4px solid #f0b400;padding:.5em .8em}
-table{border-collapse:collapse;font-size:.82em;margin:.6em 0}td,th{border:1px solid #ddd;padding:.2em .5em;text-align:right}
-th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}nav a{margin-right:1em}"""
-
-
-def _html_table(headers: list[str], rows: list[list[str]]) -> str:
-    esc = html.escape
-    head = "" if not any(headers) else "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in headers) + "</tr>"
-    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table>{head}{body}</table>"
-
-
-def _md_table(headers: list[str], rows: list[list[str]]) -> str:
-    cell = lambda c: str(c).replace("|", "\\|")  # noqa: E731
-    lines = ["| " + " | ".join(cell(h) for h in headers) + " |", "|" + "---|" * len(headers)]
-    return "\n".join(lines + ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows]) + "\n"
-
-
-def render_html(title: str, sections: list[Section]) -> str:
-    esc = html.escape
-    parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{esc(title)}</title>"
-             f"<style>{CSS}</style></head><body>", f"<h1>{esc(title)}</h1>",
-             f"<p class=\"caption\">generated {datetime.now():%Y-%m-%d %H:%M} by loopsearch; plots are the PNG files "
-             f"beside this page</p>",
-             "<nav>" + "".join(f"<a href=\"#{s.key}\">{esc(s.title)}</a>" for s in sections) + "</nav>"]
-    for s in sections:
-        parts.append(f"<section id=\"{s.key}\"><h2>{esc(s.title)}</h2>")
-        if s.image:
-            parts.append(f"<figure><img src=\"{esc(s.image)}\" alt=\"{esc(s.title)}\">"
-                         f"<figcaption>{esc(s.caption)}</figcaption></figure>")
-        elif s.caption:
-            parts.append(f"<p class=\"caption\">{esc(s.caption)}</p>")
-        if s.note:
-            parts.append(f"<p class=\"note\">{esc(s.note)}</p>")
-        if s.rows:
-            parts.append(_html_table(s.headers, s.rows))
-        parts.append("</section>")
-    return "\n".join(parts + ["</body></html>\n"])
-
-
-def render_md(title: str, sections: list[Section]) -> str:
-    parts = [f"# {title}\n", f"_generated {datetime.now():%Y-%m-%d %H:%M} by loopsearch_\n"]
-    for s in sections:
-        parts.append(f"## {s.title}\n")
-        if s.image:
-            parts.append(f"![{s.title}]({s.image})\n")
-        if s.caption:
-            parts.append(f"_{s.caption}_\n")
-        if s.note:
-            parts.append(f"> {s.note}\n")
-        if s.markdown:
-            parts.append(s.markdown)
-        elif s.rows:
-            parts.append(_md_table(s.headers, s.rows))
-    return "\n".join(parts)
-
-
 def arm_sections(d: Data, out: Path) -> list[Section]:
-    """A study of fixed arms: the paper's claims (arms with roles, loopsearch/repro.py) and the
-    budget sweep (several budget scales, loopsearch/sweep.py)."""
-    from . import repro, sweep
-
+    """A study of fixed arms: the paper's claims (arms with roles, loopsearch/results/claims.py) and
+    the budget sweep (several budget scales, loopsearch/results/sweep.py)."""
     space = d.spec.space
-    found = repro.sections(d, out) if repro.has_roles(d.spec) else []
+    found = claims.sections(d, out) if claims.has_roles(d.spec) else []
     if space.arms and len(space.budget_scales) > 1:
         found.append(sweep.section(d, out))
     return found
@@ -591,8 +467,6 @@ def comparison(names: list[str], storage: str | None = None) -> tuple[list[dict]
     """Per study: budget, corpus, backbone, vocab, baseline val NLL, the best trial and its
     difference from its own baseline (nats/token); and warnings where the studies' budgets,
     corpora, backbones or vocab sizes differ (their val NLLs are then not directly comparable)."""
-    from . import study as studies
-
     if len(names) < 2:
         raise LoopsearchError(f"compare needs at least two studies, got {len(names)}; for one study use "
                               f"`loopsearch leaderboard --study {names[0] if names else 'NAME'}`")
@@ -639,8 +513,6 @@ def comparison(names: list[str], storage: str | None = None) -> tuple[list[dict]
 
 
 def rich_comparison(rows: list[dict]):
-    from rich.table import Table
-
     table = Table(title="loopsearch compare: val NLL in nats/token (lower is better); Δ base = best - own baseline "
                         "(paired, 95% interval; a tie when it contains 0)", title_justify="left")
     for c in ("study", "space", "budget", "corpus", "backbone", "vocab", "trials", "baseline NLL", "best trial",

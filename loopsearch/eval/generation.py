@@ -8,10 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import checkpoint
-from .errors import LoopsearchError
-from .sampling import ModelRange, SampleResult, generate, make_init
-from .train import resolve_device
+from tokenizers import Tokenizer
+
+from .. import checkpoint
+from ..errors import LoopsearchError
+from ..sampling import ModelRange, SampleResult, generate, make_init
+from ..train import resolve_device
 
 
 @dataclass
@@ -25,8 +27,6 @@ class Loaded:
         return self.config.train.seq_len
 
     def tokenizer(self):
-        from tokenizers import Tokenizer
-
         return Tokenizer.from_str(self.tokenizer_json)
 
     def encode(self, text: str) -> list[int]:

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import SpecError
-from .looping import check_block
-from .registry import Registry, get_registry
-from .spec import Dist, FloatRange, IntRange, SearchSpace, StudyRecipe, load_toml, validate
+from ..errors import SpecError
+from ..looping import check_block
+from ..registry import Registry, get_registry
+from ..spec import Dist, FloatRange, IntRange, SearchSpace, StudyRecipe, TrainConfig, load_toml, validate
 
 BASELINE_ATTR = "loopsearch.baseline"
 
@@ -87,8 +87,6 @@ def check_space(space: SearchSpace, backbone_name: str, backbone_params: dict, s
         _check_params(strategy.Params, space.strategy.get(name, {}), f"{source}: [strategy.{name}]")
     backbone = reg.get("backbone", backbone_name)
     _check_params(backbone.Params, space.backbone, f"{source}: [backbone]", backbone_params)
-    from .spec import TrainConfig
-
     _check_params(TrainConfig, space.train, f"{source}: [train]")
     if space.block is None:
         return
@@ -107,8 +105,6 @@ def check_space(space: SearchSpace, backbone_name: str, backbone_params: dict, s
 
 
 def _check_arms(space: SearchSpace, backbone_name: str, backbone_params: dict, source: str, reg: Registry) -> None:
-    from .spec import TrainConfig
-
     backbone = reg.get("backbone", backbone_name)
     for name, arm in space.arms.items():
         where = f"{source}: [arms.{name}]"

@@ -21,12 +21,15 @@ from pathlib import Path
 
 import optuna
 import polars as pl
+from rich.table import Table
 
-from .errors import LoopsearchError
-from .space import BASELINE_ATTR
-from .storage import open_storage
-
-SURPLUS_ATTR = "loopsearch.surplus"  # a trial a worker did not run: the study's limit was reached (workers.py)
+from ..errors import LoopsearchError, StudyNotFoundError
+from ..eval import loop_scaling, metrics
+from ..search.space import BASELINE_ATTR
+from ..search.storage import mask, open_storage, storage_url
+from ..search.study import CONFIRM_OF_ATTR
+from ..search.workers import SURPLUS_ATTR
+from ..stats import Interval, mean_interval, paired_window_interval, tie_words
 
 FORMATS = ("table", "csv", "json", "markdown", "parquet")
 
@@ -117,8 +120,6 @@ def seed_values(t: optuna.trial.FrozenTrial) -> dict[int, dict]:
 def value_interval(seeds: dict[int, dict]):
     """The mean val NLL over seeds with its interval: over seeds (t, n - 1 df) with 2+ seeds,
     else the one validation's Monte-Carlo error (normal)."""
-    from .stats import Interval, mean_interval
-
     if len(seeds) >= 2:
         return mean_interval([v["val_nll"] for v in seeds.values()])
     (v,) = seeds.values()
@@ -128,8 +129,6 @@ def value_interval(seeds: dict[int, dict]):
 def paired_delta(rows: dict[int, dict], base: dict[int, dict]):
     """(interval of rows - base, basis): paired over common seeds (2+), or on the same windows
     and masks (1 common seed, equal eval keys), else unpaired."""
-    from .stats import Interval, mean_interval, paired_window_interval
-
     common = sorted(set(rows) & set(base))
     if len(common) >= 2:
         return mean_interval([rows[s]["val_nll"] - base[s]["val_nll"] for s in common]), f"{len(common)} seeds"
@@ -145,23 +144,16 @@ def paired_delta(rows: dict[int, dict], base: dict[int, dict]):
 
 
 def frame(storage: str | None = None, studies: list[str] | None = None) -> pl.DataFrame:
-    from .study import CONFIRM_OF_ATTR
-
     store = open_storage(storage)
     available = [s.study_name for s in optuna.get_all_study_summaries(store, include_best_trial=False)]
     names = studies or available
     missing = [n for n in names if n not in available]
     if missing:
-        from .errors import StudyNotFoundError
-        from .storage import mask, storage_url
-
         raise StudyNotFoundError(missing[0], available, mask(storage_url(storage)))
     rows = []
     for name in names:
-        from .metrics import stored
-
         study = optuna.load_study(study_name=name, storage=store)
-        evaluated = stored(study)
+        evaluated = metrics.stored(study)
         trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get(SURPLUS_ATTR)]
         retried_as = {t.system_attrs["retry_history"][-1]: t.number for t in trials if t.system_attrs.get("retry_history")}
         confirms: dict[int, list] = {}
@@ -185,8 +177,6 @@ def frame(storage: str | None = None, studies: list[str] | None = None) -> pl.Da
 def _add_intervals(rows: list[dict], trials: list, seeds: dict[int, dict], any_confirms: bool) -> None:
     """Fill each row's val NLL interval and its paired difference from the baseline trained at
     the same budget (arms: the baseline arm's trials at that budget, by seed)."""
-    from .stats import tie_words
-
     base_by_budget: dict[float, dict[int, dict]] = {}
     for row, t in zip(rows, trials):
         if row["baseline_arm"] and seeds[t.number]:
@@ -221,15 +211,13 @@ SCALING_SCHEMA = {
 def scaling_frame(storage: str | None = None, studies: list[str] | None = None) -> pl.DataFrame:
     """One row per (trial, loop count, exit criterion) evaluated by `loopsearch eval`: ``n_loops``
     is the loop count (the cap, with an exit criterion), ``mean_loops`` what ran on average."""
-    from .evaluate import stored
-
     store = open_storage(storage)
     names = studies or [s.study_name for s in optuna.get_all_study_summaries(store, include_best_trial=False)]
     rows = []
     for name in names:
         study = optuna.load_study(study_name=name, storage=store)
         attrs = {t.number: t.user_attrs for t in study.get_trials(deepcopy=False)}
-        for number, evals in sorted(stored(study).items()):
+        for number, evals in sorted(loop_scaling.stored(study).items()):
             a = attrs.get(number, {})
             rows += [{"study": name, "trial": number, "strategy": a.get("strategy"), "loop_start": a.get("loop_start"),
                       "loop_end": a.get("loop_end"), "exit": "none", "mean_loops": float(r["n_loops"]),  # older rows
@@ -335,8 +323,6 @@ def markdown(df: pl.DataFrame) -> str:
 
 
 def rich_scaling_table(df: pl.DataFrame):
-    from rich.table import Table
-
     table = Table(title="inference loop scaling: val NLL (nats/token) and inference FLOPs/token per loop count "
                         "(the cap, with an exit criterion; mean loops = what ran)",
                   title_justify="left")
@@ -353,8 +339,6 @@ def rich_scaling_table(df: pl.DataFrame):
 
 def rich_table(df: pl.DataFrame, title: str | None = None):
     """A compact terminal table: the block as [start,end), study and note columns only when useful."""
-    from rich.table import Table
-
     cols = ["trial", "state", "strategy", "block", "n_loops", "n_layer", "params", "train_flops",
             "inference_flops_per_token", "seeds", "val NLL ± se", "Δ baseline [95% CI]", "vs baseline"]
     if df["study"].n_unique() > 1:

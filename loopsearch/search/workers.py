@@ -40,21 +40,25 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import optuna
+import torch
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from . import interrupt
-from .errors import LoopsearchError
-from .leaderboard import SURPLUS_ATTR
-from .study import CONFIRM_OF_ATTR
+from .. import checkpoint, interrupt
+from ..errors import LoopsearchError
+from ..resume import Checkpointer
+from ..spec import TrialConfig
+from ..train import train
 from .storage import journal_path, mask, open_storage, sqlite_path, storage_url
-from .study import FINISHED, Objective, counted, ensure_baseline, load, make_pruner, make_sampler, trial_budget
+from .study import (CONFIRM_OF_ATTR, FINISHED, Objective, counted, ensure_baseline, load, make_pruner, make_sampler,
+                    trial_budget, trial_line)
 
 LEASE_ATTR = "loopsearch.lease"
+SURPLUS_ATTR = "loopsearch.surplus"  # a trial a worker did not run: the study's limit was reached (results leave it out)
 MAX_RETRY = 3  # retries of a trial whose worker died
 MAX_FAILURES = 3  # a worker stops after this many failed trials in a row
 DEFAULT_HEARTBEAT = 30  # seconds between heartbeats / lease renewals
@@ -224,6 +228,17 @@ def claim(study: optuna.Study, trial: optuna.Trial, limits: Limits) -> None:
 
 
 # ---- one worker -----------------------------------------------------------------------------------------
+def run(name: str, storage: str | None = None, n_trials: int | None = None, timeout: float | None = None,
+        progress: bool = True, callback: Callable[[optuna.Study, FrozenTrial], None] | None = None,
+        **options: Any) -> int:
+    """Run trials of a stored study in this process. Without ``n_trials``, run until the study
+    has the spec's ``n_trials`` finished (complete or pruned) trials, counted in the storage, so
+    an interrupted run continues where it stopped and several workers share one target; with
+    it, until n_trials more have finished. ``options``: see ``work`` (study budget, heartbeat,
+    device, checkpoint interval, ...). Returns how many trials this call ran."""
+    return work(name, storage, n_trials=n_trials, timeout=timeout, progress=progress, callback=callback, **options)
+
+
 def work(name: str, storage: str | None = None, *, n_trials: int | None = None, until: int | None = None,
          timeout: float | None = None, progress: bool = True,
          callback: Callable[[optuna.Study, FrozenTrial], None] | None = None, study_budget: float | None = None,
@@ -308,7 +323,6 @@ def _loop(study, guarded, callbacks, last, limits, grace, deadline, timeout, nam
 def init_distributed() -> tuple[int, int]:
     """Join the torchrun group when this process was started by torchrun (WORLD_SIZE > 1):
     NCCL on GPUs (one per rank, LOCAL_RANK), gloo on CPU. Returns (rank, world size)."""
-    import torch
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -334,7 +348,6 @@ def close_distributed() -> None:
 
 def share(message: dict | None) -> dict | None:
     """Broadcast a JSON message from rank 0 to every rank (no pickle); ranks > 0 pass None."""
-    import torch
     import torch.distributed as dist
 
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -355,13 +368,6 @@ def follow(spec, device: str | None = None, checkpoint_every: float | None = Non
     """Ranks > 0 of a torchrun group: train every trial rank 0 announces, on this rank's shard of
     each global batch, stop when rank 0 prunes it, until rank 0 says the run is over. Returns the
     number of trials trained."""
-    import torch
-
-    from . import checkpoint
-    from .resume import Checkpointer
-    from .spec import TrialConfig
-    from .train import train
-
     objective, trained = Objective(spec, progress=False, device=device, checkpoint_every=checkpoint_every), 0
     while (message := share(None)) is not None:
         config = TrialConfig.model_validate(message["config"])
@@ -398,8 +404,6 @@ def worker_threads(workers: int) -> int:
 
 
 def visible_gpus() -> list[str]:
-    import torch
-
     if not torch.cuda.is_available():
         return []
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -451,10 +455,8 @@ def from_journal(name: str, journal_url: str, sqlite_url: str) -> None:
 def run_to_target(name: str, storage: str | None, workers: int, progress: bool, say: Callable[[str], None]) -> None:
     """Run a study to its target in this process (a line per finished trial) or in ``workers``
     processes; a worker that fails is an error (``repro`` and ``sweep`` need every arm)."""
-    from . import study as studies
-
     if workers <= 1:
-        studies.run(name, storage, progress=progress, say=say, callback=lambda st, t: say(studies.trial_line(t)))
+        run(name, storage, progress=progress, say=say, callback=lambda st, t: say(trial_line(t)))
         return
     codes = spawn(name, storage, workers, say=say)
     if any(codes):

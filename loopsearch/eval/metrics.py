@@ -2,10 +2,10 @@
 what a study can optimise (``[objective] metrics``).
 
 - ``gen_ppl``: unconditional samples (loopsearch/sampling.py) scored by the study's reference
-  causal LM (loopsearch/reference.py), always with the samples' unigram entropy beside it (low-
+  causal LM (loopsearch/eval/reference.py), always with the samples' unigram entropy beside it (low-
   entropy samples game gen-PPL) and what generation cost in FLOPs.
 - ``zeroshot``: the ELBO bound on a held-out text file (WikiText-2, LAMBADA, PTB), in nats/token
-  and bits per byte (loopsearch/zeroshot.py).
+  and bits per byte (loopsearch/eval/zeroshot.py).
 - ``task``: exact-match accuracy on a reasoning task by conditional sampling (loopsearch/tasks.py).
 
 Results are stored with the trial in the study (``loopsearch.metrics.<trial>``, plain JSON),
@@ -21,9 +21,18 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from rich.table import Table
 
-from .errors import LoopsearchError
+from ..data import prepare
+from ..errors import LoopsearchError
+from ..registry import get_registry
+from ..sampling import parse_loop_schedule
+from ..spec import validate
+from ..tasks import evaluate_task, get_task
 from .generation import Loaded, load_trial, sample_trial
+from .reference import (ReferenceConfig, check_tokenizer, load_reference, reference_dir, save_reference, score_samples,
+                        train_reference)
+from .zeroshot import read_eval_text, zeroshot_nll
 
 METRIC_ATTR = "loopsearch.metrics."
 EVALUATE_METRICS = ("genppl", "zeroshot", "task")
@@ -31,8 +40,6 @@ EVALUATE_METRICS = ("genppl", "zeroshot", "task")
 
 # ---- the reference LM of a study ------------------------------------------------------------------
 def reference_path(spec) -> Path:
-    from .reference import reference_dir
-
     return reference_dir(spec.artifacts_dir, spec.name)
 
 
@@ -48,11 +55,6 @@ def ensure_reference(spec, params: dict | None = None, progress: bool = True) ->
 
 
 def train_reference_for(spec, params: dict | None, progress: bool, path: Path | None = None) -> dict[str, Any]:
-    from .data import prepare
-    from .reference import ReferenceConfig, save_reference, train_reference
-    from .registry import get_registry
-    from .spec import validate
-
     path = path or reference_path(spec)
     config = validate(ReferenceConfig, params or {}, "reference LM parameters")
     corpus_cls = get_registry().get("corpus", spec.corpus.name)
@@ -69,8 +71,6 @@ def train_reference_for(spec, params: dict | None, progress: bool, path: Path | 
 
 # ---- metrics -------------------------------------------------------------------------------------
 def sampler_settings(sampler: str, params: dict | None, steps: int | None, loops, exit, seed: int) -> dict[str, Any]:
-    from .sampling import parse_loop_schedule
-
     label = parse_loop_schedule(loops).label()
     return {"sampler": sampler, "sampler_params": dict(params or {}), "steps": steps, "loops": label,
             "exit": None if exit is None else exit[0] + "".join(f",{k}={v}" for k, v in sorted(exit[1].items())),
@@ -81,8 +81,6 @@ def gen_ppl_metric(loaded: Loaded, reference: str | Path, *, sampler: str = "con
                    steps: int | None = None, n_samples: int = 16, seed: int = 0, loops=None,
                    exit: tuple[str, dict] | None = None) -> dict[str, Any]:
     """gen-PPL and unigram entropy of ``n_samples`` unconditional samples, and their cost."""
-    from .reference import check_tokenizer, load_reference, score_samples
-
     ref_model, _, ref_tok, _ = load_reference(reference)
     check_tokenizer(ref_tok, loaded.tokenizer_json, loaded.config.study)
     result, _ = sample_trial(loaded, n=n_samples, sampler=sampler, steps=steps, seed=seed, params=params,
@@ -103,8 +101,6 @@ def cost_fields(cost) -> dict[str, Any]:
 def zeroshot_metric(loaded: Loaded, path: str | Path, *, sequences: int | None = 64, seed: int = 0,
                     device: str | None = None) -> dict[str, Any]:
     """The ELBO bound on a text file: nats/token, perplexity bound and bits per byte."""
-    from .zeroshot import read_eval_text, zeroshot_nll
-
     cfg = loaded.config.train
     text = read_eval_text(path)
     row = zeroshot_nll(loaded.model, loaded.tokenizer_json, text, seq_len=cfg.seq_len, n_sequences=sequences,
@@ -116,8 +112,6 @@ def task_metric(loaded: Loaded, task: str = "addition", task_params: dict | None
                 sampler: str = "confidence", params: dict | None = None, steps: int | None = None, seed: int = 0,
                 loops=None, exit: tuple[str, dict] | None = None) -> dict[str, Any]:
     """Exact-match accuracy on the first ``n`` problems of the task's test split."""
-    from .tasks import evaluate_task, get_task
-
     problems = get_task(task, task_params or {}).problems("test")[:n]
     row = evaluate_task(loaded.model, loaded.tokenizer_json, problems, seq_len=loaded.seq_len, sampler=sampler,
                         steps=steps, seed=seed, sampler_params=params, loops=loops, exit=exit)
@@ -188,8 +182,6 @@ COLUMNS = {  # key -> (header, format)
 
 
 def rich_table(rows: list[dict[str, Any]], title: str):
-    from rich.table import Table
-
     cols = [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]
     table = Table(title=f"{title}: metrics (≤: an upper bound, the ELBO)", title_justify="left")
     for c in cols:

@@ -1,4 +1,4 @@
-"""The paper's experiment in one command: ``loopsearch repro``.
+"""LoopMDM's claims beside what a study measured: the analysis half of ``loopsearch repro``.
 
 LoopMDM (arXiv 2605.26106) claims, for a masked diffusion LM whose early-middle layers are looped:
 
@@ -8,13 +8,12 @@ LoopMDM (arXiv 2605.26106) claims, for a masked diffusion LM whose early-middle 
 4. more loops at inference help (the loop count trades compute for quality);
 5. looping raises the attention that masked positions pay to each other.
 
-``run`` creates the study of the ``loopmdm_repro`` recipe (arms of ``search_spaces/
-loopmdm_repro.toml``: baseline, early-middle looped, late looped, deeper non-looped, each at the
-same training-FLOP budget), trains the arms, evaluates the looped arms at several inference loop
-counts, the zero-shot bounds of every arm on WikiText-2 and LAMBADA, the attention analysis of
-the early-middle arm, and writes the report, whose first section (``sections``) puts each claim
-beside what was measured and says whether this small-scale run agrees. Every step is stored
-with the study and skipped when already done, so an interrupted ``repro`` continues.
+A study of arms with roles (``search_spaces/loopmdm_repro.toml``: baseline, early-middle looped,
+late looped, deeper non-looped, each at the same training-FLOP budget) is read here from storage:
+the trials of each role, the loop-scaling rows, zero-shot bounds and attention shares stored with
+them (loopsearch/experiments/repro.py runs those), and ``sections`` puts each claim beside what
+was measured for the report (loopsearch/results/report.py), saying whether this small-scale run
+agrees.
 
 Verdicts respect the noise (loopsearch/stats.py): a claim "agrees" only when the 95% interval
 of its effect excludes 0 in the claimed direction, "disagrees" when it excludes 0 the other
@@ -32,14 +31,15 @@ import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from . import stats
-from .errors import LoopsearchError
-from .stats import Interval
+from .. import stats
+from ..eval import loop_scaling, metrics
+from ..stats import Interval
+from .page import Section
 
 ATTENTION_ATTR = "loopsearch.attention."
 ROLES = ("baseline", "early_looped", "late_looped", "deeper")
@@ -77,118 +77,6 @@ def one_per_role(trials: dict[str, list[FrozenTrial]]) -> dict[str, FrozenTrial]
 
 def has_roles(spec) -> bool:
     return any(arm.role for arm in spec.space.arms.values())
-
-
-# ---- running ---------------------------------------------------------------------------------------------
-def run(name: str = "loopmdm_repro", recipe: str = "loopmdm_repro", *, data: str | Path | None = None,
-        budget: str | None = None, corpus: dict | None = None, storage: str | None = None, workers: int = 1,
-        output: str | Path | None = None, fmt: str = "html", progress: bool = True, device: str = "auto",
-        seeds: int | None = None, say: Callable[[str], None] = print):
-    """Create (if needed) and run the repro study, then every evaluation the claims need, then
-    the report. ``seeds`` (default: the space's) trains every arm that many times, paired by
-    seed, so the claims get intervals over seeds. Returns the written ``report.Report``."""
-    from . import report
-    from . import study as studies
-    from .data import shared_data_dir
-
-    root = shared_data_dir(data)
-    if name not in studies.study_names(storage):
-        spec = make_spec(name, recipe, budget, corpus, seeds)
-        studies.create(spec, storage)
-        say(f"created study {name!r}: {len(spec.space.arms)} arms x {spec.space.seeds} seed(s) at "
-            f"{spec.budget:.3g} training FLOPs each")
-    elif budget is not None or corpus is not None:
-        raise LoopsearchError(f"study {name!r} exists; --budget/--corpus apply to a new one (pick another --name)")
-    elif seeds is not None and seeds != (have := studies.load(name, storage)[1].space.seeds):
-        raise LoopsearchError(f"study {name!r} exists with {have} seed(s); --seeds applies to a new one "
-                              f"(pick another --name)")
-    from .workers import run_to_target
-
-    run_to_target(name, storage, workers, progress, say)
-    study, spec = studies.load(name, storage)
-    trials = role_trials(study, spec)
-    missing = [r for r in ROLES if r not in trials and any(a.role == r for a in spec.space.arms.values())]
-    if missing:
-        raise LoopsearchError(f"study {name!r}: the arms {missing} did not finish (see `loopsearch leaderboard "
-                              f"--study {name}`); run `loopsearch repro --name {name}` again")
-    one = one_per_role(trials)
-    loop_scaling(study, one, device, say)
-    zero_shot(study, one, root, device, say)
-    attention(study, trials, device, say)
-    rep = report.write(name, output, fmt, storage)
-    say(f"report: {rep.page}")
-    return rep
-
-
-def make_spec(name: str, recipe: str, budget: str | None = None, corpus: dict | None = None,
-              seeds: int | None = None):
-    """The study spec of a recipe with command-line overrides; ``seeds`` replaces the space's."""
-    from . import study as studies
-    from .spec import validate
-
-    spec = studies.spec_from_options(name, None, recipe, budget, corpus, None, None, None)
-    if seeds is None or seeds == spec.space.seeds:
-        return spec
-    if seeds < 1:
-        raise LoopsearchError(f"--seeds must be >= 1, got {seeds}")
-    space = validate(type(spec.space), {**spec.space.model_dump(), "seeds": seeds}, f"space {spec.space.name!r}")
-    if "seeds" in type(spec).model_fields:  # a recipe-level seeds would override the space's
-        spec = spec.model_copy(update={"seeds": seeds})
-    return studies.make_spec(spec, name, space)
-
-
-def loop_scaling(study: optuna.Study, trials: dict[str, FrozenTrial], device: str, say) -> None:
-    """Val NLL of each looped arm at 1 .. 2x its trained loop count (``loopsearch eval``)."""
-    from . import evaluate
-
-    done = evaluate.stored(study)
-    for role in ("early_looped", "late_looped"):
-        t = trials.get(role)
-        if t is None or t.number in done:
-            continue
-        n = int(t.user_attrs["n_loops"])
-        loops = sorted({1, *range(1, n + 1), n + 1, 2 * n})
-        say(f"loop scaling of trial {t.number} ({role}) at {loops} loops")
-        directory = evaluate.trial_checkpoint(study, t.number)
-        evaluate.store(study, t.number, directory, evaluate.loop_scaling(directory, loops, device))
-
-
-def zero_shot(study: optuna.Study, trials: dict[str, FrozenTrial], root: Path | None, device: str, say) -> None:
-    """The zero-shot ELBO bound of every arm on WikiText-2 test and LAMBADA (when present)."""
-    from . import evaluate, generation, metrics
-
-    files = {label: root / rel for label, rel in ZEROSHOT.items()} if root else {}
-    files = {label: path for label, path in files.items() if path.is_file()}
-    if not files:
-        say(f"zero-shot skipped: no {', '.join(ZEROSHOT.values())} under {root or 'a shared data folder'} "
-            f"(pass --data DIR)")
-        return
-    stored = metrics.stored(study)
-    for role, t in trials.items():
-        have = {r.get("data") for r in stored.get(t.number, []) if r.get("metric") == "zeroshot"}
-        todo = {label: p for label, p in files.items() if str(p) not in have}
-        if not todo:
-            continue
-        loaded = generation.load_trial(evaluate.trial_checkpoint(study, t.number), device)
-        for label, path in todo.items():
-            say(f"zero-shot {label} for trial {t.number} ({role})")
-            metrics.store(study, t.number, metrics.zeroshot_metric(loaded, path, sequences=64))
-
-
-def attention(study: optuna.Study, trials: dict[str, list[FrozenTrial]], device: str, say) -> None:
-    """Attention shares of the early-middle arm, every seed (the claim's interval is over seeds),
-    and of the baseline's first seed, for reference."""
-    from . import analysis, evaluate
-
-    todo = [("early_looped", t) for t in trials.get("early_looped", [])]
-    todo += [("baseline", t) for t in trials.get("baseline", [])[:1]]
-    for role, t in todo:
-        stored = study.user_attrs.get(f"{ATTENTION_ATTR}{t.number}")
-        if stored and all("self" in r for r in stored):  # rows without "self" counted it as mask->mask: redo
-            continue
-        say(f"attention analysis of trial {t.number} ({role})")
-        rows = analysis.trial_attention_shares(evaluate.trial_checkpoint(study, t.number), RATES, device=device)
-        study.set_user_attr(f"{ATTENTION_ATTR}{t.number}", rows)
 
 
 # ---- the measurements behind the claims ---------------------------------------------------------------------
@@ -315,11 +203,9 @@ def flop_rows(trials: dict[str, list[FrozenTrial]]) -> list[dict[str, Any]]:
 
 
 def scaling_rows(study: optuna.Study, t: FrozenTrial | None) -> list[dict[str, Any]]:
-    from . import evaluate
-
     if t is None:
         return []
-    return [r for r in evaluate.stored(study).get(t.number, []) if r.get("exit", "none") == "none"]
+    return [r for r in loop_scaling.stored(study).get(t.number, []) if r.get("exit", "none") == "none"]
 
 
 def loop_effect(t: FrozenTrial, worse: dict[str, Any], better: dict[str, Any]) -> Effect:
@@ -358,8 +244,6 @@ def attention_change(study: optuna.Study, t: FrozenTrial | None) -> dict[str, fl
 
 
 def zeroshot_rows(study: optuna.Study, trials: dict[str, FrozenTrial]) -> list[dict[str, Any]]:
-    from . import metrics
-
     stored = metrics.stored(study)
     out = []
     for role in ROLES:
@@ -464,8 +348,6 @@ def claims(study: optuna.Study, trials: dict[str, list[FrozenTrial]]) -> list[di
 def sections(d, out: Path) -> list:
     """The report's "paper's claims vs measured" sections (a table each; the learning curves
     and the loop-scaling plot are the report's own sections)."""
-    from .report import Section
-
     trials = role_trials(d.study, d.spec)
     sec = Section("claims", "LoopMDM's claims vs this study")
     if "baseline" not in trials:

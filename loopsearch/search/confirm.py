@@ -18,11 +18,12 @@ from typing import Callable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from . import interrupt
-from .errors import LoopsearchError
+from .. import interrupt
+from ..errors import LoopsearchError
+from ..units import format_flops
 from .space import BASELINE_ATTR
 from .study import CONFIRM_OF_ATTR, CONFIRM_SEEDS_ATTR, Objective, load, trial_line
-from .units import format_flops
+from .workers import flops_spent
 
 
 def used_offsets(trials: list[FrozenTrial], number: int) -> set[int]:
@@ -78,8 +79,6 @@ def confirm(name: str, storage: str | None = None, *, top: int = 3, seeds: int =
             study_budget: float | None = None, progress: bool = True,
             say: Callable[[str], None] = print) -> list[int]:
     """Queue and run the confirmation trials; returns the numbers of the trials confirmed."""
-    from .workers import flops_spent
-
     if top < 1 or seeds < 1:
         raise LoopsearchError(f"--top and --seeds must be >= 1, got {top} and {seeds}")
     study, spec = load(name, storage)

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 
 import optuna
+from optuna.storages.journal import JournalFileBackend
 
-from .errors import StorageError
+from ..errors import StorageError
 
 ENV = "LOOPSEARCH_STORAGE"
 DEFAULT = "sqlite:///loopsearch.db"
@@ -63,12 +65,10 @@ def open_storage(url: str | None = None, heartbeat: tuple[int, int] | None = Non
                  on_stale=None) -> optuna.storages.BaseStorage:
     """Open a storage. ``heartbeat=(interval_s, grace_s)`` turns on Optuna's heartbeat for RDB
     storages (a running trial silent for grace_s is failed, and ``on_stale`` called on it);
-    journal stores get loopsearch's lease instead (loopsearch/workers.py)."""
+    journal stores get loopsearch's lease instead (loopsearch/search/workers.py)."""
     url = storage_url(url)
     try:
         if url.startswith("journal:"):
-            from optuna.storages.journal import JournalFileBackend
-
             path = url[len("journal:"):]
             parent = Path(path).parent
             if not parent.is_dir() or not os.access(parent, os.W_OK):
@@ -77,8 +77,6 @@ def open_storage(url: str | None = None, heartbeat: tuple[int, int] | None = Non
             return optuna.storages.JournalStorage(JournalFileBackend(path))  # file lock: safe for many processes
         _check_sqlite_path(url)
         if heartbeat is not None:
-            import warnings
-
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat[0], grace_period=heartbeat[1],

@@ -16,19 +16,25 @@ from pathlib import Path
 from typing import Any, Callable
 
 import optuna
+import torch
 from optuna.trial import TrialState
 from pydantic import ValidationError
 
-from . import checkpoint
-from .data import prepare
-from .errors import BudgetError, LoopsearchError, SpecError, StudyNotFoundError
-from .registry import get_registry
-from .space import BASELINE, BASELINE_ATTR, Choice, check_space, load_space, suggest
-from .spec import MULTI_OBJECTIVE_SAMPLERS, SearchSpace, StudyRecipe, StudySpec, TrialConfig, TrainConfig, validate
+from .. import checkpoint
+from ..data import prepare
+from ..errors import BudgetError, LoopsearchError, SpecError, StudyNotFoundError
+from ..eval import metrics
+from ..eval.reference import ReferenceConfig
+from ..registry import get_registry
+from ..resume import Checkpointer
+from ..sampling import get_sampler, parse_loop_schedule
+from ..spec import MULTI_OBJECTIVE_SAMPLERS, SearchSpace, StudyRecipe, StudySpec, TrialConfig, TrainConfig, validate
+from ..stats import mean_interval
+from ..tasks import get_task
+from ..train import TrainResult, distributed, plan_steps, train
+from ..units import format_flops
+from .space import BASELINE, BASELINE_ATTR, Choice, check_space, load_recipe, load_space, suggest
 from .storage import mask, open_storage, storage_url
-from .resume import Checkpointer
-from .train import TrainResult, plan_steps, train
-from .units import format_flops
 
 SPEC_ATTR = "loopsearch.spec"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -83,23 +89,17 @@ def check_objective(spec: StudySpec) -> None:
     if obj.multi and spec.sampler not in MULTI_OBJECTIVE_SAMPLERS:
         raise SpecError(f"study {spec.name!r}: sampler {spec.sampler!r} cannot optimise several objectives "
                         f"{obj.metrics}; use sampler \"auto\" (NSGA-II) or one of {', '.join(MULTI_OBJECTIVE_SAMPLERS[1:])}")
-    from .sampling import get_sampler, parse_loop_schedule
-
     where = f"study {spec.name!r}: [objective]"
     if {"gen_ppl", "task_accuracy"} & set(obj.metrics):
         get_sampler(obj.sampler.name, obj.sampler.params)
         if obj.loops:
             parse_loop_schedule(obj.loops)
     if "task_accuracy" in obj.metrics:
-        from .tasks import get_task
-
         get_task(obj.task.name, obj.task.params)
     if "zeroshot_nll" in obj.metrics and not Path(obj.zeroshot).is_file():
         raise SpecError(f"{where} zeroshot = {obj.zeroshot!r} is not a file; give the path of a text file "
                         f"(e.g. ../shared/data/wikitext-2/wiki.test.raw)")
     if "gen_ppl" in obj.metrics:
-        from .reference import ReferenceConfig
-
         validate(ReferenceConfig, obj.reference, f"{where} reference")
     if spec.pruner != "none" and obj.metrics != ["val_nll"]:
         raise SpecError(f"{where} pruner {spec.pruner!r} compares val NLL during training, but the objective is "
@@ -148,8 +148,6 @@ def trial_config(spec: StudySpec, number: int, choice: Choice) -> TrialConfig:
 
 def meta_model(config: TrialConfig, vocab_size: int | None = None):
     """The model a config describes, without weights (for FLOP planning)."""
-    import torch
-
     with torch.device("meta"):
         return checkpoint.build_model(config, vocab_size or config.vocab_size)
 
@@ -298,8 +296,6 @@ def combine(rows: list[dict[str, Any]]) -> dict[str, Any]:
     of the per-window validation values: every seed is scored on the same masks), its Monte-Carlo
     standard error, the seeds' interval (t, n - 1 degrees of freedom), and the FLOPs of all seeds
     (what the trial cost). Other results are the first seed's."""
-    from .stats import mean_interval
-
     first = dict(rows[0]["attrs"])
     values = [r["val_nll"] for r in rows]
     ci = mean_interval(values)
@@ -323,7 +319,7 @@ class Objective:
     ``device`` and ``checkpoint_every`` (FLOPs) override the spec's [train] settings for this
     process; they change where and how safely a trial runs, not what it computes. ``share``
     (data parallel, rank 0 of a torchrun group) sends each trial's config and every pruning
-    decision to the other ranks (loopsearch/workers.py: follow)."""
+    decision to the other ranks (loopsearch/search/workers.py: follow)."""
 
     def __init__(self, spec: StudySpec, progress: bool = True, device: str | None = None,
                  checkpoint_every: float | None = None, share: Callable[[dict | None], Any] | None = None):
@@ -379,8 +375,6 @@ class Objective:
                    replicate: bool) -> dict[str, Any]:
         """Build and train one seed of the trial's configuration; save its checkpoint. Only the
         first seed reports to the pruner (the others would repeat its steps)."""
-        import torch
-
         choice = dataclasses.replace(choice, seed_offset=offset)
         config = trial_config(self.spec, trial.number, choice)
         if self.overrides:
@@ -452,8 +446,6 @@ class Objective:
         """The trial's training-state directory: its own, or (a retry of a trial whose worker died)
         the one it inherited, whose newest checkpoint training resumes from. ``suffix``: a further
         seed of the trial (``-seedK``), beside the first seed's directory."""
-        from .train import distributed
-
         directory = trial.user_attrs.get(RESUME_ATTR)
         if directory is None:
             directory = str((Path(self.spec.artifacts_dir) / self.spec.name / f"trial-{trial.number:04d}"
@@ -474,7 +466,7 @@ class Objective:
     def objective_values(self, trial: optuna.Trial, directory: Path, val_nll: float,
                          results: dict[str, Any] | None = None) -> float | tuple[float, ...]:
         """The study's objectives for a trained trial; metrics beyond val NLL are measured on
-        the checkpoint (loopsearch/metrics.py) and stored with the trial. ``inference_flops``
+        the checkpoint (loopsearch/eval/metrics.py) and stored with the trial. ``inference_flops``
         is what the final validation executed, per token."""
         obj = self.spec.objective
         values = []
@@ -485,8 +477,6 @@ class Objective:
             if metric == "inference_flops":
                 values.append((results or trial.user_attrs)["inference_flops_per_token"])
                 continue
-            from . import metrics
-
             row = metrics.objective_metric(metric, directory, self.spec)
             for key, value in row.items():
                 trial.set_user_attr(key, value)
@@ -579,26 +569,10 @@ def trial_line(trial: optuna.trial.FrozenTrial) -> str:
     return f"trial {trial.number} {trial.state.name.lower()}: {what} {nll}{resumed}"
 
 
-# ---- running -------------------------------------------------------------------------------------------
-def run(name: str, storage: str | None = None, n_trials: int | None = None, timeout: float | None = None,
-        progress: bool = True, callback: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
-        **options: Any) -> int:
-    """Run trials of a stored study in this process. Without ``n_trials``, run until the study
-    has the spec's ``n_trials`` finished (complete or pruned) trials, counted in the storage, so
-    an interrupted run continues where it stopped and several workers share one target; with
-    it, until n_trials more have finished. ``options``: see ``loopsearch.workers.work`` (study
-    budget, heartbeat, device, checkpoint interval, ...). Returns how many trials this call ran."""
-    from .workers import work
-
-    return work(name, storage, n_trials=n_trials, timeout=timeout, progress=progress, callback=callback, **options)
-
-
 def spec_from_options(name: str, space: str | None, recipe: str | None, budget: str | None,
                       corpus: dict | None, seed: int | None, sampler: str | None, n_trials: int | None,
                       pruner: str | None = None, seeds: int | None = None) -> StudySpec:
     """Merge a recipe (or the defaults) with command-line overrides and resolve it."""
-    from .space import load_recipe
-
     base = load_recipe(recipe) if recipe else StudyRecipe()
     data = base.model_dump()
     for key, value in (("budget", budget), ("corpus", corpus), ("seed", seed), ("sampler", sampler),
