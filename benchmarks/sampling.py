@@ -1,4 +1,4 @@
-"""Sampling benchmark: every sampler and loop schedule on one trained checkpoint.
+r"""Sampling benchmark: every sampler and loop schedule on one trained checkpoint.
 
 For each setting: network calls, network passes per sample (the cached sampler runs only the
 sequences that changed), loop-block applications per call, FLOPs per generated token
@@ -10,7 +10,8 @@ the corpus itself scores).
 
 The checkpoint (about 10 minutes on 2 CPU cores, once; run from any directory):
 
-    loopsearch study create --recipe benchmarks/sampling_study.toml --space benchmarks/sampling_space.toml --name sampling
+    loopsearch study create --recipe benchmarks/sampling_study.toml \
+        --space benchmarks/sampling_space.toml --name sampling
     loopsearch study run sampling
     loopsearch reference train sampling
     python benchmarks/sampling.py --study sampling --trial 1 --output sampling.md
@@ -117,8 +118,8 @@ def compare(rows: list[dict], max_loops: int) -> None:
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| setting | calls | passes/sample | loops/call | FLOP/gen token | FLOP saving | tokens/s | gen PPL (±1 se) | "
-            "Δ gen PPL | entropy |")
+    head = ("| setting | calls | passes/sample | loops/call | FLOP/gen token | FLOP saving | tokens/s | "
+            "gen PPL (±1 se) | Δ gen PPL | entropy |")
     lines = [head, "|" + "---|" * 10]
     for r in rows:
         ppl = r["gen_ppl"]

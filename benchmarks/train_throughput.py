@@ -136,7 +136,8 @@ def main() -> None:
     ap.add_argument("--dtypes", default="fp32,bf16", help="comma-separated subset of fp32,bf16")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     ap.add_argument("--sdpa", default="default", choices=["default", "math"], help="attention backend")
-    ap.add_argument("--matmul-size", type=int, default=None, help="n of the n x n peak matmul (default 2048 cpu, 8192 cuda)")
+    ap.add_argument("--matmul-size", type=int, default=None,
+                    help="n of the n x n peak matmul (default 2048 cpu, 8192 cuda)")
     ap.add_argument("--matmul-repeats", type=int, default=None, help="timed peak matmuls (default 5 cpu, 50 cuda)")
     ap.add_argument("--json", action="store_true", help="print one JSON object per row instead of a table")
     args = ap.parse_args()
@@ -173,9 +174,11 @@ def main() -> None:
           f"{N_LAYER} layers, d_model {D_MODEL}, {N_HEADS} heads, seq {SEQ_LEN}, batch {BATCH} | "
           f"up to {args.warmup} warmup + {args.steps} timed steps or {args.max_row_s:g} s per row")
     print("peak = measured " + ", ".join(f"{d} {n}x{n} matmul: {si(p, 'FLOP/s')}" for d, p in peaks.items()))
-    header = ["config", "dtype", "tokens/s", "achieved FLOP/s", "peak FLOP/s (measured)", "MFU %", "timed (warmup) steps"]
+    header = ["config", "dtype", "tokens/s", "achieved FLOP/s", "peak FLOP/s (measured)", "MFU %",
+              "timed (warmup) steps"]
     table = [[r["config"], r["dtype"], f"{r['tokens_per_s']:,.0f}", si(r["achieved_flop_per_s"], "FLOP/s"),
-              si(r["peak_flop_per_s"], "FLOP/s"), f"{r['mfu_pct']:.1f}", f"{r['timed_steps']} ({r['warmup_steps']})"] for r in rows]
+              si(r["peak_flop_per_s"], "FLOP/s"), f"{r['mfu_pct']:.1f}", f"{r['timed_steps']} ({r['warmup_steps']})"]
+             for r in rows]
     widths = [max(len(str(c)) for c in col) for col in zip(header, *table)]
     for i, line in enumerate([header, *table]):
         print("  ".join(c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(line, widths))))

@@ -63,7 +63,8 @@ def main() -> None:
 
     spec = studies.spec_from_options("noise", "early_middle", args.recipe, None, None, args.seed, None, None)
     data = studies.Objective(spec, progress=False).data()
-    looped = Choice(strategy="fixed", strategy_params={"n_loops": 3, "train_loops": "uniform"}, loop_start=1, loop_end=3)
+    looped = Choice(strategy="fixed", strategy_params={"n_loops": 3, "train_loops": "uniform"},
+                    loop_start=1, loop_end=3)
     models, timing = {}, {}
     for name, choice in (("baseline", BASELINE), ("looped", looped)):
         cfg = studies.trial_config(spec, 0, choice)

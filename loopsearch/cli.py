@@ -139,7 +139,8 @@ def corpus_option(value: str | None) -> dict | None:
 
 @study.command("create")
 @click.option("--space", help="Search space: a name (see `loopsearch spaces list`) or a .toml path.")
-@click.option("--recipe", help="Study recipe (name or .toml path) giving budget, corpus, model; default: built-in defaults.")
+@click.option("--recipe",
+              help="Study recipe (name or .toml path) giving budget, corpus, model; default: built-in defaults.")
 @click.option("--name", help="Study name (default: SPACE-YYYYmmdd-HHMMSS).")
 @click.option("--budget", help="Training FLOPs per trial: 3e13, '30 TFLOP', '2 PFLOP' or GPU time 'h100:2h@0.4'.")
 @click.option("--corpus", help="Corpus plugin name, text file, directory (train/valid files) or hf:DATASET[/CONFIG].")
@@ -200,7 +201,8 @@ def _flops_option(ctx, param, value):
 @click.option("--heartbeat", type=click.IntRange(min=1), default=30, show_default=True, metavar="SECONDS",
               help="Heartbeat (RDB) or lease (journal) interval of a running trial.")
 @click.option("--grace", type=click.IntRange(min=1), metavar="SECONDS",
-              help="A running trial silent this long is failed and retried from its checkpoint (default: 4 heartbeats).")
+              help="A running trial silent this long is failed and retried from its checkpoint "
+                   "(default: 4 heartbeats).")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar per trial.")
 @click.option("--storage", help=STORAGE_HELP)
 @click.option("--worker-id", type=int, default=0, hidden=True)
@@ -243,7 +245,8 @@ def study_run(name, n_trials, timeout, workers, study_budget, checkpoint_every, 
             sys.exit(130)
         st, _ = studies.load(name, storage)
         counts = _state_counts(st)
-        click.echo(f"workers exited with {codes}; study {name!r}: {counts}; see `loopsearch leaderboard --study {name}`")
+        click.echo(f"workers exited with {codes}; study {name!r}: {counts}; "
+                   f"see `loopsearch leaderboard --study {name}`")
         if any(code not in (0,) for code in codes):
             sys.exit(1)
         return
@@ -331,7 +334,8 @@ def study_list(storage):
         table.add_column(col)
     for s in optuna.get_all_study_summaries(open_storage(storage), include_best_trial=True):
         best = f"{s.best_trial.value:.4f}" if s.best_trial is not None and s.best_trial.value is not None else ""
-        table.add_row(s.study_name, str(s.n_trials), best, f"{s.datetime_start:%Y-%m-%d %H:%M}" if s.datetime_start else "")
+        table.add_row(s.study_name, str(s.n_trials), best,
+                      f"{s.datetime_start:%Y-%m-%d %H:%M}" if s.datetime_start else "")
     _console().print(table)
 
 
@@ -353,7 +357,8 @@ def study_show(name, as_json, storage):
     counts = _state_counts(st)
     console = _console()
     console.print(f"[bold]{spec.name}[/]  space {spec.space.name}: {spec.space.description}")
-    console.print(f"budget {format_flops(spec.budget)} per trial; corpus {spec.corpus.name} {spec.corpus.params or ''}; "
+    console.print(f"budget {format_flops(spec.budget)} per trial; "
+                  f"corpus {spec.corpus.name} {spec.corpus.params or ''}; "
                   f"backbone {spec.backbone.name} {spec.backbone.params or '(defaults)'}; vocab {spec.vocab_size}; "
                   f"seed {spec.seed}; sampler {spec.sampler}; pruner {spec.pruner}; target {spec.n_trials} trials; "
                   f"objectives {', '.join(spec.objective.metrics)}")
@@ -431,7 +436,8 @@ def report_cmd(study_name, output, fmt, storage):
 
 
 @cli.command("repro")
-@click.option("--name", default="loopmdm_repro", show_default=True, help="Study name (created on first use, continued after).")
+@click.option("--name", default="loopmdm_repro", show_default=True,
+              help="Study name (created on first use, continued after).")
 @click.option("--recipe", default="loopmdm_repro", show_default=True, help="Recipe whose space has arms with roles.")
 @click.option("--data", "data_dir", type=click.Path(file_okay=False),
               help="Folder with ptb/, wikitext-2/ and lambada/ (default: $LOOPSEARCH_DATA or the nearest shared/data).")
@@ -523,8 +529,9 @@ def sweep_cmd(name, recipe, space, arms, scales, seeds, budget, corpus, train_to
         if chosen is not None and not any(a.is_baseline for a in spec.space.arms.values()):
             raise LoopsearchError(f"--arms {arms}: keep the baseline arm (strategy none) to compare with")
         studies.create(spec, storage)
+        total = sum(spec.space.budget_scales) * len(spec.space.arms) * seeds * spec.budget
         click.echo(f"created sweep {name!r}: {len(spec.space.arms)} arms x {len(spec.space.budget_scales)} budgets "
-                   f"x {seeds} seed(s) = {spec.n_trials} trials, {sum(spec.space.budget_scales) * len(spec.space.arms) * seeds * spec.budget:.3g} training FLOPs")
+                   f"x {seeds} seed(s) = {spec.n_trials} trials, {total:.3g} training FLOPs")
     if run_it:
         console = _console()
         say = lambda message: console.print(message, highlight=False, markup=False)  # noqa: E731
@@ -699,12 +706,16 @@ def sample_cmd(study_name, trial, sampler, steps, loops, exit_spec, model_schedu
 @click.option("--sampler", default="confidence", show_default=True, help="genppl/task: sampler plugin.")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Sampler parameter, repeatable.")
 @click.option("--steps", type=int, help="Sampler steps (default: one per generated token).")
-@click.option("--loop-schedule", "loops", metavar="SCHEDULE", help="Loops per network call (see `loopsearch sample --help`).")
-@click.option("--exit", "exit_spec", metavar="SPEC", help="Exit criterion for the loops while sampling, e.g. hidden_delta:tol=0.01.")
+@click.option("--loop-schedule", "loops", metavar="SCHEDULE",
+              help="Loops per network call (see `loopsearch sample --help`).")
+@click.option("--exit", "exit_spec", metavar="SPEC",
+              help="Exit criterion for the loops while sampling, e.g. hidden_delta:tol=0.01.")
 @click.option("-n", "--n-samples", "n_samples", type=int, default=16, show_default=True, help="genppl: samples drawn.")
 @click.option("--reference", type=click.Path(file_okay=False),
-              help="genppl: reference LM directory (default: the study's, trained on first use; see `loopsearch reference train`).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampler's noise / the zero-shot masks.")
+              help="genppl: reference LM directory (default: the study's, trained on first use; "
+                   "see `loopsearch reference train`).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the sampler's noise / the zero-shot masks.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result rows as JSON.")
 @click.option("--storage", help=STORAGE_HELP)
@@ -803,8 +814,9 @@ def analyze_attention(study_name, trial, rates, n_loops, device, as_json, storag
 
     On the study's validation split, at each mask rate. mask→mask counts the attention a masked
     query pays to *other* masked keys; its own position is reported apart (self); "uniform share"
-    is the masked fraction of the other keys (what uniform attention over them would give). The loop block is applied as a plain
-    repetition (the fixed strategy's reinject included; halting's freezing is not reproduced).
+    is the masked fraction of the other keys (what uniform attention over them would give). The loop
+    block is applied as a plain repetition (the fixed strategy's reinject included; halting's
+    freezing is not reproduced).
 
     Example: loopsearch analyze attention quickstart 2 --rates 0.15,0.5,0.85
     """

@@ -146,7 +146,8 @@ def _atomic_write(path: Path, data: bytes) -> None:
 def random_batch(ids: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
     """batch_size windows of seq_len tokens at random offsets (B, T)."""
     if len(ids) <= seq_len:
-        raise LoopsearchError(f"training split has {len(ids)} tokens, fewer than seq_len={seq_len}; use a larger corpus or a smaller seq_len")
+        raise LoopsearchError(f"training split has {len(ids)} tokens, fewer than seq_len={seq_len}; "
+                              f"use a larger corpus or a smaller seq_len")
     starts = torch.randint(0, len(ids) - seq_len, (batch_size,), generator=generator)
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
 

@@ -42,7 +42,8 @@ def sample_t(batch_size: int, generator: torch.Generator, antithetic: bool = Tru
     return eps + (1.0 - eps) * t
 
 
-def mask_tokens(x0: torch.Tensor, t: torch.Tensor, mask_id: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_tokens(x0: torch.Tensor, t: torch.Tensor, mask_id: int,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask each token of row i independently with probability t[i] (= 1 - alpha_t).
     Returns (x_t, masked) with masked a bool tensor of x0's shape."""
     u = torch.rand(x0.shape, generator=generator).to(x0.device)
@@ -123,7 +124,8 @@ def validation_masks(x0: torch.Tensor, keys: list[int], draws: int, seed: int, m
     row w * draws + r). k ~ U{1..T} masked tokens, a uniformly random k-subset, t ~ Beta(k, T-k+1)
     (the k-th order statistic of T uniforms)."""
     n, length = x0.shape
-    u = torch.stack([torch.rand(draws, 1 + 2 * length, generator=window_generator(seed, key)) for key in keys])  # (W, R, 1+2T)
+    u = torch.stack([torch.rand(draws, 1 + 2 * length, generator=window_generator(seed, key))
+                     for key in keys])  # (W, R, 1+2T)
     u = u.view(n * draws, 1 + 2 * length)
     k = (u[:, 0] * length).long().clamp(0, length - 1) + 1
     ranks = u[:, 1:1 + length].argsort(-1).argsort(-1)

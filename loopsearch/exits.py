@@ -73,14 +73,16 @@ class ExitCriterion:
         return {"k": 0, "done": torch.zeros(h.shape[0], dtype=torch.bool, device=h.device)}
 
     @torch.no_grad()
-    def check(self, h_prev: torch.Tensor, h_new: torch.Tensor, state: dict[str, Any], ctx) -> tuple[torch.Tensor, dict, float]:
+    def check(self, h_prev: torch.Tensor, h_new: torch.Tensor, state: dict[str, Any],
+              ctx) -> tuple[torch.Tensor, dict, float]:
         state = {**state, "k": state["k"] + 1}
         now, state, extra = self.converged(h_prev, h_new, state, ctx)
         if state["k"] >= self.params.min_loops:
             state["done"] = state["done"] | now
         return state["done"], state, extra
 
-    def converged(self, h_prev: torch.Tensor, h_new: torch.Tensor, state: dict[str, Any], ctx) -> tuple[torch.Tensor, dict, float]:
+    def converged(self, h_prev: torch.Tensor, h_new: torch.Tensor, state: dict[str, Any],
+                  ctx) -> tuple[torch.Tensor, dict, float]:
         """(B,) bool: has each sequence converged at this loop? Plus the state and the extra
         FLOPs per sequence the test cost. ``state["k"]`` is the number of loops run so far."""
         raise NotImplementedError

@@ -204,7 +204,8 @@ def check_block(loop_start: int, loop_end: int, n_layer: int, loops_block: bool 
     """Raise SpecError unless [loop_start, loop_end) is a non-empty range of layers."""
     if not loops_block:
         if (loop_start, loop_end) != (0, 0):
-            raise SpecError(f"this strategy does not loop; loop_start/loop_end must be 0/0, got {loop_start}/{loop_end}")
+            raise SpecError(f"this strategy does not loop; loop_start/loop_end must be 0/0, "
+                            f"got {loop_start}/{loop_end}")
         return
     if not (0 <= loop_start < loop_end <= n_layer):
         raise SpecError(

@@ -51,7 +51,8 @@ class PluginInfo:
         if params is None:
             return {}
         props = params.model_json_schema().get("properties", {})
-        return {k: {kk: v[kk] for kk in ("type", "default", "enum", "description") if kk in v} for k, v in props.items()}
+        return {k: {kk: v[kk] for kk in ("type", "default", "enum", "description") if kk in v}
+                for k, v in props.items()}
 
 
 @dataclass

@@ -67,7 +67,8 @@ class LoopSchedule(BaseModel):
         hi = self.max_loops if self.max_loops is not None else default
         lo = min(self.min_loops, hi)
         x = min(max(progress, 0.0), 1.0)
-        weight = {"constant": 1.0, "decreasing": 1.0 - x, "increasing": x, "middle": 1.0 - abs(2.0 * x - 1.0)}[self.kind]
+        weight = {"constant": 1.0, "decreasing": 1.0 - x, "increasing": x,
+                  "middle": 1.0 - abs(2.0 * x - 1.0)}[self.kind]
         return lo + int(math.floor(weight * (hi - lo) + 0.5))
 
     def label(self) -> str:

@@ -116,7 +116,8 @@ class SearchSpace(Strict):
     strategies: list[str] = Field(default_factory=list, description="looping strategies to choose from "
                                                                     "(\"none\" = the plain model)")
     block: BlockSpace | None = Field(None, description="[block]: where the loop block may sit")
-    strategy: dict[str, dict[str, Dist]] = Field(default_factory=dict, description="per-strategy parameter distributions")
+    strategy: dict[str, dict[str, Dist]] = Field(default_factory=dict,
+                                                 description="per-strategy parameter distributions")
     backbone: dict[str, Dist] = Field(default_factory=dict, description="backbone parameters searched")
     train: dict[str, Dist] = Field(default_factory=dict, description="training parameters searched (e.g. lr)")
     arms: dict[str, Arm] = Field(default_factory=dict, description="named fixed configurations, instead of a search")
@@ -139,7 +140,8 @@ class SearchSpace(Strict):
         if not self.strategies:
             raise ValueError("give strategies = [...] to search over, or a table of [arms.NAME]")
         if self.budget_scales != [1.0]:
-            raise ValueError("budget_scales applies to [arms] spaces; a search trains every trial at the study's budget")
+            raise ValueError("budget_scales applies to [arms] spaces; "
+                             "a search trains every trial at the study's budget")
         loops = [s for s in self.strategies if s != "none"]
         if loops and self.block is None:
             raise ValueError(f"strategies {loops} loop a block: add a [block] table (region or layers, and length)")
@@ -185,8 +187,9 @@ class TrainConfig(Strict):
                                                              "curve's checkpoints (the final one uses eval_sequences)")
     eval_batch_size: int = Field(64, ge=1, description="sequences per validation forward pass (speed only)")
     antithetic: bool = Field(True, description="low-discrepancy sampling of t")
-    train_tokens: int | None = Field(None, ge=16, description="train on only the first this many tokens of the training "
-                                                              "split (the data-limited regime: many passes); None: all")
+    train_tokens: int | None = Field(None, ge=16, description="train on only the first this many tokens of the "
+                                                              "training split (the data-limited regime: many passes); "
+                                                              "None: all")
     checkpoint_every: float | None = Field(
         None, gt=0, description="save the training state (weights, optimizer, RNG, data position, FLOPs spent) every "
                                 "this many training FLOPs, so a retried trial resumes instead of starting over")
@@ -349,7 +352,8 @@ def describe_error(exc: ValidationError, model: type[BaseModel]) -> str:
     errors = exc.errors()
     err = errors[0]
     loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "tagged-union"))]
-    loc = [p for p in loc if p not in {"IntRange", "FloatRange", "list[union[bool,int,float,str]]", "bool", "int", "float", "str"}]
+    loc = [p for p in loc
+           if p not in {"IntRange", "FloatRange", "list[union[bool,int,float,str]]", "bool", "int", "float", "str"}]
     key = ".".join(loc) or "(top level)"
     if err["type"] == "extra_forbidden":
         allowed = _fields_at(model, loc[:-1])

@@ -303,10 +303,11 @@ def evaluate_task(model, tokenizer_json: str, problems: list[Problem], *, seq_le
 
     Each prompt (tokenised like the corpus: byte-level BPE, no special tokens) is the fixed
     prefix of a ``seq_len``-token sequence; every position after it is MASK and is generated
-    with ``sampler`` (a plugin name or a ``Sampler`` instance) in ``steps`` steps (None: one step per generated position of the batch's
-    longest generation), batch ``i`` seeded with ``seed + i``. ``loops``: a loop schedule
-    (loopsearch.sampling.parse_loop_schedule); ``exit``: (name, params) of an exit criterion. Prompts leaving fewer than ``min_new_tokens``
-    positions are skipped and counted in ``n_skipped``; accuracy is over the problems evaluated.
+    with ``sampler`` (a plugin name or a ``Sampler`` instance) in ``steps`` steps (None: one step
+    per generated position of the batch's longest generation), batch ``i`` seeded with
+    ``seed + i``. ``loops``: a loop schedule (loopsearch.sampling.parse_loop_schedule); ``exit``:
+    (name, params) of an exit criterion. Prompts leaving fewer than ``min_new_tokens`` positions
+    are skipped and counted in ``n_skipped``; accuracy is over the problems evaluated.
     Returns accuracy, n, correct, n_skipped, the generation cost (summed over batches: network
     calls, loop iterations, FLOPs, wall seconds) and a few decoded examples.
     """
@@ -352,7 +353,8 @@ def evaluate_task(model, tokenizer_json: str, problems: list[Problem], *, seq_le
     ci = proportion_interval(correct, n)
     return {"accuracy": correct / n, "accuracy_lo": ci[0], "accuracy_hi": ci[1],
             "correct": correct, "n": n, "n_skipped": n_skipped,
-            "sampler": sampler if isinstance(sampler, str) else sampler.name, "steps": steps, "seq_len": seq_len, "seed": seed,
+            "sampler": sampler if isinstance(sampler, str) else sampler.name, "steps": steps, "seq_len": seq_len,
+            "seed": seed,
             "cost": total.as_dict(), "examples": examples}
 
 

@@ -61,7 +61,8 @@ class Shakespeare(Corpus):
 class TextParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     train: str = Field(description="path of the training text file")
-    valid: str | None = Field(None, description="path of the validation text file (default: hold out valid_fraction of train)")
+    valid: str | None = Field(None, description="path of the validation text file "
+                                                "(default: hold out valid_fraction of train)")
     valid_fraction: float = Field(0.1, gt=0, lt=1, description="held-out share when valid is not given")
 
 

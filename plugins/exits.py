@@ -15,7 +15,8 @@ from loopsearch.exits import ExitCriterion, ExitParams, reduce_masked
 
 class HiddenDeltaParams(ExitParams):
     tol: float = Field(0.01, gt=0, description="stop when the relative hidden-state change is below this")
-    reduce: Literal["max", "mean"] = Field("max", description="how tokens' changes combine over a sequence's masked positions")
+    reduce: Literal["max", "mean"] = Field("max", description="how tokens' changes combine over a sequence's "
+                                                              "masked positions")
 
 
 class HiddenDelta(ExitCriterion):
@@ -32,7 +33,8 @@ class HiddenDelta(ExitCriterion):
 
 class KLParams(ExitParams):
     tol: float = Field(5e-4, gt=0, description="stop when KL(p_k || p_k-1) in nats is below this")
-    reduce: Literal["max", "mean"] = Field("max", description="how tokens' KLs combine over a sequence's masked positions")
+    reduce: Literal["max", "mean"] = Field("max", description="how tokens' KLs combine over a sequence's "
+                                                              "masked positions")
 
 
 class KLExit(ExitCriterion):
@@ -54,7 +56,8 @@ class KLExit(ExitCriterion):
 
 
 class ArgmaxParams(ExitParams):
-    patience: int = Field(2, ge=1, description="stop after the predictions were unchanged for this many consecutive loops")
+    patience: int = Field(2, ge=1, description="stop after the predictions were unchanged for this many "
+                                               "consecutive loops")
 
 
 class ArgmaxExit(ExitCriterion):

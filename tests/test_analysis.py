@@ -88,7 +88,8 @@ def test_walk_reaches_the_model_output(monkeypatch):
         orig = model.backbone.attention_probs
         monkeypatch.setattr(model.backbone, "attention_probs", lambda i, h: seen.append(h) or orig(i, h))
         attention.attention_shares(model, [x], model.backbone.mask_id, rates=(0.5,), seed=0)
-        xt, _ = attention.mask_tokens(x, torch.full((3,), 0.5), model.backbone.mask_id, torch.Generator().manual_seed(0))
+        xt, _ = attention.mask_tokens(x, torch.full((3,), 0.5), model.backbone.mask_id,
+                                      torch.Generator().manual_seed(0))
         inputs = []
         orig_run = model.backbone.run_block
         monkeypatch.setattr(model.backbone, "run_block", lambda i, h: inputs.append(h) or orig_run(i, h))

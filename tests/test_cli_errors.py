@@ -99,7 +99,8 @@ def test_every_command_has_help():
 
 
 def test_bad_study_budget_and_pruner_budget(tiny_recipe):
-    one_line_error(run_cli("study", "run", "any", "--study-budget", "lots"), "--study-budget", "cannot read budget 'lots'")
+    one_line_error(run_cli("study", "run", "any", "--study-budget", "lots"), "--study-budget",
+                   "cannot read budget 'lots'")
     r = run_cli("study", "create", "--space", "early_middle", "--recipe", str(tiny_recipe), "--pruner", "median",
                 "--budget", "1.5e9")
     one_line_error(r, "pruner 'median'", "below the 1 GFLOP step", "raise --budget to at least 2e+09")
@@ -122,5 +123,6 @@ def test_every_command_is_in_the_readme_table_and_has_an_example():
     found = list(leaves(cli, []))
     assert len(found) >= 16
     for path, cmd in found:
-        assert f"| `loopsearch {' '.join(path)}" in readme, f"`loopsearch {' '.join(path)}` is not in the README's command table"
+        assert f"| `loopsearch {' '.join(path)}" in readme, \
+            f"`loopsearch {' '.join(path)}` is not in the README's command table"
         assert "Example" in (cmd.help or ""), f"`loopsearch {' '.join(path)} --help` has no example"

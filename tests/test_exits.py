@@ -235,9 +235,10 @@ def test_plugins_list_shows_the_criteria():
     assert "min_loops" in found["argmax"]["parameters"]
 
 
-@pytest.mark.parametrize("spec,message", [("nope", "unknown exit criterion 'nope'; available: argmax, hidden_delta, kl"),
-                                          ("kl:tol=abc", "bad parameters for exit criterion 'kl'"),
-                                          ("kl:tol", "NAME:key=value")])
+@pytest.mark.parametrize("spec,message", [
+    ("nope", "unknown exit criterion 'nope'; available: argmax, hidden_delta, kl"),
+    ("kl:tol=abc", "bad parameters for exit criterion 'kl'"),
+    ("kl:tol", "NAME:key=value")])
 def test_bad_exit_is_a_one_line_error(spec, message):
     r = run_cli("eval", "no-such-study", "1", "--exit", spec)  # checked before the study is opened
     assert r.returncode == 2 and message in r.stderr

@@ -110,7 +110,8 @@ steps = 4
 def test_a_study_with_task_accuracy_as_objective_runs_end_to_end(tiny_recipe, tmp_path):
     """Multi-objective: task accuracy (maximised) and val NLL, trained on the addition corpus."""
     recipe = tmp_path / "task.toml"
-    recipe.write_text(tiny_recipe.read_text().replace('name = "shakespeare"', 'name = "addition"\nparams = { digits = 2 }')
+    recipe.write_text(tiny_recipe.read_text().replace('name = "shakespeare"',
+                                                      'name = "addition"\nparams = { digits = 2 }')
                       + TASK_STUDY)
     r = run_cli("study", "create", "--recipe", str(recipe), "--space", "early_middle", "--name", "adder",
                 "--n-trials", "2")

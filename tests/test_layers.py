@@ -167,7 +167,8 @@ def check(root: Path = PACKAGE) -> Findings:
         members = set(component)
         edges = sorted({(i.path, i.line, i.imported) for i in ours
                         if i.importer in members and i.imported in members and i.imported != i.importer})
-        findings.cycles.append(f"import cycle between {', '.join(component)}: " + "; ".join(f"{p}:{n} imports {m}" for p, n, m in edges))
+        findings.cycles.append(f"import cycle between {', '.join(component)}: "
+                               + "; ".join(f"{p}:{n} imports {m}" for p, n, m in edges))
     for i in imports:
         if i.module_level and layer(i.importer) == "core" and i.imported in CORE_FORBIDDEN:
             findings.core_deps.append(f"{i.path}:{i.line}: core module {i.importer} imports {i.imported} at module "
@@ -247,7 +248,8 @@ def test_a_planted_upward_import_is_reported_with_its_file_and_line(tmp_path):
     found = check(root)
     assert found.upward == [f"loopsearch/flops.py:{line}: loopsearch.flops (core) imports loopsearch.search.study "
                             f"(search), a higher layer"]
-    assert any("loopsearch.flops" in c and "loopsearch.search.study" in c for c in found.cycles)  # study -> ... -> flops
+    # study -> ... -> flops
+    assert any("loopsearch.flops" in c and "loopsearch.search.study" in c for c in found.cycles)
 
 
 def test_a_planted_function_local_relative_import_is_reported(tmp_path):

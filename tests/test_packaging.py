@@ -21,7 +21,8 @@ def wheel(tmp_path_factory) -> Path:
 
 def test_wheel_contains_spaces_recipes_corpus_and_entry_points(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    for path in ("loopsearch_builtins/search_spaces/early_middle.toml", "loopsearch_builtins/search_spaces/anywhere.toml",
+    for path in ("loopsearch_builtins/search_spaces/early_middle.toml",
+                 "loopsearch_builtins/search_spaces/anywhere.toml",
                  "loopsearch_builtins/search_spaces/depth.toml", "loopsearch_builtins/studies/quickstart.toml",
                  "loopsearch_builtins/data/tinyshakespeare.txt", "loopsearch_builtins/strategies.py",
                  "loopsearch/cli.py", "loopsearch/search/study.py", "loopsearch/eval/metrics.py",

@@ -21,7 +21,8 @@ VOCAB, T = 50, 16
 
 
 def looped(n_loops=4, seed=0):
-    return tiny_model(vocab=VOCAB, seq_len=T, loop=(1, 3, {"n_loops": n_loops, "train_loops": "uniform"}), seed=seed).eval()
+    return tiny_model(vocab=VOCAB, seq_len=T, loop=(1, 3, {"n_loops": n_loops, "train_loops": "uniform"}),
+                      seed=seed).eval()
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +196,8 @@ def test_flops_follow_the_loops_that_ran(model):
     assert const.cost.loops_per_call == [4.0] * 8
     assert const.cost.flops == pytest.approx(per_call * 8)
     dec = generate(model, init, sampler="confidence", steps=8, loops="decreasing:1-4")
-    assert dec.cost.loops_per_call == [LoopSchedule(kind="decreasing", max_loops=4).loops_at(i / 7, 4) for i in range(8)]
+    assert dec.cost.loops_per_call == [LoopSchedule(kind="decreasing", max_loops=4).loops_at(i / 7, 4)
+                                       for i in range(8)]
     expected = sum(model.inference_flops_per_token(T, a, 0.0) * T * 2 for a in dec.cost.loops_per_call)
     assert dec.cost.flops == pytest.approx(expected) and dec.cost.flops < const.cost.flops
     assert dec.cost.flops_per_token == pytest.approx(dec.cost.flops / (2 * T))
@@ -206,7 +208,8 @@ def test_flops_follow_the_loops_that_ran(model):
 def test_exit_criterion_cuts_loops_and_flops(model):
     init = make_init(2, T, model.backbone.mask_id)
     full = generate(model, init, sampler="confidence", steps=4, loops="constant:6")
-    early = generate(model, init, sampler="confidence", steps=4, loops="constant:6", exit=("hidden_delta", {"tol": 10.0}))
+    early = generate(model, init, sampler="confidence", steps=4, loops="constant:6",
+                     exit=("hidden_delta", {"tol": 10.0}))
     assert full.cost.loops_per_call == [6.0] * 4
     assert early.cost.loops_per_call == [1.0] * 4  # a huge tolerance stops after the first loop
     assert early.cost.flops < full.cost.flops
@@ -219,7 +222,8 @@ def test_model_schedule_uses_the_other_model_for_its_steps(model):
     init = make_init(2, T, model.backbone.mask_id)
     res = generate(model, init, sampler="confidence", steps=8, models=[(0.0, 0.5, plain)])
     assert res.cost.loops_per_call == [1.0] * 4 + [4.0] * 4
-    assert res.cost.flops == pytest.approx(2 * T * (4 * plain.inference_flops_per_token(T) + 4 * model.inference_flops_per_token(T)))
+    assert res.cost.flops == pytest.approx(2 * T * (4 * plain.inference_flops_per_token(T)
+                                                    + 4 * model.inference_flops_per_token(T)))
     other = tiny_model(vocab=VOCAB + 1, seq_len=T).eval()
     with pytest.raises(LoopsearchError, match="mixes vocabularies"):
         generate(model, init, models=[(0.0, 0.5, other)])

@@ -92,7 +92,8 @@ def test_gsm8k_loader_on_a_small_file(tmp_path):
             {"question": "Cost?", "answer": "so\n#### $5"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
     probs = load_gsm8k(path)
-    assert probs == [Problem("Question: How many?\nAnswer:", "1234", "gsm8k"), Problem("Question: Cost?\nAnswer:", "5", "gsm8k")]
+    assert probs == [Problem("Question: How many?\nAnswer:", "1234", "gsm8k"),
+                     Problem("Question: Cost?\nAnswer:", "5", "gsm8k")]
     assert load_gsm8k(path, limit=1) == probs[:1]
     assert get_task("gsm8k", {"path": str(path)}).problems() == probs
     bad = tmp_path / "bad.jsonl"
@@ -234,7 +235,8 @@ def test_evaluate_checkpoint(prepared, tmp_path):
     from loopsearch.spec import PluginRef, TrainConfig, TrialConfig
 
     params, data = prepared
-    config = TrialConfig(study="t", trial=0, backbone=PluginRef(name="transformer", params={"n_layer": 2, "d_model": 32, "n_heads": 2}),
+    config = TrialConfig(study="t", trial=0,
+                         backbone=PluginRef(name="transformer", params={"n_layer": 2, "d_model": 32, "n_heads": 2}),
                          strategy=PluginRef(name="none"), corpus=PluginRef(name="addition", params=params.model_dump()),
                          vocab_size=300, train=TrainConfig(seq_len=16, batch_size=4), budget=1e9, seed=0)
     model = checkpoint.build_model(config, data.vocab_size)

@@ -176,7 +176,8 @@ def test_out_of_memory_fails_the_trial_with_its_reason_and_the_study_goes_on(tin
     assert workers.run("oom", progress=False) == 3
     trials = studies.load("oom")[0].get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
-    assert "CUDA out of memory" in trials[0].user_attrs["failed"] and "lower batch_size" in trials[0].user_attrs["failed"]
+    failed = trials[0].user_attrs["failed"]
+    assert "CUDA out of memory" in failed and "lower batch_size" in failed
     df = leaderboard.frame(studies=["oom"])
     assert "CUDA out of memory" in df.filter(pl.col("state") == "fail")["note"][0]
 
@@ -202,7 +203,8 @@ def test_pruning_reduces_total_training_flops(tmp_path, capsys):
     assert pruned and len(finished(st)) == 8
     assert [t.params for t in st.get_trials()] == [t.params for t in studies.load("none")[0].get_trials()]
     for t in pruned:
-        assert 0 < t.user_attrs["train_flops"] < 4.5e9 * 0.7 and "pruned by median pruner at" in t.user_attrs["rejected"]
+        assert 0 < t.user_attrs["train_flops"] < 4.5e9 * 0.7
+        assert "pruned by median pruner at" in t.user_attrs["rejected"]
     df = leaderboard.frame(studies=["median"]).filter(pl.col("state") == "pruned")
     assert len(df) == len(pruned) and df["train_flops"].min() > 0 and df["val_nll"].null_count() == len(df)
     saving = 1 - totals["median"] / totals["none"]
@@ -416,7 +418,8 @@ def test_mask_hides_passwords_everywhere():
     assert mask("postgresql://u:s3cret@h:5432/db") == "postgresql://u:***@h:5432/db"
     assert mask("postgresql+psycopg://u:p%40ss@h/db?sslmode=require") == "postgresql+psycopg://u:***@h/db?sslmode=require"
     assert mask("postgresql://h/db?user=u&password=s3cret") == "postgresql://h/db?user=u&password=***"
-    assert mask("error: cannot open postgresql://u:s3cret@h/db: refused") == "error: cannot open postgresql://u:***@h/db: refused"
+    assert (mask("error: cannot open postgresql://u:s3cret@h/db: refused")
+            == "error: cannot open postgresql://u:***@h/db: refused")
 
 
 @pytest.mark.slow

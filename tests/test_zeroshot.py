@@ -134,7 +134,8 @@ def test_zeroshot_checkpoint(tok_json, vocab, tmp_path):
     from loopsearch import checkpoint
     from loopsearch.spec import PluginRef, TrainConfig, TrialConfig
 
-    config = TrialConfig(study="t", trial=0, backbone=PluginRef(name="transformer", params={"n_layer": 2, "d_model": 32, "n_heads": 2}),
+    config = TrialConfig(study="t", trial=0,
+                         backbone=PluginRef(name="transformer", params={"n_layer": 2, "d_model": 32, "n_heads": 2}),
                          strategy=PluginRef(name="none"), corpus=PluginRef(name="shakespeare"), vocab_size=300,
                          train=TrainConfig(seq_len=SEQ, batch_size=4, eval_draws=2), budget=1e9, seed=0)
     model = checkpoint.build_model(config, vocab)

@@ -94,8 +94,8 @@ def gen_ppl_metric(loaded: Loaded, reference: str | Path, *, sampler: str = "con
 
 def cost_fields(cost) -> dict[str, Any]:
     d = cost.as_dict()
-    return {k: d[k] for k in ("network_calls", "sequence_calls", "cached_calls", "mean_loops", "flops", "flops_per_token",
-                              "wall_s", "tokens_per_s", "generated_tokens")}
+    return {k: d[k] for k in ("network_calls", "sequence_calls", "cached_calls", "mean_loops", "flops",
+                              "flops_per_token", "wall_s", "tokens_per_s", "generated_tokens")}
 
 
 def zeroshot_metric(loaded: Loaded, path: str | Path, *, sequences: int | None = 64, seed: int = 0,

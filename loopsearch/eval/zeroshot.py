@@ -117,7 +117,8 @@ def zeroshot_nll(model, tokenizer_json: str, text: str, *, seq_len: int, n_seque
     ``device``: where to run (None: where the model is).
     """
     if seq_len < 1 or batch_size < 1 or draws < 2:
-        raise LoopsearchError(f"seq_len and batch_size must be >= 1 and draws >= 2, got {seq_len}, {batch_size}, {draws}")
+        raise LoopsearchError(f"seq_len and batch_size must be >= 1 and draws >= 2, "
+                              f"got {seq_len}, {batch_size}, {draws}")
     if n_sequences is not None and n_sequences < 1:
         raise LoopsearchError(f"n_sequences must be >= 1 (or None for every window), got {n_sequences}")
     if not text.strip():
@@ -144,7 +145,8 @@ def zeroshot_nll(model, tokenizer_json: str, text: str, *, seq_len: int, n_seque
     n_bytes = _window_bytes(tokenizer_json, windows)
     nll = val.nll
     total = nll * tokens
-    return {"nll": nll, "nll_se": val.se, "perplexity_bound": math.exp(min(nll, 700.0)), "bits_per_byte": total / math.log(2) / n_bytes,
+    return {"nll": nll, "nll_se": val.se, "perplexity_bound": math.exp(min(nll, 700.0)),
+            "bits_per_byte": total / math.log(2) / n_bytes,
             "total_nats": total, "tokens": tokens, "bytes": n_bytes, "windows": n, "seq_len": seq_len,
             "tokens_available": len(ids), "draws": draws, "seed": seed,
             "mean_loops": apps if model.strategy.loops_block else 1.0,

@@ -302,8 +302,8 @@ def claims(study: optuna.Study, trials: dict[str, list[FrozenTrial]]) -> list[di
         out.append({"claim": "the looped model beats a deeper non-looped model of similar per-step compute",
                     "measured": f"deeper - early-middle {effect.text()}; early-middle "
                                 f"{early['val_nll']:.4f} vs deeper {deeper['val_nll']:.4f} ("
-                                f"{early['inference_flops_per_token']:.3g} vs {deeper['inference_flops_per_token']:.3g} "
-                                f"inference FLOPs/token)",
+                                f"{early['inference_flops_per_token']:.3g} vs "
+                                f"{deeper['inference_flops_per_token']:.3g} inference FLOPs/token)",
                     "verdict": effect.verdict})
     if early and late:
         effect = paired_effect(trials["early_looped"], trials["late_looped"])
@@ -376,7 +376,8 @@ def sections(d, out: Path) -> list:
                    r["value"].interval.text(".4f"), "" if r["effect"] is None else r["effect"].interval.text(),
                    f"{r['inference_flops_per_token']:.3g}", f"{r['target']:.4f}",
                    "not reached" if r["flops_to_baseline"] is None else
-                   f"{'≤ ' if r['bound'] else ''}{r['flops_to_baseline']:.3g}" + (" (target)" if r["role"] == "baseline" else ""),
+                   f"{'≤ ' if r['bound'] else ''}{r['flops_to_baseline']:.3g}"
+                   + (" (target)" if r["role"] == "baseline" else ""),
                    "-" if r["flop_ratio"] is None else f"{'≥ ' if r['bound'] else ''}{r['flop_ratio']:.2f}x"]
                   for r in flop_rows(trials)]
     zs = Section("zeroshot", "Zero-shot perplexity bounds")

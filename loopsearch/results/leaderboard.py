@@ -155,7 +155,8 @@ def frame(storage: str | None = None, studies: list[str] | None = None) -> pl.Da
         study = optuna.load_study(study_name=name, storage=store)
         evaluated = metrics.stored(study)
         trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get(SURPLUS_ATTR)]
-        retried_as = {t.system_attrs["retry_history"][-1]: t.number for t in trials if t.system_attrs.get("retry_history")}
+        retried_as = {t.system_attrs["retry_history"][-1]: t.number
+                      for t in trials if t.system_attrs.get("retry_history")}
         confirms: dict[int, list] = {}
         for t in trials:
             if t.user_attrs.get(CONFIRM_OF_ATTR) is not None:
@@ -203,8 +204,9 @@ def _add_intervals(rows: list[dict], trials: list, seeds: dict[int, dict], any_c
 
 SCALING_SCHEMA = {
     "study": pl.String, "trial": pl.Int64, "strategy": pl.String, "loop_start": pl.Int64, "loop_end": pl.Int64,
-    "trained_n_loops": pl.Int64, "n_loops": pl.Int64, "exit": pl.String, "mean_loops": pl.Float64, "mean_token_loops": pl.Float64,
-    "inference_flops_per_token": pl.Float64, "val_nll": pl.Float64, "perplexity": pl.Float64,
+    "trained_n_loops": pl.Int64, "n_loops": pl.Int64, "exit": pl.String, "mean_loops": pl.Float64,
+    "mean_token_loops": pl.Float64, "inference_flops_per_token": pl.Float64, "val_nll": pl.Float64,
+    "perplexity": pl.Float64,
 }
 
 
@@ -347,16 +349,18 @@ def rich_table(df: pl.DataFrame, title: str | None = None):
     if (df["note"] != "").any():
         cols.append("note")
     headers = {"gen_ppl": "gen PPL", "sample_entropy": "entropy", "task_accuracy": "task acc",
-               "zeroshot_bpb": "0-shot bits/B","inference_flops_per_token": "inf FLOP/tok", "train_flops": "train FLOP", "n_loops": "loops",
-               "n_layer": "layers", "delta_nll": "Δ base", "perplexity": "ppl≤", "val_nll": "val NLL",
-               "Δ baseline [95% CI]": "Δ base [95% CI]", "vs baseline": "vs base"}
+               "zeroshot_bpb": "0-shot bits/B", "inference_flops_per_token": "inf FLOP/tok",
+               "train_flops": "train FLOP", "n_loops": "loops", "n_layer": "layers", "delta_nll": "Δ base",
+               "perplexity": "ppl≤", "val_nll": "val NLL", "Δ baseline [95% CI]": "Δ base [95% CI]",
+               "vs baseline": "vs base"}
     table = Table(title=(title or "loopsearch leaderboard") + ": val NLL in nats/token (lower is better), "
                         "★ = no-loop baseline; Δ: paired difference from it with its 95% interval, "
                         "a tie when the interval contains 0", title_justify="left")
     for c in cols:
         left = c in ("study", "state", "strategy", "params", "note", "block")
         table.add_column(headers.get(c, c), justify="left" if left else "right",
-                         overflow="fold" if c in ("params", "note") else "ellipsis", no_wrap=c not in ("params", "note"))
+                         overflow="fold" if c in ("params", "note") else "ellipsis",
+                         no_wrap=c not in ("params", "note"))
     for row in df.iter_rows(named=True):
         row = {**row, "block": f"[{row['loop_start']},{row['loop_end']})" if row["loop_end"] else "-"}
         cells = [_DERIVED[c](row) if c in _DERIVED else _fmt(c, row[c]) for c in cols]

@@ -165,7 +165,8 @@ def learning_curves(d: Data, out: Path) -> Section:
     sec.caption = ("Every trial's validation NLL (nats/token, fixed-mask ELBO) at its FLOP checkpoints; the black "
                    "line is the no-loop baseline, the dotted line its final value; dashed lines are trials that did "
                    "not complete. "
-                   + (f"All trials share the budget of {format_flops(d.spec.budget)}." if d.spec.space.budget_scales == [1.0]
+                   + (f"All trials share the budget of {format_flops(d.spec.budget)}."
+                      if d.spec.space.budget_scales == [1.0]
                       else f"Budgets: {format_flops(d.spec.budget)} times {d.spec.space.budget_scales}."))
     return sec
 
@@ -256,7 +257,9 @@ def loop_scaling(d: Data, out: Path) -> Section:
         for m, ex in enumerate(sorted(exits, key=lambda e: e != "none")):
             part = rows.filter(pl.col("exit") == ex).sort("n_loops")
             first = part.row(0, named=True)
-            name = f"{trial}: {label({'strategy': first['strategy'], 'loop_start': first['loop_start'], 'loop_end': first['loop_end'], 'n_loops': first['trained_n_loops']})}"
+            attrs = {"strategy": first["strategy"], "loop_start": first["loop_start"],
+                     "loop_end": first["loop_end"], "n_loops": first["trained_n_loops"]}
+            name = f"{trial}: {label(attrs)}"
             name += "" if ex == "none" else f", exit {ex}"
             style = dict(color=colours(k % 10), marker=markers[m % len(markers)], markersize=4,
                          linestyle="-" if ex == "none" else "--")
@@ -349,7 +352,8 @@ def importances(d: Data, out: Path) -> Section:
     try:
         values = _importances(done, d.study.directions, quantile)
     except Exception as exc:  # noqa: BLE001 - optuna's evaluators fail in many ways on tiny studies
-        sec.note = f"Skipped: optuna could not compute importances ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})."
+        sec.note = (f"Skipped: optuna could not compute importances "
+                    f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}).")
         return sec
     if not values:
         sec.note = (f"Skipped: the {len(done)} complete non-baseline trials share no searched parameter with more "

@@ -188,7 +188,8 @@ def analyse(study: optuna.Study, spec) -> dict[str, Any]:
     """Curves, paired differences and the crossover of every arm of a sweep study."""
     df = frame(study)
     if df.is_empty():
-        raise LoopsearchError(f"study {spec.name!r} has no finished arm trials yet; run `loopsearch study run {spec.name}`")
+        raise LoopsearchError(f"study {spec.name!r} has no finished arm trials yet; "
+                              f"run `loopsearch study run {spec.name}`")
     base = baseline_arm(spec)
     pairs = paired(df, base)
     arms = sorted({r["arm"] for r in pairs})

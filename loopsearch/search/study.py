@@ -88,7 +88,8 @@ def check_objective(spec: StudySpec) -> None:
         return
     if obj.multi and spec.sampler not in MULTI_OBJECTIVE_SAMPLERS:
         raise SpecError(f"study {spec.name!r}: sampler {spec.sampler!r} cannot optimise several objectives "
-                        f"{obj.metrics}; use sampler \"auto\" (NSGA-II) or one of {', '.join(MULTI_OBJECTIVE_SAMPLERS[1:])}")
+                        f"{obj.metrics}; use sampler \"auto\" (NSGA-II) or one of "
+                        f"{', '.join(MULTI_OBJECTIVE_SAMPLERS[1:])}")
     where = f"study {spec.name!r}: [objective]"
     if {"gen_ppl", "task_accuracy"} & set(obj.metrics):
         get_sampler(obj.sampler.name, obj.sampler.params)
@@ -324,7 +325,8 @@ class Objective:
     def __init__(self, spec: StudySpec, progress: bool = True, device: str | None = None,
                  checkpoint_every: float | None = None, share: Callable[[dict | None], Any] | None = None):
         self.spec, self.progress, self.share = spec, progress, share
-        self.overrides = {k: v for k, v in (("device", device), ("checkpoint_every", checkpoint_every)) if v is not None}
+        self.overrides = {k: v for k, v in (("device", device), ("checkpoint_every", checkpoint_every))
+                          if v is not None}
         self._data = None
 
     def data(self):
@@ -560,7 +562,8 @@ def result_attrs(model, config: TrialConfig, r: TrainResult, fingerprint: str = 
 def trial_line(trial: optuna.trial.FrozenTrial) -> str:
     """One line on a finished trial: state, arm or placement, val NLL or why it stopped."""
     a = trial.user_attrs
-    nll = f"val NLL {a['val_nll']:.4f}" if "val_nll" in a else a.get("rejected", a.get("failed", trial.system_attrs.get("fail_reason", "")))
+    nll = (f"val NLL {a['val_nll']:.4f}" if "val_nll" in a
+           else a.get("rejected", a.get("failed", trial.system_attrs.get("fail_reason", ""))))
     resumed = f" (resumed at {a['resumed_from_flops']:.3g} FLOPs)" if "resumed_from_flops" in a else ""
     what = f"{a.get('strategy', '?')} [{a.get('loop_start')},{a.get('loop_end')})x{a.get('n_loops')}"
     if a.get("arm"):

@@ -58,7 +58,8 @@ from .study import (CONFIRM_OF_ATTR, FINISHED, Objective, counted, ensure_baseli
                     trial_budget, trial_line)
 
 LEASE_ATTR = "loopsearch.lease"
-SURPLUS_ATTR = "loopsearch.surplus"  # a trial a worker did not run: the study's limit was reached (results leave it out)
+# a trial a worker did not run: the study's limit was reached (results leave it out)
+SURPLUS_ATTR = "loopsearch.surplus"
 MAX_RETRY = 3  # retries of a trial whose worker died
 MAX_FAILURES = 3  # a worker stops after this many failed trials in a row
 DEFAULT_HEARTBEAT = 30  # seconds between heartbeats / lease renewals
@@ -314,7 +315,8 @@ def _loop(study, guarded, callbacks, last, limits, grace, deadline, timeout, nam
         ran += 1
         failures = failures + 1 if last and last[-1].state == TrialState.FAIL else 0
         if failures >= MAX_FAILURES:
-            say(f"stopping: {failures} trials in a row failed in this worker (see `loopsearch leaderboard --study {name}`)")
+            say(f"stopping: {failures} trials in a row failed in this worker "
+                f"(see `loopsearch leaderboard --study {name}`)")
             break
     return ran
 
@@ -407,7 +409,8 @@ def visible_gpus() -> list[str]:
     if not torch.cuda.is_available():
         return []
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
-    ids = [d.strip() for d in listed.split(",") if d.strip()] if listed else [str(i) for i in range(torch.cuda.device_count())]
+    ids = ([d.strip() for d in listed.split(",") if d.strip()] if listed
+           else [str(i) for i in range(torch.cuda.device_count())])
     return ids
 
 
