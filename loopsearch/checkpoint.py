@@ -33,11 +33,9 @@ def save(directory: str | Path, model: LoopedMDM, config: TrialConfig, tokenizer
 def build_model(config: TrialConfig, vocab_size: int, registry: Registry | None = None) -> LoopedMDM:
     """Instantiate the backbone and strategy a TrialConfig names, through the plugin registry."""
     reg = registry or get_registry()
-    bb_cls = reg.get("backbone", config.backbone.name)
-    st_cls = reg.get("loop_strategy", config.strategy.name)
-    backbone = bb_cls(bb_cls.Params.model_validate(config.backbone.params), vocab_size, config.train.seq_len)
-    strategy = st_cls(st_cls.Params.model_validate(config.strategy.params), config.loop_start, config.loop_end,
-                      backbone.d_model)
+    backbone = reg.build("backbone", config.backbone.name, config.backbone.params, vocab_size, config.train.seq_len)
+    strategy = reg.build("loop_strategy", config.strategy.name, config.strategy.params, config.loop_start,
+                         config.loop_end, backbone.d_model)
     return LoopedMDM(backbone, strategy)
 
 

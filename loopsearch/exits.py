@@ -35,7 +35,7 @@ from __future__ import annotations
 from typing import Any, Callable, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import SpecError
 from .registry import get_registry
@@ -112,21 +112,16 @@ def reduce_masked(values: torch.Tensor, masked: torch.Tensor | None, how: str) -
 def exit_params(name: str, params: dict | None = None) -> tuple[type, BaseModel]:
     """Look an exit criterion up and validate its parameters: one-line errors for an unknown
     name (listing the available ones) or bad parameters (naming the accepted ones)."""
-    cls = get_registry().get("exit_criterion", name)
-    try:
-        return cls, cls.Params.model_validate(params or {})
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'params'}: {e['msg']}" for e in exc.errors())
-        accepted = ", ".join(cls.Params.model_fields) or "none"
-        raise SpecError(f"bad parameters for exit criterion {name!r}: {problems} (accepted: {accepted})") from None
+    reg = get_registry()
+    return reg.get("exit_criterion", name), reg.params("exit_criterion", name, params)
 
 
 def make_exit(name: str, params: dict | None, model, seq_len: int | None = None):
     """An exit criterion for ``model`` (a LoopedMDM): the readout cost comes from the model, at
     ``seq_len`` if given, else at the length of whatever sequences it is run on."""
-    cls, p = exit_params(name, params)
     readout = model.readout_flops(seq_len) if seq_len is not None else model.readout_flops
-    return cls(p, readout, mask_id=getattr(model.backbone, "mask_id", None))
+    return get_registry().build("exit_criterion", name, params, readout,
+                                mask_id=getattr(model.backbone, "mask_id", None))
 
 
 def parse_exit(spec: str) -> tuple[str, dict[str, str]]:

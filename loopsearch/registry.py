@@ -106,6 +106,35 @@ class Registry:
             raise UnknownPluginError(kind.replace("_", " "), name, list(found))
         return found[name].obj
 
+    def params(self, kind: str, name: str, params: Any = None, where: str = "") -> Any:
+        """The plugin's validated ``Params`` (an instance of its pydantic model; a plugin without
+        one gets ``params`` back as a dict). One error format for every kind: SpecError
+        "bad parameters for KIND 'NAME' [in WHERE]: key: problem (accepted: ...)"."""
+        from pydantic import BaseModel, ValidationError
+
+        from .errors import SpecError
+
+        cls = self.get(kind, name)
+        model = getattr(cls, "Params", None)
+        if isinstance(params, BaseModel):
+            params = params.model_dump()
+        if model is None:
+            return dict(params or {})
+        try:
+            return model.model_validate(params or {})
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'params'}: {e['msg']} (got {e.get('input')!r})"
+                                 for e in exc.errors())
+            accepted = ", ".join(model.model_fields) or "none"
+            context = f" in {where}" if where else ""
+            raise SpecError(f"bad parameters for {kind.replace('_', ' ')} {name!r}{context}: {problems} "
+                            f"(accepted: {accepted})") from None
+
+    def build(self, kind: str, name: str, params: Any = None, *args: Any, where: str = "", **kwargs: Any) -> Any:
+        """The one place a plugin is instantiated from its registry entry: look it up, validate
+        ``params`` against its ``Params`` and call ``cls(validated, *args, **kwargs)``."""
+        return self.get(kind, name)(self.params(kind, name, params, where), *args, **kwargs)
+
     def all(self) -> list[PluginInfo]:
         return [info for kind in KINDS for info in self.items(kind).values()]
 

@@ -286,13 +286,7 @@ def make_init(n: int, seq_len: int, mask_id: int, prefix: list[int] | None = Non
 
 def get_sampler(name: str, params: dict | None = None) -> Sampler:
     """A sampler plugin by name with validated parameters (one-line errors)."""
-    cls = get_registry().get("sampler", name)
-    try:
-        return cls(cls.Params.model_validate(params or {}))
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'params'}: {e['msg']}" for e in exc.errors())
-        accepted = ", ".join(cls.Params.model_fields) or "none"
-        raise SpecError(f"bad parameters for sampler {name!r}: {problems} (accepted: {accepted})") from None
+    return get_registry().build("sampler", name, params)
 
 
 @torch.no_grad()

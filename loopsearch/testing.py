@@ -134,11 +134,9 @@ class StrategyConformance:
 
     @classmethod
     def make_backbone(cls, seed: int | None = None):
-        bb_cls = cls.registry().get("backbone", cls.backbone)
         torch.manual_seed(cls.seed if seed is None else seed)
-        params = bb_cls.Params.model_validate(
-            {"n_layer": cls.n_layer, "d_model": cls.d_model, "n_heads": cls.n_heads})
-        return bb_cls(params, cls.vocab, cls.seq_len)
+        params = {"n_layer": cls.n_layer, "d_model": cls.d_model, "n_heads": cls.n_heads}
+        return cls.registry().build("backbone", cls.backbone, params, cls.vocab, cls.seq_len)
 
     @classmethod
     def make_model(cls, params: dict[str, Any] | None = None, seed: int | None = None,
@@ -146,10 +144,11 @@ class StrategyConformance:
         """A tiny LoopedMDM with the strategy under test (or ``strategy``) built through the
         registry; the same seed gives the same weights."""
         backbone = cls.make_backbone(seed)
-        st_cls = cls.registry().get("loop_strategy", strategy) if strategy else cls.strategy_class()
+        if not strategy:
+            cls.strategy_class()  # a clear error when the class attribute is missing
         start, end = cls.block if block is None else block
-        st = st_cls(st_cls.Params.model_validate(cls.params if params is None else params), start, end,
-                    backbone.d_model)
+        st = cls.registry().build("loop_strategy", strategy or cls.strategy, cls.params if params is None else params,
+                                  start, end, backbone.d_model)
         return LoopedMDM(backbone, st)
 
     @classmethod

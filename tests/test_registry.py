@@ -90,3 +90,20 @@ def test_every_kind_has_a_hook():
     from loopsearch import hookspecs
 
     assert all(hasattr(hookspecs, hook) for hook in KINDS.values())
+
+
+def test_one_factory_builds_every_plugin_kind_with_one_error_format():
+    """Registry.build is the one place plugins are instantiated; bad parameters give the same
+    one-line message for every kind."""
+    from loopsearch.errors import SpecError
+    from loopsearch.registry import get_registry
+
+    reg = get_registry()
+    sampler = reg.build("sampler", "threshold", {"threshold": 0.5})
+    assert sampler.params.threshold == 0.5
+    corpus = reg.build("corpus", "shakespeare", {})
+    assert corpus.name == "shakespeare"
+    for kind, name, bad in (("sampler", "threshold", {"threshold": 7}), ("backbone", "transformer", {"n_layr": 2}),
+                            ("exit_criterion", "kl", {"tol": "abc"})):
+        with pytest.raises(SpecError, match=rf"^bad parameters for {kind.replace('_', ' ')} '{name}'.*accepted: "):
+            reg.build(kind, name, bad)

@@ -63,8 +63,7 @@ def validation_set(directory: str | Path, device: str = "auto"):
     and, with ``config.mask_seed``, the same masks)."""
     reg = get_registry()
     model, config, _ = checkpoint.load(directory, reg)
-    corpus_cls = reg.get("corpus", config.corpus.name)
-    data = prepare(corpus_cls(corpus_cls.Params.model_validate(config.corpus.params)), config.vocab_size)
+    data = prepare(reg.build("corpus", config.corpus.name, config.corpus.params), config.vocab_size)
     dev = resolve_device(device)
     model.to(dev).eval()
     windows, keys = validation_windows(data.valid, config.train.seq_len, config.train.eval_sequences)

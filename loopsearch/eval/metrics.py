@@ -57,8 +57,7 @@ def ensure_reference(spec, params: dict | None = None, progress: bool = True) ->
 def train_reference_for(spec, params: dict | None, progress: bool, path: Path | None = None) -> dict[str, Any]:
     path = path or reference_path(spec)
     config = validate(ReferenceConfig, params or {}, "reference LM parameters")
-    corpus_cls = get_registry().get("corpus", spec.corpus.name)
-    data = prepare(corpus_cls(corpus_cls.Params.model_validate(spec.corpus.params)), spec.vocab_size)
+    data = prepare(get_registry().build("corpus", spec.corpus.name, spec.corpus.params), spec.vocab_size)
     model, info = train_reference(data, config, progress=progress)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     save_reference(tmp, model, config, data.tokenizer_json, info)

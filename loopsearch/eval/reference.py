@@ -99,8 +99,7 @@ def reference_dir(artifacts_dir: str | Path, study_name: str) -> Path:
 def build_reference(config: ReferenceConfig, vocab_size: int):
     """The causal backbone (untrained), through the plugin registry. ``vocab_size`` counts the
     tokeniser's tokens; the backbone's extra MASK id is never predicted (logits are cut to the vocab)."""
-    cls = get_registry().get("backbone", BACKBONE)
-    return cls(cls.Params.model_validate(config.backbone_params()), vocab_size, config.seq_len)
+    return get_registry().build("backbone", BACKBONE, config.backbone_params(), vocab_size, config.seq_len)
 
 
 def causal_logits(model, x: torch.Tensor) -> torch.Tensor:

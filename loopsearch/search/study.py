@@ -61,13 +61,10 @@ def make_spec(recipe: StudyRecipe, name: str, space: str | SearchSpace | None = 
     data = recipe.model_dump()
     data.update(name=name, space=resolved.model_dump(), versions={})
     spec = validate(StudySpec, data, f"study {name!r}")
-    bb_cls = reg.get("backbone", spec.backbone.name)
     # store every parameter explicitly: the spec then says exactly what was trained
-    spec.backbone.params = validate(bb_cls.Params, spec.backbone.params,
-                                    f"study {name!r}: backbone {spec.backbone.name!r} params").model_dump()
-    corpus_cls = reg.get("corpus", spec.corpus.name)
-    spec.corpus.params = validate(corpus_cls.Params, spec.corpus.params,
-                                  f"study {name!r}: corpus {spec.corpus.name!r} params").model_dump()
+    spec.backbone.params = reg.params("backbone", spec.backbone.name, spec.backbone.params,
+                                      f"study {name!r}").model_dump()
+    spec.corpus.params = reg.params("corpus", spec.corpus.name, spec.corpus.params, f"study {name!r}").model_dump()
     if spec.seeds is not None:  # the recipe's (or --seeds) replicates override the space's
         spec.space.seeds = spec.seeds
     spec.seeds = spec.space.seeds
@@ -331,10 +328,8 @@ class Objective:
 
     def data(self):
         if self._data is None:
-            reg = get_registry()
-            corpus_cls = reg.get("corpus", self.spec.corpus.name)
-            self._data = prepare(corpus_cls(corpus_cls.Params.model_validate(self.spec.corpus.params)),
-                                 self.spec.vocab_size)
+            corpus = get_registry().build("corpus", self.spec.corpus.name, self.spec.corpus.params)
+            self._data = prepare(corpus, self.spec.vocab_size)
         return self._data
 
     def choose(self, trial: optuna.Trial) -> Choice:
