@@ -14,9 +14,20 @@ from pathlib import Path
 import click
 
 from .errors import BudgetError, LoopsearchError
+from .spec import SAMPLERS
 from .units import format_flops, parse_flops
 
 STORAGE_HELP = "Optuna storage URL (default: $LOOPSEARCH_STORAGE, else sqlite:///loopsearch.db in this directory)."
+
+
+# one name per metric: study objectives, `evaluate --metric`, leaderboard columns and docs
+METRIC_NAMES = ("loop_scaling", "gen_ppl", "zeroshot_bpb", "task_accuracy")
+OLD_METRIC_NAMES = {"genppl": "gen_ppl", "zeroshot": "zeroshot_bpb", "task": "task_accuracy"}
+
+
+def deprecated(old: str, new: str) -> None:
+    """One line on stderr for an old spelling that still works."""
+    click.echo(f"deprecated: {old} is now {new}; the old spelling will be removed in a later release", err=True)
 
 
 def _console(stderr: bool = False):
@@ -144,8 +155,9 @@ def corpus_option(value: str | None) -> dict | None:
 @click.option("--name", help="Study name (default: SPACE-YYYYmmdd-HHMMSS).")
 @click.option("--budget", help="Training FLOPs per trial: 3e13, '30 TFLOP', '2 PFLOP' or GPU time 'h100:2h@0.4'.")
 @click.option("--corpus", help="Corpus plugin name, text file, directory (train/valid files) or hf:DATASET[/CONFIG].")
-@click.option("--sampler", type=click.Choice(["auto", "tpe", "random", "qmc", "gp", "cmaes", "nsga2"]),
+@click.option("--optuna-sampler", "sampler", type=click.Choice(SAMPLERS),
               help="Optuna sampler (default auto: tpe, or nsga2 for a multi-objective study).")
+@click.option("--sampler", "old_sampler", type=click.Choice(SAMPLERS), hidden=True)
 @click.option("--pruner", type=click.Choice(["none", "median", "successive_halving", "hyperband"]),
               help="Stop weak trials early, comparing val NLL at equal training GFLOPs (default none).")
 @click.option("--seed", type=int, help="The study's seed: of the first training seed of every trial (data order, "
@@ -154,11 +166,14 @@ def corpus_option(value: str | None) -> dict | None:
               "space's, else 1): every trial trains each and its value is their mean (arms: one trial per seed).")
 @click.option("--n-trials", type=int, help="Finished trials the study is run to (all workers together).")
 @click.option("--storage", help=STORAGE_HELP)
-def study_create(space, recipe, name, budget, corpus, sampler, pruner, seed, seeds, n_trials, storage):
+def study_create(space, recipe, name, budget, corpus, sampler, old_sampler, pruner, seed, seeds, n_trials, storage):
     """Create a study and store its whole spec in Optuna storage.
 
     Example: loopsearch study create --space early_middle --name quick --budget '1 TFLOP'
     """
+    if old_sampler is not None:
+        deprecated("--sampler", "--optuna-sampler")
+        sampler = sampler or old_sampler
     from .search import study as studies
     from .search.storage import mask, storage_url
 
@@ -360,7 +375,8 @@ def study_show(name, as_json, storage):
     console.print(f"budget {format_flops(spec.budget)} per trial; "
                   f"corpus {spec.corpus.name} {spec.corpus.params or ''}; "
                   f"backbone {spec.backbone.name} {spec.backbone.params or '(defaults)'}; vocab {spec.vocab_size}; "
-                  f"seed {spec.seed}; sampler {spec.sampler}; pruner {spec.pruner}; target {spec.n_trials} trials; "
+                  f"seed {spec.seed}; Optuna sampler {spec.optuna_sampler}; pruner {spec.pruner}; "
+                  f"target {spec.n_trials} trials; "
                   f"objectives {', '.join(spec.objective.metrics)}")
     console.print(f"trials: {dict(counts) or 'none yet'}")
     console.print(f"versions: {spec.versions}")
@@ -578,25 +594,9 @@ def compare_cmd(names, as_json, storage):
 
 
 # ---- evaluation -------------------------------------------------------------------------------------------
-@cli.command("eval")
-@click.argument("study_name", metavar="STUDY")
-@click.argument("trial", type=int)
-@click.option("--loops", default="1,2,3,4,6,8", show_default=True, help="Loop counts to evaluate: 1,2,4,8 or 1-8.")
-@click.option("--exit", "exit_specs", multiple=True, metavar="SPEC",
-              help="Also evaluate with an exit criterion, the loop count as a cap: NAME or NAME:key=value,... "
-                   "(e.g. hidden_delta:tol=0.01, kl, argmax:patience=2). Repeatable.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
-@click.option("--storage", help=STORAGE_HELP)
-def eval_cmd(study_name, trial, loops, exit_specs, device, as_json, storage):
-    """Evaluate a trained trial at several loop counts: val NLL and inference FLOPs per token.
-
-    With --exit, each loop count is also evaluated as the cap of an early-exit criterion; the
-    rows then give the mean loops executed and the FLOPs that really ran.
-    The results are stored in the study; `loopsearch leaderboard --scaling` shows them.
-
-    Example: loopsearch eval quickstart 2 --loops 1,2,3,4,6,8 --exit hidden_delta:tol=0.01
-    """
+def _loop_scaling(study_name, trial, loops, exit_specs, device, as_json, storage):
+    """`evaluate --metric loop_scaling`: val NLL (± its standard error) and inference FLOPs per
+    token at each loop count, with and without exit criteria; stored in the study."""
     from .eval import loop_scaling as scaling
     from .exits import check_exits, parse_exit
     from .search import study as studies
@@ -609,12 +609,31 @@ def eval_cmd(study_name, trial, loops, exit_specs, device, as_json, storage):
     rows = scaling.loop_scaling(directory, counts, device, exits)
     scaling.store(st, trial, directory, rows)
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json.dumps([{k: v for k, v in r.items() if k != "val_windows"} for r in rows], indent=2))
         return
     from .results import leaderboard as lb
 
     _console().print(lb.rich_scaling_table(lb.scaling_frame(storage, [study_name]).filter(
         lb.pl.col("trial") == trial)))
+
+
+@cli.command("eval")
+@click.argument("study_name", metavar="STUDY")
+@click.argument("trial", type=int)
+@click.option("--loops", default="1,2,3,4,6,8", show_default=True, help="Loop counts to evaluate: 1,2,4,8 or 1-8.")
+@click.option("--exit", "exit_specs", multiple=True, metavar="SPEC",
+              help="Also evaluate with an exit criterion, the loop count as a cap: NAME or NAME:key=value,... "
+                   "(e.g. hidden_delta:tol=0.01, kl, argmax:patience=2). Repeatable.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+@click.option("--storage", help=STORAGE_HELP)
+def eval_cmd(study_name, trial, loops, exit_specs, device, as_json, storage):
+    """Deprecated spelling of `loopsearch evaluate STUDY TRIAL --metric loop_scaling`.
+
+    Example: loopsearch evaluate quickstart 2 --metric loop_scaling --loops 1,2,3,4,6,8
+    """
+    deprecated("loopsearch eval", "loopsearch evaluate --metric loop_scaling")
+    _loop_scaling(study_name, trial, loops, exit_specs, device, as_json, storage)
 
 
 # ---- sampling ------------------------------------------------------------------------------------------------
@@ -692,9 +711,12 @@ def sample_cmd(study_name, trial, sampler, steps, loops, exit_spec, model_schedu
 @cli.command("evaluate")
 @click.argument("study_name", metavar="STUDY")
 @click.argument("trial", type=int)
-@click.option("--metric", type=click.Choice(["genppl", "zeroshot", "task"]), required=True,
-              help="genppl: samples scored by the study's reference LM (+ unigram entropy); zeroshot: ELBO bound "
-                   "on --data; task: exact-match accuracy on --task by conditional sampling.")
+@click.option("--metric", type=click.Choice([*METRIC_NAMES, *OLD_METRIC_NAMES]), required=True,
+              help="loop_scaling: val NLL and inference FLOPs at several loop counts (--loops, --exit); gen_ppl: "
+                   "samples scored by the study's reference LM (+ unigram entropy); zeroshot_bpb: ELBO bound in "
+                   "bits/byte on --data; task_accuracy: exact-match accuracy on --task by conditional sampling.")
+@click.option("--loops", "loop_counts", default="1,2,3,4,6,8", show_default=True,
+              help="loop_scaling: loop counts to evaluate, 1,2,4,8 or 1-8.")
 @click.option("--data", "data_paths", multiple=True, metavar="PATH",
               help="zeroshot: text file(s) to evaluate (wiki.test.raw, lambada_test.jsonl, ptb.test.txt, any .txt).")
 @click.option("--sequences", type=int, default=64, show_default=True,
@@ -708,8 +730,9 @@ def sample_cmd(study_name, trial, sampler, steps, loops, exit_spec, model_schedu
 @click.option("--steps", type=int, help="Sampler steps (default: one per generated token).")
 @click.option("--loop-schedule", "loops", metavar="SCHEDULE",
               help="Loops per network call (see `loopsearch sample --help`).")
-@click.option("--exit", "exit_spec", metavar="SPEC",
-              help="Exit criterion for the loops while sampling, e.g. hidden_delta:tol=0.01.")
+@click.option("--exit", "exit_specs", multiple=True, metavar="SPEC",
+              help="Exit criterion: for the loops while sampling (gen_ppl, task_accuracy: one), or, with "
+                   "loop_scaling, each loop count also evaluated as its cap (repeatable). E.g. hidden_delta:tol=0.01.")
 @click.option("-n", "--n-samples", "n_samples", type=int, default=16, show_default=True, help="genppl: samples drawn.")
 @click.option("--reference", type=click.Path(file_okay=False),
               help="genppl: reference LM directory (default: the study's, trained on first use; "
@@ -719,16 +742,25 @@ def sample_cmd(study_name, trial, sampler, steps, loops, exit_spec, model_schedu
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result rows as JSON.")
 @click.option("--storage", help=STORAGE_HELP)
-def evaluate_cmd(study_name, trial, metric, data_paths, sequences, task, task_params, n_problems, sampler, params,
-                 steps, loops, exit_spec, n_samples, reference, seed, device, as_json, storage):
-    """Measure a trained trial: generative perplexity, zero-shot perplexity or task accuracy.
+def evaluate_cmd(study_name, trial, metric, loop_counts, data_paths, sequences, task, task_params, n_problems,
+                 sampler, params, steps, loops, exit_specs, n_samples, reference, seed, device, as_json, storage):
+    """Measure a trained trial: loop scaling, generative perplexity, zero-shot bound or task accuracy.
 
-    Results are stored with the trial (the leaderboard shows them). For val NLL at several loop
-    counts use `loopsearch eval`.
+    Results are stored with the trial (the leaderboard shows them; `leaderboard --scaling` the
+    loop-scaling rows). The metric names are the study objectives' and the leaderboard columns'.
 
-    Examples: loopsearch evaluate quickstart 1 --metric genppl --sampler cached --steps 128;
-    loopsearch evaluate quickstart 1 --metric zeroshot --data ../shared/data/wikitext-2/wiki.test.raw
+    Examples: loopsearch evaluate quickstart 1 --metric loop_scaling --loops 1-6 --exit hidden_delta:tol=0.01;
+    loopsearch evaluate quickstart 1 --metric gen_ppl --sampler cached --steps 128;
+    loopsearch evaluate quickstart 1 --metric zeroshot_bpb --data ../shared/data/wikitext-2/wiki.test.raw
     """
+    if metric in OLD_METRIC_NAMES:
+        deprecated(f"--metric {metric}", f"--metric {OLD_METRIC_NAMES[metric]}")
+        metric = OLD_METRIC_NAMES[metric]
+    if metric == "loop_scaling":
+        return _loop_scaling(study_name, trial, loop_counts, exit_specs, device, as_json, storage)
+    if len(exit_specs) > 1:
+        raise LoopsearchError(f"--metric {metric} takes one --exit (the loops while sampling); got {len(exit_specs)}")
+    exit_spec = exit_specs[0] if exit_specs else None
     from .eval import generation, metrics
     from .eval import loop_scaling as scaling
     from .exits import check_exits, parse_exit
@@ -742,15 +774,15 @@ def evaluate_cmd(study_name, trial, metric, data_paths, sequences, task, task_pa
     exit_ = parse_exit(exit_spec) if exit_spec else None
     if exit_ is not None:
         check_exits([exit_])
-    if metric == "zeroshot" and not data_paths:
-        raise LoopsearchError("--metric zeroshot needs --data PATH (e.g. ../shared/data/wikitext-2/wiki.test.raw)")
+    if metric == "zeroshot_bpb" and not data_paths:
+        raise LoopsearchError("--metric zeroshot_bpb needs --data PATH (e.g. ../shared/data/wikitext-2/wiki.test.raw)")
     st, spec = studies.load(study_name, storage)
     loaded = generation.load_trial(scaling.trial_checkpoint(st, trial), device)
     sampling = dict(sampler=sampler, params=sampler_params, steps=steps, seed=seed, loops=loops, exit=exit_)
-    if metric == "genppl":
+    if metric == "gen_ppl":
         ref = reference or metrics.ensure_reference(spec)
         rows = [metrics.gen_ppl_metric(loaded, ref, n_samples=n_samples, **sampling)]
-    elif metric == "zeroshot":
+    elif metric == "zeroshot_bpb":
         rows = [metrics.zeroshot_metric(loaded, path, sequences=sequences or None, seed=seed) for path in data_paths]
     else:
         rows = [metrics.task_metric(loaded, task, generation.parse_params(task_params), n=n_problems, **sampling)]

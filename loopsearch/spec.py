@@ -211,7 +211,7 @@ class TrainConfig(Strict):
 METRICS = {  # study objectives and their directions
     "val_nll": "minimize",  # validation ELBO, nats/token (always measured)
     "gen_ppl": "minimize",  # generative perplexity of samples under the study's reference causal LM
-    "zeroshot_nll": "minimize",  # ELBO on a held-out text file (e.g. WikiText-2), bits per byte
+    "zeroshot_bpb": "minimize",  # ELBO on a held-out text file (e.g. WikiText-2), bits per byte
     "task_accuracy": "maximize",  # exact match on a reasoning task by conditional sampling
     "inference_flops": "minimize",  # inference FLOPs per token the final validation executed
 }
@@ -225,9 +225,10 @@ class ObjectiveSpec(Strict):
     """What a study optimises: one metric, or several (a multi-objective study, Pareto front).
     The sampler settings apply to gen_ppl and task_accuracy."""
 
-    metrics: list[Literal["val_nll", "gen_ppl", "zeroshot_nll", "task_accuracy", "inference_flops"]] = Field(
+    metrics: list[Literal["val_nll", "gen_ppl", "zeroshot_bpb", "task_accuracy", "inference_flops"]] = Field(
         default_factory=lambda: ["val_nll"], min_length=1,
-        description="objectives in order: val_nll, gen_ppl, zeroshot_nll (bits/byte), task_accuracy, "
+        description="objectives in order: val_nll, gen_ppl, zeroshot_bpb (bits/byte; old name zeroshot_nll), "
+                    "task_accuracy, "
                     "inference_flops (per token)")
     sampler: PluginRef = Field(default_factory=lambda: PluginRef(name="confidence"),
                                description="sampler plugin (and params) for generation metrics")
@@ -237,8 +238,8 @@ class ObjectiveSpec(Strict):
     task: PluginRef = Field(default_factory=lambda: PluginRef(name="addition"),
                             description="task_accuracy: the task (addition or gsm8k) and its params")
     n_task: int = Field(64, ge=1, description="task_accuracy: problems evaluated (from the task's test split)")
-    zeroshot: str | None = Field(None, description="zeroshot_nll: path of the text file (WikiText-2, LAMBADA, PTB)")
-    zeroshot_sequences: int = Field(64, ge=1, description="zeroshot_nll: windows of seq_len tokens evaluated")
+    zeroshot: str | None = Field(None, description="zeroshot_bpb: path of the text file (WikiText-2, LAMBADA, PTB)")
+    zeroshot_sequences: int = Field(64, ge=1, description="zeroshot_bpb: windows of seq_len tokens evaluated")
     reference: dict[str, Any] = Field(default_factory=dict,
                                       description="gen_ppl: parameters of the reference LM trained on first use")
     seed: int = Field(0, description="seed of the sampler's noise")
@@ -247,9 +248,15 @@ class ObjectiveSpec(Strict):
     def _check(self):
         if len(set(self.metrics)) != len(self.metrics):
             raise ValueError(f"metrics {self.metrics} lists one twice")
-        if "zeroshot_nll" in self.metrics and not self.zeroshot:
-            raise ValueError("metric zeroshot_nll needs zeroshot = PATH of a text file (e.g. wiki.test.raw)")
+        if "zeroshot_bpb" in self.metrics and not self.zeroshot:
+            raise ValueError("metric zeroshot_bpb needs zeroshot = PATH of a text file (e.g. wiki.test.raw)")
         return self
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _old_metric_names(cls, v):
+        """zeroshot_nll (which held bits/byte) is now zeroshot_bpb, the leaderboard column's name."""
+        return [("zeroshot_bpb" if m == "zeroshot_nll" else m) for m in v] if isinstance(v, list) else v
 
     @property
     def directions(self) -> list[str]:
@@ -284,8 +291,9 @@ class StudyRecipe(Strict):
                                      "Optuna sampler")
     seeds: int | None = Field(None, ge=1, description="training seeds per configuration (replicates); "
                                                       "None: the space's seeds (default 1)")
-    sampler: Literal[SAMPLERS] = Field(  # type: ignore[valid-type]
-        "auto", description="Optuna sampler; auto = tpe, or nsga2 for a multi-objective study")
+    optuna_sampler: Literal[SAMPLERS] = Field(  # type: ignore[valid-type]
+        "auto", description="Optuna sampler; auto = tpe, or nsga2 for a multi-objective study (the old key "
+                            "`sampler` is read as this one; `sampler` means the diffusion sampler elsewhere)")
     pruner: Literal[PRUNERS] = Field(  # type: ignore[valid-type]
         "none", description="prune on val NLL at equal training FLOPs: none, median, successive_halving, hyperband")
     artifacts_dir: str = Field("loopsearch_runs", description="where trial checkpoints are written")
@@ -295,6 +303,16 @@ class StudyRecipe(Strict):
     @classmethod
     def _parse_budget(cls, v):
         return _budget(v)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_sampler_key(cls, data):
+        """Recipes and stored studies from before the rename: `sampler` is the Optuna sampler."""
+        if isinstance(data, dict) and "sampler" in data:
+            data = dict(data)
+            old = data.pop("sampler")
+            data.setdefault("optuna_sampler", old)
+        return data
 
 
 class StudySpec(StudyRecipe):

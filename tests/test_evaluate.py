@@ -1,4 +1,4 @@
-"""Inference-time loop scaling of a trained checkpoint (`loopsearch eval`)."""
+"""Inference-time loop scaling of a trained checkpoint (`loopsearch evaluate --metric loop_scaling`)."""
 
 import json
 
@@ -18,7 +18,7 @@ def test_parse_loops():
 
 
 def test_loop_scaling_rows_and_storage(trained):
-    r = run_cli("eval", "scale", "1", "--loops", "1-4,8", "--json")
+    r = run_cli("evaluate", "scale", "1", "--metric", "loop_scaling", "--loops", "1-4,8", "--json")
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
     assert [row["n_loops"] for row in rows] == [1, 2, 3, 4, 8]
@@ -39,11 +39,30 @@ def test_loop_scaling_rows_and_storage(trained):
 
 
 def test_plain_model_evaluates_once(trained):
-    r = run_cli("eval", "scale", "0", "--loops", "1,2,3", "--json")
+    r = run_cli("evaluate", "scale", "0", "--metric", "loop_scaling", "--loops", "1,2,3", "--json")
     assert r.returncode == 0, r.stderr
     assert [row["n_loops"] for row in json.loads(r.stdout)] == [1]
 
 
 def test_unknown_trial_is_one_line_error(trained):
-    r = run_cli("eval", "scale", "42")
+    r = run_cli("evaluate", "scale", "42", "--metric", "loop_scaling")
     assert r.returncode == 2 and "no trial 42" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_old_spellings_still_work_with_a_deprecation_line(trained, tiny_recipe):
+    """`loopsearch eval` is `evaluate --metric loop_scaling`; `--metric genppl|zeroshot|task` and
+    `study create --sampler` keep working and say what the new spelling is."""
+    r = run_cli("eval", "scale", "1", "--loops", "1,2", "--json")
+    assert r.returncode == 0, r.stderr
+    assert "deprecated: loopsearch eval is now loopsearch evaluate --metric loop_scaling" in r.stderr
+    assert [row["n_loops"] for row in json.loads(r.stdout)] == [1, 2]
+    r = run_cli("evaluate", "scale", "0", "--metric", "zeroshot")
+    assert "deprecated: --metric zeroshot is now --metric zeroshot_bpb" in r.stderr
+    assert r.returncode == 2 and "--metric zeroshot_bpb needs --data" in r.stderr
+    r = run_cli("study", "create", "--space", "early_middle", "--recipe", str(tiny_recipe), "--name", "old",
+                "--sampler", "random")
+    assert r.returncode == 0, r.stderr
+    assert "deprecated: --sampler is now --optuna-sampler" in r.stderr
+    from loopsearch.search import study as studies
+
+    assert studies.load("old")[1].optuna_sampler == "random"

@@ -240,13 +240,15 @@ def test_plugins_list_shows_the_criteria():
     ("kl:tol=abc", "bad parameters for exit criterion 'kl'"),
     ("kl:tol", "NAME:key=value")])
 def test_bad_exit_is_a_one_line_error(spec, message):
-    r = run_cli("eval", "no-such-study", "1", "--exit", spec)  # checked before the study is opened
+    # checked before the study is opened
+    r = run_cli("evaluate", "no-such-study", "1", "--metric", "loop_scaling", "--exit", spec)
     assert r.returncode == 2 and message in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_eval_with_exit_criteria(trained):  # noqa: F811
-    r = run_cli("eval", "scale", "1", "--loops", "2,4", "--exit", "hidden_delta:tol=0.5", "--exit", "kl", "--json")
+    r = run_cli("evaluate", "scale", "1", "--metric", "loop_scaling", "--loops", "2,4",
+                "--exit", "hidden_delta:tol=0.5", "--exit", "kl", "--json")
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
     assert [(row["n_loops"], row["exit"]) for row in rows] == [
@@ -267,7 +269,8 @@ def test_eval_with_exit_criteria(trained):  # noqa: F811
     else:
         assert hd["inference_flops_per_token"] == pytest.approx(by[(4, "none")]["inference_flops_per_token"])
     # a second run adds rows to the stored ones
-    r = run_cli("eval", "scale", "1", "--loops", "3", "--exit", "argmax:patience=1", "--json")
+    r = run_cli("evaluate", "scale", "1", "--metric", "loop_scaling", "--loops", "3", "--exit", "argmax:patience=1",
+                "--json")
     assert r.returncode == 0, r.stderr
     df = leaderboard.scaling_frame(studies=["scale"])
     assert len(df) == 8 and set(df["exit"]) == {"none", "hidden_delta:tol=0.5", "kl", "argmax:patience=1"}

@@ -51,7 +51,7 @@ def test_reference_train_and_genppl_are_stored_and_shown(trained):
     assert "reference LM for 'scale'" in r.stdout
     again = run_cli("reference", "train", "scale")
     assert again.returncode == 2 and "--force" in again.stderr
-    r = run_cli("evaluate", "scale", "1", "--metric", "genppl", "-n", "4", "--steps", "8", "--sampler", "cached",
+    r = run_cli("evaluate", "scale", "1", "--metric", "gen_ppl", "-n", "4", "--steps", "8", "--sampler", "cached",
                 "--json")
     assert r.returncode == 0, r.stderr
     (row,) = json.loads(r.stdout)
@@ -67,12 +67,13 @@ def test_reference_train_and_genppl_are_stored_and_shown(trained):
 def test_evaluate_zeroshot_on_a_text_file(trained, tmp_path):
     path = tmp_path / "held_out.txt"
     path.write_text("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 20)
-    r = run_cli("evaluate", "scale", "0", "--metric", "zeroshot", "--data", str(path), "--sequences", "4", "--json")
+    r = run_cli("evaluate", "scale", "0", "--metric", "zeroshot_bpb", "--data", str(path), "--sequences", "4",
+                "--json")
     assert r.returncode == 0, r.stderr
     (row,) = json.loads(r.stdout)
     assert row["windows"] == 4 and row["bits_per_byte"] > 0 and row["nll"] > 0
     assert row["bits_per_byte"] == pytest.approx(row["total_nats"] / row["bytes"] / torch.log(torch.tensor(2.0)).item())
-    missing = run_cli("evaluate", "scale", "0", "--metric", "zeroshot")
+    missing = run_cli("evaluate", "scale", "0", "--metric", "zeroshot_bpb")
     assert missing.returncode == 2 and "needs --data" in missing.stderr
 
 
@@ -81,7 +82,7 @@ def test_evaluate_zeroshot_on_wikitext_lambada_and_ptb(trained):
     files = [SHARED_DATA / "wikitext-2" / "wiki.test.raw", SHARED_DATA / "lambada" / "lambada_test.jsonl",
              SHARED_DATA / "ptb" / "ptb.test.txt"]
     args = [a for f in files for a in ("--data", str(f))]
-    r = run_cli("evaluate", "scale", "0", "--metric", "zeroshot", *args, "--sequences", "8", "--json")
+    r = run_cli("evaluate", "scale", "0", "--metric", "zeroshot_bpb", *args, "--sequences", "8", "--json")
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
     assert [row["data"] for row in rows] == [str(f) for f in files]
@@ -89,12 +90,12 @@ def test_evaluate_zeroshot_on_wikitext_lambada_and_ptb(trained):
 
 
 def test_evaluate_task_on_addition(trained):
-    r = run_cli("evaluate", "scale", "1", "--metric", "task", "--task", "addition", "--task-param", "digits=2",
+    r = run_cli("evaluate", "scale", "1", "--metric", "task_accuracy", "--task", "addition", "--task-param", "digits=2",
                 "--n", "6", "--steps", "6", "--json")
     assert r.returncode == 0, r.stderr
     (row,) = json.loads(r.stdout)
     assert row["n"] + row["n_skipped"] == 6 and 0 <= row["accuracy"] <= 1 and row["network_calls"] > 0
-    bad = run_cli("evaluate", "scale", "1", "--metric", "task", "--task", "chess")
+    bad = run_cli("evaluate", "scale", "1", "--metric", "task_accuracy", "--task", "chess")
     assert bad.returncode == 2 and "addition" in bad.stderr and "gsm8k" in bad.stderr
 
 

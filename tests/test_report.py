@@ -96,7 +96,7 @@ def _multi_objective_study(tmp_path: Path, tiny_recipe: Path) -> optuna.Study:
     text.write_text("To be, or not to be, that is the question.\n" * 20)
     recipe = tmp_path / "multi.toml"
     recipe.write_text(tiny_recipe.read_text()
-                      + f'\n[objective]\nmetrics = ["val_nll", "zeroshot_nll"]\nzeroshot = "{text}"\n')
+                      + f'\n[objective]\nmetrics = ["val_nll", "zeroshot_bpb"]\nzeroshot = "{text}"\n')
     study = studies.create(studies.spec_from_options("multi", "early_middle", str(recipe), None, None, None, None, 9))
     dists = {"strategy": CategoricalDistribution(["fixed"]), "loop_start": IntDistribution(0, 1),
              "block_length": IntDistribution(1, 2), "fixed.n_loops": IntDistribution(2, 12)}

@@ -235,7 +235,7 @@ def test_multi_objective_study_uses_nsga2_and_shows_its_pareto_front(tmp_path):
     path = recipe(tmp_path, n_trials=4)
     path.write_text(path.read_text() + '\n[objective]\nmetrics = ["val_nll", "inference_flops"]\n')
     spec = studies.spec_from_options("mo", "early_middle", str(path), None, None, None, None, None)
-    assert spec.sampler == "auto" and isinstance(studies.make_sampler(spec), optuna.samplers.NSGAIISampler)
+    assert spec.optuna_sampler == "auto" and isinstance(studies.make_sampler(spec), optuna.samplers.NSGAIISampler)
     studies.create(spec)
     workers.run("mo", progress=False)
     st = studies.load("mo")[0]

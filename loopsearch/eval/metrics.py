@@ -122,7 +122,7 @@ def task_metric(loaded: Loaded, task: str = "addition", task_params: dict | None
 
 
 def objective_metric(metric: str, directory: str | Path, spec) -> dict[str, Any]:
-    """One study objective (gen_ppl, zeroshot_nll or task_accuracy) of a trained trial, as the
+    """One study objective (gen_ppl, zeroshot_bpb or task_accuracy) of a trained trial, as the
     user attributes to store with it; the key named ``metric`` holds the objective's value."""
     obj = spec.objective
     loaded = load_trial(directory, spec.train.device)
@@ -133,9 +133,9 @@ def objective_metric(metric: str, directory: str | Path, spec) -> dict[str, Any]
                              n_samples=obj.n_samples, **sampling)
         return {"gen_ppl": row["gen_ppl"], "sample_entropy": row["sample_entropy"],
                 "sample_flops_per_token": row["flops_per_token"]}
-    if metric == "zeroshot_nll":
+    if metric == "zeroshot_bpb":
         row = zeroshot_metric(loaded, obj.zeroshot, sequences=obj.zeroshot_sequences, seed=spec.seed)
-        return {"zeroshot_nll": row["bits_per_byte"], "zeroshot_nats_per_token": row["nll"],
+        return {"zeroshot_bpb": row["bits_per_byte"], "zeroshot_nats_per_token": row["nll"],
                 "zeroshot_data": row["data"]}
     if metric == "task_accuracy":
         row = task_metric(loaded, obj.task.name, obj.task.params, n=obj.n_task, **sampling)

@@ -53,13 +53,13 @@ def _metric_values(a: dict, evaluated: list[dict]) -> dict:
     """gen-PPL, entropy, task accuracy and zero-shot bits/byte of a trial: its objective values if
     the study optimised them, else the latest ``loopsearch evaluate`` row of each metric."""
     out = {"gen_ppl": a.get("gen_ppl"), "sample_entropy": a.get("sample_entropy"),
-           "task_accuracy": a.get("task_accuracy"), "zeroshot_bpb": a.get("zeroshot_nll")}
+           "task_accuracy": a.get("task_accuracy"), "zeroshot_bpb": a.get("zeroshot_bpb", a.get("zeroshot_nll"))}
     for r in evaluated:  # in the order they were stored: later rows win
         if r.get("metric") == "genppl" and a.get("gen_ppl") is None:
             out.update(gen_ppl=r.get("gen_ppl"), sample_entropy=r.get("sample_entropy"))
         elif r.get("metric") == "task" and a.get("task_accuracy") is None:
             out["task_accuracy"] = r.get("accuracy")
-        elif r.get("metric") == "zeroshot" and a.get("zeroshot_nll") is None:
+        elif r.get("metric") == "zeroshot" and a.get("zeroshot_bpb", a.get("zeroshot_nll")) is None:
             out["zeroshot_bpb"] = r.get("bits_per_byte")
     return out
 

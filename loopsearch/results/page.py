@@ -20,7 +20,7 @@ NLL_LABEL = "val NLL (nats/token)"
 OBJECTIVE_LABELS = {  # axis labels, with units, of the study objectives
     "val_nll": NLL_LABEL,
     "gen_ppl": "gen PPL (perplexity = exp(nats/token) under the reference LM)",
-    "zeroshot_nll": "zero-shot NLL bound (bits/byte)",
+    "zeroshot_bpb": "zero-shot NLL bound (bits/byte)",
     "task_accuracy": "task accuracy (fraction of problems exactly right)",
 }
 

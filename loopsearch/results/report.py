@@ -115,7 +115,7 @@ def summary(d: Data) -> Section:
         ["vocab size", str(spec.vocab_size)],
         ["objective", ", ".join(f"{m} ({d_})" for m, d_ in zip(spec.objective.metrics, spec.objective.directions))],
         ["seed / seeds per configuration / sampler / pruner",
-         f"{spec.seed} / {spec.space.seeds} / {spec.sampler} / {spec.pruner}"],
+         f"{spec.seed} / {spec.space.seeds} / {spec.optuna_sampler} / {spec.pruner}"],
         ["trials", ", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "none"],
         ["baseline val NLL", "not finished" if base is None else f"{base:.4f} nats/token"],
         ["best trial", "none finished" if best is None else

@@ -83,8 +83,8 @@ def check_objective(spec: StudySpec) -> None:
     obj = spec.objective
     if obj.metrics == ["val_nll"]:
         return
-    if obj.multi and spec.sampler not in MULTI_OBJECTIVE_SAMPLERS:
-        raise SpecError(f"study {spec.name!r}: sampler {spec.sampler!r} cannot optimise several objectives "
+    if obj.multi and spec.optuna_sampler not in MULTI_OBJECTIVE_SAMPLERS:
+        raise SpecError(f"study {spec.name!r}: sampler {spec.optuna_sampler!r} cannot optimise several objectives "
                         f"{obj.metrics}; use sampler \"auto\" (NSGA-II) or one of "
                         f"{', '.join(MULTI_OBJECTIVE_SAMPLERS[1:])}")
     where = f"study {spec.name!r}: [objective]"
@@ -94,7 +94,7 @@ def check_objective(spec: StudySpec) -> None:
             parse_loop_schedule(obj.loops)
     if "task_accuracy" in obj.metrics:
         get_task(obj.task.name, obj.task.params)
-    if "zeroshot_nll" in obj.metrics and not Path(obj.zeroshot).is_file():
+    if "zeroshot_bpb" in obj.metrics and not Path(obj.zeroshot).is_file():
         raise SpecError(f"{where} zeroshot = {obj.zeroshot!r} is not a file; give the path of a text file "
                         f"(e.g. ../shared/data/wikitext-2/wiki.test.raw)")
     if "gen_ppl" in obj.metrics:
@@ -208,7 +208,7 @@ def make_sampler(spec: StudySpec, offset: int = 0) -> optuna.samplers.BaseSample
     (population: a quarter of the trials, 4 to 50). ``offset`` varies the seed: a resumed study,
     or another worker, must not replay the same random draws."""
     seed = spec.seed + offset
-    name = spec.sampler
+    name = spec.optuna_sampler
     if name == "auto":
         name = "nsga2" if spec.objective.multi else "tpe"
     return {
@@ -573,7 +573,7 @@ def spec_from_options(name: str, space: str | None, recipe: str | None, budget: 
     """Merge a recipe (or the defaults) with command-line overrides and resolve it."""
     base = load_recipe(recipe) if recipe else StudyRecipe()
     data = base.model_dump()
-    for key, value in (("budget", budget), ("corpus", corpus), ("seed", seed), ("sampler", sampler),
+    for key, value in (("budget", budget), ("corpus", corpus), ("seed", seed), ("optuna_sampler", sampler),
                        ("n_trials", n_trials), ("pruner", pruner), ("seeds", seeds)):
         if value is not None:
             data[key] = value
