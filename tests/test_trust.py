@@ -171,3 +171,18 @@ def test_head_only_at_masked_positions_gives_the_same_validation():
     fast = validation_elbo(model, windows, keys, 32, draws=2, seed=1)
     full = validation_elbo(Full(), windows, keys, 32, draws=2, seed=1)
     assert torch.allclose(fast.values, full.values, atol=1e-5)
+
+
+def test_the_trial_record_is_typed_and_round_trips(seeded_study):
+    """What the objective stores reads back as a validated TrialRecord (the contract between the
+    search and the results)."""
+    from loopsearch.search.record import TrialRecord
+
+    st, _ = seeded_study
+    for t in st.get_trials():
+        r = TrialRecord.of(t)
+        assert r.val_nll == t.user_attrs["val_nll"] and r.seeds == 2 and len(r.seed_results) == 2
+        assert r.seed_results[1].seed_offset == 1 and r.seed_results[1].attrs["val_draws"] == 2
+        assert r.strategy in ("none", "fixed") and r.history and len(r.history[0]) == 3
+    with pytest.raises(ValueError):
+        TrialRecord.attrs(val_nll="not a number")

@@ -25,6 +25,7 @@ from rich.table import Table
 
 from ..errors import LoopsearchError, StudyNotFoundError
 from ..eval import loop_scaling, metrics
+from ..search.record import SeedResult, TrialRecord
 from ..search.space import BASELINE_ATTR
 from ..search.storage import mask, open_storage, storage_url
 from ..search.study import CONFIRM_OF_ATTR
@@ -80,21 +81,22 @@ def _note(t: optuna.trial.FrozenTrial, retried_as: dict[int, int]) -> str:
 def _row(study: str, t: optuna.trial.FrozenTrial, evaluated: list[dict] | None = None,
          retried_as: dict[int, int] | None = None) -> dict:
     a = t.user_attrs
-    searched = {k.split(".", 1)[-1] if k.startswith(f"{a.get('strategy')}.") else k: v for k, v in t.params.items()
+    r = TrialRecord.of(t)
+    searched = {k.split(".", 1)[-1] if k.startswith(f"{r.strategy}.") else k: v for k, v in t.params.items()
                 if k not in ("strategy", "loop_start", "block_length") and not k.endswith(".n_loops")}
     note = _note(t, retried_as or {})
     return {
         "study": study, "trial": t.number, "state": t.state.name.lower(), "baseline": bool(a.get(BASELINE_ATTR)),
         # a trial of the no-loop model: the study's baseline, or (arms) the baseline arm at any budget and seed
-        "baseline_arm": bool(a.get(BASELINE_ATTR) or a.get("baseline_arm")),
-        "strategy": a.get("strategy"), "loop_start": a.get("loop_start"), "loop_end": a.get("loop_end"),
-        "n_loops": a.get("n_loops"), "n_layer": a.get("n_layer"),
+        "baseline_arm": bool(a.get(BASELINE_ATTR) or r.baseline_arm),
+        "strategy": r.strategy, "loop_start": r.loop_start, "loop_end": r.loop_end,
+        "n_loops": r.n_loops, "n_layer": r.n_layer,
         "params": " ".join(f"{k}={v}" for k, v in sorted(searched.items())),
-        "train_flops": a.get("train_flops"), "budget": a.get("budget"),
-        "inference_flops_per_token": a.get("inference_flops_per_token"),
-        "val_nll": a.get("val_nll"), "val_nll_se": a.get("val_nll_se"), "perplexity": a.get("perplexity"),
+        "train_flops": r.train_flops, "budget": r.budget,
+        "inference_flops_per_token": r.inference_flops_per_token,
+        "val_nll": r.val_nll, "val_nll_se": r.val_nll_se, "perplexity": r.perplexity,
         "delta_nll": None, "seeds": None, "confirmed": False,
-        "steps": a.get("steps"), "n_params": a.get("n_params"), "wall_s": a.get("wall_s"),
+        "steps": r.steps, "n_params": r.n_params, "wall_s": r.wall_s,
         **_metric_values(a, evaluated or []),
         "note": str(note).splitlines()[0][:120] if note else "",
     }
@@ -103,17 +105,16 @@ def _row(study: str, t: optuna.trial.FrozenTrial, evaluated: list[dict] | None =
 def seed_values(t: optuna.trial.FrozenTrial) -> dict[int, dict]:
     """{seed offset: {val_nll, val_nll_se, val_windows, val_draws, eval_key}} of a complete trial:
     each seed it trained (older trials: their one seed)."""
-    a = t.user_attrs
-    if t.state != optuna.trial.TrialState.COMPLETE or a.get("val_nll") is None:
+    rec = TrialRecord.of(t)
+    if t.state != optuna.trial.TrialState.COMPLETE or rec.val_nll is None:
         return {}
-    rows = a.get("seed_results") or [{"seed_offset": a.get("seed_offset", 0), "val_nll": a["val_nll"],
-                                      "val_nll_se": a.get("val_nll_se"), "attrs": a}]
+    rows = rec.seed_results or [SeedResult(seed_offset=rec.seed_offset or 0, val_nll=rec.val_nll,
+                                           val_nll_se=rec.val_nll_se, attrs=t.user_attrs)]
     out = {}
     for r in rows:
-        attrs = r.get("attrs", {})
-        out[int(r["seed_offset"])] = {"val_nll": float(r["val_nll"]), "val_nll_se": r.get("val_nll_se"),
-                                      "val_windows": attrs.get("val_windows"), "val_draws": attrs.get("val_draws"),
-                                      "eval_key": attrs.get("eval_key")}
+        out[r.seed_offset] = {"val_nll": r.val_nll, "val_nll_se": r.val_nll_se,
+                              "val_windows": r.attrs.get("val_windows"), "val_draws": r.attrs.get("val_draws"),
+                              "eval_key": r.attrs.get("eval_key")}
     return out
 
 

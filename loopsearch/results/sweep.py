@@ -36,24 +36,20 @@ from rich.table import Table
 
 from .. import stats
 from ..errors import LoopsearchError
+from ..search.record import TrialRecord
 from .page import NLL_LABEL, Section, figure, flop_axis, save
 
 
 def frame(study: optuna.Study) -> pl.DataFrame:
     """One row per complete arm trial: arm, budget (training FLOPs), seed_offset, val_nll, and the
     per-window validation values when stored (val_windows, val_draws, eval_key; null if not)."""
-    def windows(a):
-        w = a.get("val_windows")
-        return [float(v) for v in w] if w else None
-
-    rows = [{"trial": t.number, "arm": t.user_attrs["arm"], "budget": float(t.user_attrs["budget"]),
-             "budget_scale": float(t.user_attrs.get("budget_scale", 1.0)),
-             "seed_offset": int(t.user_attrs.get("seed_offset", 0)), "val_nll": float(t.user_attrs["val_nll"]),
-             "train_flops": float(t.user_attrs.get("train_flops", 0.0)), "steps": int(t.user_attrs.get("steps", 0)),
-             "val_windows": windows(t.user_attrs), "val_draws": t.user_attrs.get("val_draws"),
-             "eval_key": t.user_attrs.get("eval_key")}
-            for t in study.get_trials(deepcopy=False)
-            if t.state == TrialState.COMPLETE and "arm" in t.user_attrs and "val_nll" in t.user_attrs]
+    records = [(t, TrialRecord.of(t)) for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    rows = [{"trial": t.number, "arm": r.arm, "budget": float(r.budget),
+             "budget_scale": float(r.budget_scale if r.budget_scale is not None else 1.0),
+             "seed_offset": int(r.seed_offset or 0), "val_nll": float(r.val_nll),
+             "train_flops": float(r.train_flops or 0.0), "steps": int(r.steps or 0),
+             "val_windows": r.val_windows or None, "val_draws": r.val_draws, "eval_key": r.eval_key}
+            for t, r in records if r.arm is not None and r.val_nll is not None]
     schema = {"trial": pl.Int64, "arm": pl.Utf8, "budget": pl.Float64, "budget_scale": pl.Float64,
               "seed_offset": pl.Int64, "val_nll": pl.Float64, "train_flops": pl.Float64, "steps": pl.Int64,
               "val_windows": pl.List(pl.Float64), "val_draws": pl.Int64, "eval_key": pl.Utf8}

@@ -33,6 +33,7 @@ from ..stats import mean_interval
 from ..tasks import get_task
 from ..train import TrainResult, distributed, plan_steps, train
 from ..units import format_flops
+from .record import TrialRecord
 from .space import BASELINE, BASELINE_ATTR, Choice, check_space, load_recipe, load_space, suggest
 from .storage import mask, open_storage, storage_url
 
@@ -353,17 +354,16 @@ class Objective:
         choice = self.choose(trial)
         offsets = self.seed_offsets(trial, choice)
         done = {int(r["seed_offset"]): r for r in trial.user_attrs.get("seed_results", [])}
-        last = None
         for i, offset in enumerate(offsets):
             if offset in done:
                 continue
-            last = self.train_seed(trial, choice, offset, first=i == 0, replicate=len(offsets) > 1)
-            done[offset] = last["row"]
-            trial.set_user_attr("seed_results", [done[o] for o in offsets if o in done])
+            done[offset] = self.train_seed(trial, choice, offset, first=i == 0, replicate=len(offsets) > 1)["row"]
+            rows = TrialRecord.attrs(seed_results=[done[o] for o in offsets if o in done])["seed_results"]
+            trial.set_user_attr("seed_results", rows)  # a retry of this trial skips the seeds already done
         rows = [done[o] for o in offsets]
         results = combine(rows) if len(rows) > 1 else dict(rows[0]["attrs"])
         results["seed_results"] = rows
-        for key, value in results.items():
+        for key, value in TrialRecord.attrs(**results).items():
             trial.set_user_attr(key, value)
         first_dir = Path(rows[0]["attrs"]["checkpoint"])
         return self.objective_values(trial, first_dir, results["val_nll"], results)
@@ -385,11 +385,11 @@ class Objective:
             trial.set_user_attr("rejected", reason)
             raise optuna.TrialPruned(reason) from None
         if first:
-            trial.set_user_attr("config", config.model_dump(mode="json"))
-            for key, value in describe_choice(model, config, choice).items():
-                trial.set_user_attr(key, value)
+            chosen = {"config": config.model_dump(mode="json"), **describe_choice(model, config, choice)}
             if choice.arm is not None:  # the no-loop arm at any budget and seed: what the others pair with
-                trial.set_user_attr("baseline_arm", self.spec.space.arms[choice.arm].is_baseline)
+                chosen["baseline_arm"] = self.spec.space.arms[choice.arm].is_baseline
+            for key, value in TrialRecord.attrs(**chosen).items():
+                trial.set_user_attr(key, value)
             self.reject_if_unaffordable(trial, model, config)
         suffix = f"-seed{offset}" if replicate and not first else ""
         ckpt = self.checkpointer(trial, config, suffix)
