@@ -132,6 +132,11 @@ def test_gen_ppl_matches_a_hand_computation(data, trained):
     assert out["tokens"] == 6
     assert out["nll"] == pytest.approx(nll, rel=1e-5)
     assert out["gen_ppl"] == pytest.approx(math.exp(out["nll"]))
+    # the uncertainty from 2 samples: their mean NLLs' spread, t with 1 degree of freedom
+    per = [-sum(logp[b, i - 1, x[b, i]].item() for i in range(1, 4)) / 3 for b in range(2)]
+    assert out["nll_se"] == pytest.approx(abs(per[0] - per[1]) / 2, rel=1e-5)
+    assert out["gen_ppl_lo"] == pytest.approx(math.exp(out["nll"] - 12.706 * out["nll_se"]), rel=1e-3)
+    assert out["gen_ppl_lo"] < out["gen_ppl"] < out["gen_ppl_hi"]
 
 
 def test_long_samples_are_scored_in_windows(data, trained):

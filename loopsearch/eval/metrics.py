@@ -86,7 +86,8 @@ def gen_ppl_metric(loaded: Loaded, reference: str | Path, *, sampler: str = "con
                              loops=loops, exit=exit)
     device = next(loaded.model.parameters()).device
     scored = score_samples(ref_model.to(device), result.tokens, device=device)
-    return {"metric": "genppl", "gen_ppl": scored["gen_ppl"], "gen_nll": scored["nll"],
+    return {"metric": "genppl", "gen_ppl": scored["gen_ppl"], "gen_nll": scored["nll"], "gen_nll_se": scored["nll_se"],
+            "gen_ppl_lo": scored["gen_ppl_lo"], "gen_ppl_hi": scored["gen_ppl_hi"],
             "sample_entropy": scored["entropy"], "n_samples": n_samples,
             **sampler_settings(sampler, params, steps, loops, exit, seed), **cost_fields(result.cost)}
 

@@ -35,6 +35,7 @@ from ..data import PreparedData, random_batch, validation_batches
 from ..errors import BudgetError, LoopsearchError
 from ..flops import train_step_flops
 from ..registry import get_registry
+from ..stats import mean_interval
 from ..train import _progress, lr_at, make_optimizer, resolve_device, use_bf16
 from ..units import format_flops, parse_flops
 
@@ -239,7 +240,9 @@ def gen_ppl(reference_model: torch.nn.Module, tokens: torch.Tensor, batch_size: 
     """Generative perplexity of ``tokens`` (B, T) under the reference: exp of the mean over all
     predicted tokens (every position but the first of each sample) of -log p(x_i | x_<i).
     Samples longer than the reference's training length are scored in sliding windows.
-    Returns gen_ppl, nll (nats/token) and tokens (how many were scored)."""
+    Returns gen_ppl, nll (nats/token), tokens (how many were scored), and the uncertainty from the
+    finite number of samples: nll_se (over samples, each sample's mean NLL one value; None with one
+    sample) and gen_ppl_lo/gen_ppl_hi (exp of the 95% t interval of nll)."""
     model = reference_model
     tokens = torch.as_tensor(tokens, dtype=torch.long)
     if tokens.dim() != 2 or tokens.shape[1] < 2:
@@ -254,16 +257,25 @@ def gen_ppl(reference_model: torch.nn.Module, tokens: torch.Tensor, batch_size: 
     model.to(device).eval()
     window = int(model.cos.shape[0]) + 1  # seq_len inputs (the rotary tables end there) predict seq_len tokens
     total, count = 0.0, 0
+    per_sample: list[float] = []  # each sample's mean NLL
     for chunk in tokens.split(batch_size):
         chunk = chunk.to(device)
+        sums = torch.zeros(chunk.shape[0], dtype=torch.float64)
+        n = 0
         for begin, end, first in _windows(chunk.shape[1], window):
             x = chunk[:, begin:end]
             logp = causal_logits(model, x[:, :-1]).float().log_softmax(-1)  # predicts x[:, 1:]
             picked = logp.gather(-1, x[:, 1:, None]).squeeze(-1)[:, first - 1 :]
             total -= picked.sum().item()
             count += picked.numel()
+            sums -= picked.sum(-1).double().cpu()
+            n += picked.shape[1]
+        per_sample += (sums / n).tolist()
     nll = total / count
-    return {"gen_ppl": math.exp(nll), "nll": nll, "tokens": count}
+    ci = mean_interval(per_sample)
+    return {"gen_ppl": math.exp(nll), "nll": nll, "tokens": count, "nll_se": ci.se,
+            "gen_ppl_lo": None if ci.se is None else math.exp(nll - ci.half_width),
+            "gen_ppl_hi": None if ci.se is None else math.exp(nll + ci.half_width)}
 
 
 def unigram_entropy(tokens) -> float:
