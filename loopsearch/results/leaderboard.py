@@ -30,6 +30,7 @@ from ..search.space import BASELINE_ATTR
 from ..search.storage import mask, open_storage, storage_url
 from ..search.study import CONFIRM_OF_ATTR
 from ..search.workers import SURPLUS_ATTR
+from .page import md_escape
 from ..stats import Interval, mean_interval, paired_window_interval, tie_words
 
 FORMATS = ("table", "csv", "json", "markdown", "parquet")
@@ -321,7 +322,7 @@ def markdown(df: pl.DataFrame) -> str:
     for row in df.iter_rows(named=True):
         label = {**row, "trial": f"{row['trial']}{' (baseline)' if row.get('baseline') else ''}"}
         cells = [_DERIVED[c](row) if c in _DERIVED else _fmt(c, label[c]) for c in cols]
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        lines.append("| " + " | ".join(md_escape(c).replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 

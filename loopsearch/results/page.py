@@ -97,8 +97,13 @@ def html_table(headers: list[str], rows: list[list[str]]) -> str:
     return f"<table>{head}{body}</table>"
 
 
+def md_escape(text: str) -> str:
+    """Text safe to put in Markdown: no raw HTML (names and descriptions come from users)."""
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def md_table(headers: list[str], rows: list[list[str]]) -> str:
-    cell = lambda c: str(c).replace("|", "\\|")  # noqa: E731
+    cell = lambda c: md_escape(c).replace("|", "\\|")  # noqa: E731
     lines = ["| " + " | ".join(cell(h) for h in headers) + " |", "|" + "---|" * len(headers)]
     return "\n".join(lines + ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows]) + "\n"
 
@@ -126,15 +131,15 @@ def render_html(title: str, sections: list[Section]) -> str:
 
 
 def render_md(title: str, sections: list[Section]) -> str:
-    parts = [f"# {title}\n", f"_generated {datetime.now():%Y-%m-%d %H:%M} by loopsearch_\n"]
+    parts = [f"# {md_escape(title)}\n", f"_generated {datetime.now():%Y-%m-%d %H:%M} by loopsearch_\n"]
     for s in sections:
-        parts.append(f"## {s.title}\n")
+        parts.append(f"## {md_escape(s.title)}\n")
         if s.image:
-            parts.append(f"![{s.title}]({s.image})\n")
+            parts.append(f"![{md_escape(s.title)}]({s.image})\n")
         if s.caption:
-            parts.append(f"_{s.caption}_\n")
+            parts.append(f"_{md_escape(s.caption)}_\n")
         if s.note:
-            parts.append(f"> {s.note}\n")
+            parts.append(f"> {md_escape(s.note)}\n")
         if s.markdown:
             parts.append(s.markdown)
         elif s.rows:

@@ -26,10 +26,11 @@ def storage_url(explicit: str | None = None) -> str:
 
 
 def mask(url: str) -> str:
-    """Hide passwords in a URL or a message that contains one: postgresql://user:secret@host ->
-    postgresql://user:***@host, and ?password=secret -> ?password=***."""
-    url = re.sub(r"(://[^:/@\s]+):[^@\s]*@", r"\1:***@", url)
-    return re.sub(r"(?i)([?&;\s]password=)[^&;\s]*", r"\1***", url)
+    """Hide credentials in a URL or a message that contains one: the password of user:secret@host
+    (also with an empty user, ://:secret@host, and with spaces or ':' inside it), and every query
+    parameter whose name contains "password", "secret" or "token" (?password=, ?sslpassword=, ...)."""
+    url = re.sub(r"(://[^:/@\s]*):[^@/]*@", r"\1:***@", url)
+    return re.sub(r"(?i)([?&;\s][a-z_]*(?:password|secret|token)[a-z_]*=)[^&;\s]*", r"\1***", url)
 
 
 def _check_sqlite_path(url: str) -> None:

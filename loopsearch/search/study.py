@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata as md
 import math
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -52,10 +53,39 @@ for _handler in optuna.logging.get_logger("optuna").handlers:  # filters on hand
     _handler.addFilter(_drop_interrupt_tracebacks)
 
 
+# ---- names and paths ------------------------------------------------------------------------------
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_name(name: str) -> str:
+    """A study name is also a directory name: letters, digits, '.', '_' and '-', starting with a
+    letter or digit, at most 100 characters."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
+        shown = name if len(str(name)) <= 60 else f"{str(name)[:57]}..."
+        raise SpecError(f"study name {shown!r} is not allowed; use 1-100 letters, digits, '.', '_' or '-', starting "
+                        f"with a letter or digit (no '..', '/' or spaces), e.g. --name em-2tflop")
+    return name
+
+
+def artifacts_root(spec: StudySpec) -> Path:
+    """Where a study's checkpoints go: ARTIFACTS_DIR/STUDY (the name checked again: stored specs are
+    read back from a database)."""
+    return (Path(spec.artifacts_dir) / check_name(spec.name)).resolve()
+
+
+def inside(path: Path, root: Path) -> Path:
+    """``path`` resolved, if it lies inside ``root``; a LoopsearchError otherwise."""
+    resolved = Path(path).resolve()
+    if resolved != root and root not in resolved.parents:
+        raise LoopsearchError(f"refusing to use {resolved}: it is outside the study's directory {root}")
+    return resolved
+
+
 # ---- specs -------------------------------------------------------------------------------------
 def make_spec(recipe: StudyRecipe, name: str, space: str | SearchSpace | None = None) -> StudySpec:
     """Resolve a recipe into a full, checked StudySpec (space file contents, versions); ``space``
     (a name, a path or a SearchSpace) replaces the recipe's."""
+    check_name(name)
     reg = get_registry()
     space_src = space.name if isinstance(space, SearchSpace) else (space or recipe.space)
     resolved = space if isinstance(space, SearchSpace) else load_space(space_src, reg)
@@ -285,7 +315,7 @@ def ensure_grid(study: optuna.Study, space) -> None:
 
 
 # ---- the objective ---------------------------------------------------------------------------------
-RESUME_ATTR = "loopsearch.resume_dir"  # the trial's training-state directory; a retry inherits it
+RESUME_ATTR = "loopsearch.resume_dir"  # the trial's training-state directory (written for people, never read)
 CONFIRM_OF_ATTR = "loopsearch.confirm_of"  # a confirmation trial: the trial whose configuration it retrains
 CONFIRM_SEEDS_ATTR = "loopsearch.confirm_seeds"  # ... and the seed offsets it trains
 
@@ -430,7 +460,7 @@ class Objective:
                       f"({config.train.batch_size}), the model size or seq_len ({config.train.seq_len})")
             stopped(trial, ckpt, "failed", reason)
             raise TrialFailed(reason) from None
-        out_dir = Path(self.spec.artifacts_dir) / self.spec.name / f"trial-{trial.number:04d}{suffix}"
+        out_dir = inside(artifacts_root(self.spec) / f"trial-{trial.number:04d}{suffix}", artifacts_root(self.spec))
         results = result_attrs(model, config, result, data.fingerprint)
         checkpoint.save(out_dir, model, config, data.tokenizer_json, results)
         ckpt.clear()
@@ -443,14 +473,14 @@ class Objective:
         """The trial's training-state directory: its own, or (a retry of a trial whose worker died)
         the one it inherited, whose newest checkpoint training resumes from. ``suffix``: a further
         seed of the trial (``-seedK``), beside the first seed's directory."""
-        directory = trial.user_attrs.get(RESUME_ATTR)
-        if directory is None:
-            directory = str((Path(self.spec.artifacts_dir) / self.spec.name / f"trial-{trial.number:04d}"
-                             / "state").resolve())
-            trial.set_user_attr(RESUME_ATTR, directory)
-        if suffix:
-            base = Path(directory).parent
-            directory = str(base.parent / f"{base.name}{suffix}" / "state")
+        # derived here from the study's name and the first attempt's number (Optuna's retry history),
+        # never read from storage: a path written into the database must not choose what gets deleted
+        history = trial.study._storage.get_trial(trial._trial_id).system_attrs.get("retry_history")
+        first = int((history or [trial.number])[0])
+        root = artifacts_root(self.spec)
+        directory = str(inside(root / f"trial-{first:04d}{suffix}" / "state", root))
+        if not suffix:
+            trial.set_user_attr(RESUME_ATTR, directory)  # for people and the dashboard; never read back
         ckpt = Checkpointer(directory, config.train.checkpoint_every, writer=distributed()[0] == 0)
         saved = ckpt.saved_spent()
         if saved is not None:

@@ -1,0 +1,70 @@
+"""Hostile inputs (issue 14, first part): study names cannot touch the filesystem, a path written
+into shared storage cannot make a worker delete files, credentials never print, user text in a
+Markdown report is not raw HTML."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import run_cli
+from loopsearch.errors import SpecError
+from loopsearch.search import study as studies
+from loopsearch.search import workers
+from loopsearch.search.space import BASELINE_ATTR
+from loopsearch.search.storage import mask
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("postgresql://u:s3cret@h:5432/db", "postgresql://u:***@h:5432/db"),
+    ("postgresql://:pw@host/db", "postgresql://:***@host/db"),  # no user
+    ("postgresql://u:pass word@h/db", "postgresql://u:***@h/db"),  # a space in the password
+    ("postgresql://u:a:b@h/db", "postgresql://u:***@h/db"),  # ':' in the password
+    ("postgresql://u@h/db?sslpassword=abc&x=1", "postgresql://u@h/db?sslpassword=***&x=1"),
+    ("postgresql://u@h/db?password=x;token=y", "postgresql://u@h/db?password=***;token=***"),
+    ("cannot reach postgresql://postgres:hunter2@127.0.0.1:5432/test (timeout)",
+     "cannot reach postgresql://postgres:***@127.0.0.1:5432/test (timeout)"),
+    ("sqlite:///runs/loopsearch.db", "sqlite:///runs/loopsearch.db"),
+    ("journal:/tmp/a.journal", "journal:/tmp/a.journal"),
+])
+def test_mask_hides_every_credential_form(url, shown):
+    assert mask(url) == shown
+
+
+@pytest.mark.parametrize("name", ["../../escape", "/tmp/abs", "a b", "x" * 5000, "[/]x", "a$\\foo$b", "", "..", "-x"])
+def test_unsafe_study_names_are_refused_at_create(name, tiny_recipe):
+    with pytest.raises(SpecError, match="is not allowed; use 1-100 letters"):
+        studies.spec_from_options(name, "early_middle", str(tiny_recipe), None, None, None, None, None)
+    if not name:
+        return  # on the command line an empty --name means the default name
+    r = run_cli("study", "create", "--space", "early_middle", "--recipe", str(tiny_recipe), "--name", name)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def test_a_resume_dir_written_into_storage_is_never_used(tiny_recipe, tmp_path):
+    """Anyone who can write the database could set loopsearch.resume_dir on a queued trial; the
+    worker derives the directory itself, so the planted one is neither read nor deleted."""
+    victim = tmp_path / "precious"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("do not delete")
+    spec = studies.spec_from_options("safe", "early_middle", str(tiny_recipe), None, None, None, None, 1)
+    st = studies.create(spec)
+    for t in st.get_trials():  # the queued baseline: plant the path on it
+        st._storage.set_trial_user_attr(t._trial_id, studies.RESUME_ATTR, str(victim))
+    assert workers.run("safe", progress=False) == 1
+    assert (victim / "keep.txt").read_text() == "do not delete"
+    trial = studies.load("safe")[0].get_trials()[0]
+    assert trial.user_attrs[BASELINE_ATTR] and trial.user_attrs[studies.RESUME_ATTR].endswith("safe/trial-0000/state")
+
+
+def test_markdown_report_escapes_html(tiny_recipe, tmp_path):
+    space = tmp_path / "space.toml"
+    space.write_text('name = "xss"\ndescription = "<script>alert(1)</script>"\nstrategies = ["fixed"]\n'
+                     '[block]\nlayers = [1, 3]\nlength = [1, 1]\n[strategy.fixed]\nn_loops = 2\n')
+    studies.create(studies.spec_from_options("xss", str(space), str(tiny_recipe), None, None, None, None, 1))
+    workers.run("xss", progress=False)
+    r = run_cli("report", "xss", "--format", "md", "--output", str(tmp_path / "rep"))
+    assert r.returncode == 0, r.stderr
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "<script>" not in text and "&lt;script&gt;" in text
