@@ -164,7 +164,8 @@ def corpus_option(value: str | None) -> dict | None:
                                        "initialisation), of the validation masks and of the sampler.")
 @click.option("--seeds", type=click.IntRange(min=1), help="Training seeds per configuration (default: the recipe's or "
               "space's, else 1): every trial trains each and its value is their mean (arms: one trial per seed).")
-@click.option("--n-trials", type=int, help="Finished trials the study is run to (all workers together).")
+@click.option("--n-trials", type=click.IntRange(min=1),
+              help="Finished trials the study is run to (all workers together).")
 @click.option("--storage", help=STORAGE_HELP)
 def study_create(space, recipe, name, budget, corpus, sampler, old_sampler, pruner, seed, seeds, n_trials, storage):
     """Create a study and store its whole spec in Optuna storage.
@@ -201,9 +202,11 @@ def _flops_option(ctx, param, value):
 
 @study.command("run")
 @click.argument("name", required=False)
-@click.option("--n-trials", type=int, help="Run until this many more trials have finished (all workers together; "
+@click.option("--n-trials", type=click.IntRange(min=1),
+              help="Run until this many more trials have finished (all workers together; "
                                            "default: until the study has its n_trials finished).")
-@click.option("--timeout", type=float, help="Stop starting new trials after this many seconds (per process).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
+              help="Stop starting new trials after this many seconds (per process).")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Local worker processes (cores // N torch threads each, one GPU each on a GPU machine); "
                    "on a SQLite file they run on a journal file beside it.")
@@ -238,6 +241,9 @@ def study_run(name, n_trials, timeout, workers, study_budget, checkpoint_every, 
     from .search import study as studies
     from .search import workers as pool
 
+    if grace is not None and grace <= heartbeat:
+        raise LoopsearchError(f"--grace {grace} must exceed --heartbeat {heartbeat} (a live worker would be taken for "
+                              f"dead between two heartbeats); use e.g. --grace {4 * heartbeat}")
     name = name or studies.latest_study(storage)
     studies.load(name, storage)  # fail early on an unknown study
     if threads:
@@ -385,7 +391,7 @@ def study_show(name, as_json, storage):
 # ---- leaderboard ---------------------------------------------------------------------------------------
 @cli.command()
 @click.option("--study", "studies_", multiple=True, help="Study to include (repeat for several; default: all).")
-@click.option("--top", type=int, help="Show the K best trials of each study.")
+@click.option("--top", type=click.IntRange(min=1), help="Show the K best trials of each study.")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "markdown", "parquet"]), default="table")
 @click.option("--output", type=click.Path(dir_okay=False), help="Write to this file instead of the terminal.")
 @click.option("--scaling", is_flag=True, help="Show inference loop scaling (from `loopsearch eval`) instead.")
@@ -642,7 +648,8 @@ def eval_cmd(study_name, trial, loops, exit_specs, device, as_json, storage):
 @click.argument("trial", type=int)
 @click.option("--sampler", default="ancestral", show_default=True,
               help="Sampler plugin: ancestral, cached, confidence, threshold (see `loopsearch plugins list`).")
-@click.option("--steps", type=int, help="Sampler steps (network calls at most; default: one per generated token).")
+@click.option("--steps", type=click.IntRange(min=1),
+              help="Sampler steps (network calls at most; default: one per generated token).")
 @click.option("--loop-schedule", "loops", metavar="SCHEDULE",
               help="Loops per network call: N, constant:N, decreasing:LO-HI, increasing:LO-HI or middle:LO-HI, "
                    "optionally @mask_rate (default: the trial's own loop count).")
@@ -655,8 +662,10 @@ def eval_cmd(study_name, trial, loops, exit_specs, device, as_json, storage):
 @click.option("--suffix", help="Text the samples end with (infilling between --prompt and --suffix).")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
               help="Sampler parameter, repeatable (e.g. --param threshold=0.8 --param block_length=8).")
-@click.option("-n", "--n-samples", "n", type=int, default=4, show_default=True, help="Samples to draw (one batch).")
-@click.option("--seq-len", type=int, help="Tokens per sample (default and maximum: the trial's training length).")
+@click.option("-n", "--n-samples", "n", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Samples to draw (one batch).")
+@click.option("--seq-len", type=click.IntRange(min=1),
+              help="Tokens per sample (default and maximum: the trial's training length).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampler's noise.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--json", "as_json", is_flag=True, help="Print samples and cost as JSON.")
@@ -719,21 +728,23 @@ def sample_cmd(study_name, trial, sampler, steps, loops, exit_spec, model_schedu
               help="loop_scaling: loop counts to evaluate, 1,2,4,8 or 1-8.")
 @click.option("--data", "data_paths", multiple=True, metavar="PATH",
               help="zeroshot: text file(s) to evaluate (wiki.test.raw, lambada_test.jsonl, ptb.test.txt, any .txt).")
-@click.option("--sequences", type=int, default=64, show_default=True,
+@click.option("--sequences", type=click.IntRange(min=0), default=64, show_default=True,
               help="zeroshot: windows of seq_len tokens evaluated (0: the whole file).")
 @click.option("--task", default="addition", show_default=True, help="task: addition or gsm8k.")
 @click.option("--task-param", "task_params", multiple=True, metavar="KEY=VALUE",
               help="task parameter, repeatable (e.g. --task-param digits=3, --task-param path=test.jsonl for gsm8k).")
-@click.option("--n", "n_problems", type=int, default=64, show_default=True, help="task: problems evaluated.")
+@click.option("--n", "n_problems", type=click.IntRange(min=1), default=64, show_default=True,
+              help="task: problems evaluated.")
 @click.option("--sampler", default="confidence", show_default=True, help="genppl/task: sampler plugin.")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Sampler parameter, repeatable.")
-@click.option("--steps", type=int, help="Sampler steps (default: one per generated token).")
+@click.option("--steps", type=click.IntRange(min=1), help="Sampler steps (default: one per generated token).")
 @click.option("--loop-schedule", "loops", metavar="SCHEDULE",
               help="Loops per network call (see `loopsearch sample --help`).")
 @click.option("--exit", "exit_specs", multiple=True, metavar="SPEC",
               help="Exit criterion: for the loops while sampling (gen_ppl, task_accuracy: one), or, with "
                    "loop_scaling, each loop count also evaluated as its cap (repeatable). E.g. hidden_delta:tol=0.01.")
-@click.option("-n", "--n-samples", "n_samples", type=int, default=16, show_default=True, help="genppl: samples drawn.")
+@click.option("-n", "--n-samples", "n_samples", type=click.IntRange(min=1), default=16, show_default=True,
+              help="genppl: samples drawn.")
 @click.option("--reference", type=click.Path(file_okay=False),
               help="genppl: reference LM directory (default: the study's, trained on first use; "
                    "see `loopsearch reference train`).")

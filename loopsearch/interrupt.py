@@ -4,7 +4,8 @@ A SIGINT delivered in the middle of a storage call (a half-read cursor, a half-w
 leaves SQLAlchemy printing tracebacks and can leave a trial in an odd state. While a study runs,
 the first Ctrl-C only raises a flag; the trainer and the evaluator call :func:`check` between
 steps and raise ``KeyboardInterrupt`` there, so Optuna marks the running trial failed through a
-clean storage call. A second Ctrl-C interrupts at once.
+clean storage call. A second Ctrl-C interrupts at once. SIGTERM (what `timeout`, systemd, SLURM
+and Kubernetes send) is handled the same way.
 """
 
 from __future__ import annotations
@@ -35,15 +36,16 @@ def _handler(signum, frame) -> None:
 
 @contextmanager
 def deferred() -> Iterator[None]:
-    """Within this block SIGINT is deferred to the next :func:`check` (main thread only)."""
+    """Within this block SIGINT and SIGTERM are deferred to the next :func:`check` (main thread only)."""
     global _pending
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, _handler)
+    previous = {sig: signal.signal(sig, _handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
         check()  # a Ctrl-C after the last safe point still ends the run as interrupted
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         _pending = False

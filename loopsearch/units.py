@@ -10,6 +10,8 @@ Accepted forms (case-insensitive)::
 
 from __future__ import annotations
 
+import math
+
 import re
 
 from .errors import BudgetError
@@ -39,6 +41,9 @@ _GPU = re.compile(
 FORMS = "a number (3e13), a unit (30 TFLOP, 2 PFLOP) or GPU time (h100:2h@0.4 = 2 hours at 40% MFU)"
 
 
+MAX_FLOPS = 1e27  # beyond any training run: a typo or inf
+
+
 def parse_flops(value: str | float | int) -> float:
     """Return a FLOP count from one of the accepted forms; raise BudgetError otherwise."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -55,6 +60,8 @@ def parse_flops(value: str | float | int) -> float:
             flops = _gpu_flops(g.group(1).lower(), float(g.group(2)), g.group(3).lower(), g.group(4))
     if not flops > 0:
         raise BudgetError(f"budget must be positive, got {value!r}; write {FORMS}")
+    if not math.isfinite(flops) or flops > MAX_FLOPS:
+        raise BudgetError(f"budget {value!r} is beyond {MAX_FLOPS:.0e} FLOPs (a zettaFLOP-scale run); write {FORMS}")
     return flops
 
 

@@ -68,3 +68,19 @@ def test_markdown_report_escapes_html(tiny_recipe, tmp_path):
     assert r.returncode == 0, r.stderr
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "<script>" not in text and "&lt;script&gt;" in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["leaderboard", "--top", "-1"], "--top"),
+    (["leaderboard", "--top", "0"], "--top"),
+    (["study", "run", "x", "--timeout", "-5"], "--timeout"),
+    (["study", "run", "x", "--n-trials", "-3"], "--n-trials"),
+    (["study", "run", "x", "--heartbeat", "10", "--grace", "2"], "--grace 2 must exceed --heartbeat 10"),
+    (["study", "create", "--space", "early_middle", "--budget", "1e999"], "budget"),
+    (["evaluate", "x", "1", "--metric", "loop_scaling", "--loops", "1-1000000"], "at most 256"),
+    (["sample", "x", "1", "--steps", "0"], "--steps"),
+    (["sample", "x", "1", "--seq-len", "0"], "--seq-len"),
+])
+def test_bad_numbers_are_refused_with_one_line(args, message):
+    r = run_cli(*args)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr

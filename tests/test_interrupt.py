@@ -28,3 +28,25 @@ def test_a_ctrl_c_after_the_last_check_still_ends_the_block_as_interrupted():
         with interrupt.deferred():
             os.kill(os.getpid(), signal.SIGINT)
     interrupt.check()  # nothing pending afterwards
+
+
+def test_sigterm_is_handled_like_ctrl_c():
+    """`timeout`, systemd, SLURM and Kubernetes send SIGTERM: the run stops at the next safe point."""
+    before = signal.getsignal(signal.SIGTERM)
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupt.deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            reached.append("after the signal")
+            interrupt.check()
+            reached.append("never")
+    assert reached == ["after the signal"] and signal.getsignal(signal.SIGTERM) is before
+
+
+def test_infinite_and_absurd_budgets_are_one_line_errors():
+    from loopsearch.errors import BudgetError
+    from loopsearch.units import parse_flops
+
+    for bad in ("1e999", float("inf"), "inf", 1e40):
+        with pytest.raises(BudgetError, match="budget"):
+            parse_flops(bad)

@@ -30,6 +30,9 @@ from ..train import resolve_device
 EVAL_ATTR = "loopsearch.eval."
 
 
+MAX_LOOPS = 256  # evaluating more loop counts than this is a typo, not an experiment
+
+
 def parse_loops(text: str) -> list[int]:
     """'1,2,4,8' or '1-8' -> sorted loop counts."""
     out: set[int] = set()
@@ -41,6 +44,8 @@ def parse_loops(text: str) -> list[int]:
         raise LoopsearchError(f"cannot read --loops {text!r}; write counts like 1,2,4,8 or a range 1-8") from None
     if not out or min(out) < 1:
         raise LoopsearchError(f"--loops {text!r} must list loop counts >= 1, e.g. 1,2,4,8")
+    if max(out) > MAX_LOOPS:
+        raise LoopsearchError(f"--loops {text!r} asks for {max(out)} loops; at most {MAX_LOOPS} are evaluated")
     return sorted(out)
 
 
