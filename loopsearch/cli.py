@@ -224,7 +224,9 @@ def _flops_option(ctx, param, value):
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar per trial.")
 @click.option("--storage", help=STORAGE_HELP)
 @click.option("--worker-id", type=int, default=0, hidden=True)
-@click.option("--threads", type=int, hidden=True)
+@click.option("--threads", type=click.IntRange(min=1), metavar="N",
+              help="Torch threads per worker process (default: torch's). On a machine shared with other processes "
+                   "use 1: two threads per process were measured 4-10x slower when another process competed.")
 @click.option("--until", type=int, hidden=True)
 def study_run(name, n_trials, timeout, workers, study_budget, checkpoint_every, device, heartbeat, grace, progress,
               storage, worker_id, threads, until):
@@ -345,6 +347,9 @@ def study_list(storage):
 
     Example: loopsearch study list
     """
+    from .search.storage import require_existing
+
+    require_existing(storage)
     import optuna
     from rich.table import Table
 
@@ -369,6 +374,9 @@ def study_show(name, as_json, storage):
 
     Example: loopsearch study show quick
     """
+    from .search.storage import require_existing
+
+    require_existing(storage)
     from .search import study as studies
 
     st, spec = studies.load(name, storage)
@@ -411,6 +419,9 @@ def leaderboard(studies_, top, fmt, output, scaling, pareto, storage):
     Examples: loopsearch leaderboard --study quick --top 5 --format csv --output quick.csv;
     loopsearch leaderboard --study multi --pareto
     """
+    from .search.storage import require_existing
+
+    require_existing(storage)
     from .results import leaderboard as lb
 
     if scaling:
@@ -447,6 +458,9 @@ def report_cmd(study_name, output, fmt, storage):
 
     Example: loopsearch report quickstart --output report-quickstart --format md
     """
+    from .search.storage import require_existing
+
+    require_existing(storage)
     from .results import report
 
     result = report.write(study_name, output, fmt, storage)
@@ -587,6 +601,9 @@ def compare_cmd(names, as_json, storage):
 
     Example: loopsearch compare em deep
     """
+    from .search.storage import require_existing
+
+    require_existing(storage)
     from .results import report
 
     rows, warnings = report.comparison(list(names), storage)

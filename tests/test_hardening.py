@@ -84,3 +84,13 @@ def test_markdown_report_escapes_html(tiny_recipe, tmp_path):
 def test_bad_numbers_are_refused_with_one_line(args, message):
     r = run_cli(*args)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_reading_commands_do_not_create_a_stray_database(tmp_path, monkeypatch):
+    """In the wrong folder, leaderboard / study list say so instead of printing an empty table and
+    leaving an empty loopsearch.db behind."""
+    monkeypatch.delenv("LOOPSEARCH_STORAGE", raising=False)
+    for args in (["leaderboard"], ["study", "list"], ["study", "show", "x"], ["report", "x"], ["compare", "a", "b"]):
+        r = run_cli(*args, env={"LOOPSEARCH_STORAGE": ""})
+        assert r.returncode == 2 and "no study storage at" in r.stderr, (args, r.stderr)
+    assert not (tmp_path / "loopsearch.db").exists()

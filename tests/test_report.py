@@ -77,6 +77,9 @@ def test_report_without_finished_trials_skips_every_plot(tiny_recipe, tmp_path):
 
 
 def test_report_unknown_study_is_one_line_error():
+    import os
+
+    optuna.create_study(storage=os.environ["LOOPSEARCH_STORAGE"], study_name="something_else")  # a storage to look in
     for args in (["report", "nope"], ["compare", "nope", "other"]):
         r = run_cli(*args, env=ONE_THREAD)
         assert r.returncode == 2, (args, r.stderr)

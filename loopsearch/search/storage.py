@@ -55,6 +55,16 @@ def journal_path(url: str) -> Path | None:
     return Path(url[len("journal:"):]) if url.startswith("journal:") else None
 
 
+def require_existing(url: str | None = None) -> None:
+    """Commands that only read (leaderboard, study list/show, report, compare) must not create an
+    empty SQLite file where there is none: that means the wrong directory or a missing --storage."""
+    url = storage_url(url)
+    path = sqlite_path(url)
+    if path is not None and not path.exists():
+        raise StorageError(f"no study storage at {path.resolve()} (nothing was created here); run this in the folder "
+                           f"where you created the study, or pass --storage URL (or set {ENV})")
+
+
 def sqlite_path(url: str) -> Path | None:
     """The file of a ``sqlite:///PATH`` URL (None for other URLs and in-memory SQLite)."""
     if not url.startswith("sqlite:///") or url[len("sqlite:///"):] in ("", ":memory:"):
