@@ -587,10 +587,18 @@ def result_attrs(model, config: TrialConfig, r: TrainResult, fingerprint: str = 
 def trial_line(trial: optuna.trial.FrozenTrial) -> str:
     """One line on a finished trial: state, arm or placement, val NLL or why it stopped."""
     a = trial.user_attrs
-    nll = (f"val NLL {a['val_nll']:.4f}" if "val_nll" in a
-           else a.get("rejected", a.get("failed", trial.system_attrs.get("fail_reason", ""))))
+    if "val_nll" in a:
+        se = f" ± {a['val_nll_se']:.4f}" if a.get("val_nll_se") is not None else ""
+        seeds = f" (mean of {a['seeds']} seeds)" if (a.get("seeds") or 1) > 1 else ""
+        nll = f"val NLL {a['val_nll']:.4f}{se}{seeds}"
+    else:
+        nll = a.get("rejected", a.get("failed", trial.system_attrs.get("fail_reason", "")))
     resumed = f" (resumed at {a['resumed_from_flops']:.3g} FLOPs)" if "resumed_from_flops" in a else ""
-    what = f"{a.get('strategy', '?')} [{a.get('loop_start')},{a.get('loop_end')})x{a.get('n_loops')}"
+    if a.get("strategy") == "none":
+        what = f"no loop ({a.get('n_layer', '?')} layers)"
+    else:
+        what = (f"{a.get('strategy', '?')}: layers [{a.get('loop_start')},{a.get('loop_end')}) "
+                f"x {a.get('n_loops')} loops")
     if a.get("arm"):
         what = f"arm {a['arm']} ({what}) at {float(a.get('budget', 0)):.3g} FLOPs" + (
             f", seed +{a['seed_offset']}" if a.get("seed_offset") else "")
