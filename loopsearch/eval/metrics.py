@@ -181,11 +181,27 @@ COLUMNS = {  # key -> (header, format)
 }
 
 
+def _shown(r: dict[str, Any]) -> dict[str, Any]:
+    """Each value with how sure it is: gen-PPL and accuracy with their 95% intervals, NLL ± its
+    standard error, accuracy with how many problems were scored and skipped."""
+    r = dict(r)
+    if r.get("gen_ppl") is not None and r.get("gen_ppl_lo") is not None:
+        r["gen_ppl"] = f"{r['gen_ppl']:.2f} [{r['gen_ppl_lo']:.2f}, {r['gen_ppl_hi']:.2f}]"
+    if r.get("accuracy") is not None:
+        interval = f" [{r['accuracy_lo']:.3f}, {r['accuracy_hi']:.3f}]" if r.get("accuracy_lo") is not None else ""
+        skipped = f", {r['n_skipped']} skipped" if r.get("n_skipped") else ""
+        r["accuracy"] = f"{r['accuracy']:.3f}{interval} ({r.get('correct', '?')}/{r.get('n', '?')}{skipped})"
+    if r.get("nll") is not None and r.get("nll_se") is not None:
+        r["nll"] = f"{r['nll']:.4f} ± {r['nll_se']:.4f}"
+    return r
+
+
 def rich_table(rows: list[dict[str, Any]], title: str):
     cols = [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]
-    table = Table(title=f"{title}: metrics (≤: an upper bound, the ELBO)", title_justify="left")
+    table = Table(title=f"{title}: metrics (≤: an upper bound, the ELBO; [..]: 95% interval)", title_justify="left")
     for c in cols:
         table.add_column(COLUMNS[c][0], justify="left" if COLUMNS[c][1] == "{}" else "right")
-    for r in rows:
-        table.add_row(*("" if r.get(c) is None else COLUMNS[c][1].format(r[c]) for c in cols))
+    for r in map(_shown, rows):
+        table.add_row(*("" if r.get(c) is None else r[c] if isinstance(r[c], str) and COLUMNS[c][1] != "{}"
+                        else COLUMNS[c][1].format(r[c]) for c in cols))
     return table
