@@ -86,6 +86,12 @@ def test_unwritable_storage(tmp_path):
 @pytest.mark.parametrize("args", [("study", "run", "ghost"), ("study", "show", "ghost"),
                                   ("leaderboard", "--study", "ghost")])
 def test_unknown_study(args):
+    import os
+
+    import optuna
+
+    # a storage that exists but lacks the study (no storage at all: tests/test_hardening.py)
+    optuna.create_study(storage=os.environ["LOOPSEARCH_STORAGE"], study_name="someone_else")
     one_line_error(run_cli(*args), "unknown study 'ghost'", "study create")
 
 
