@@ -125,6 +125,8 @@ def test_confirm_retrains_top_trials_and_the_baseline_with_new_seeds(seeded_stud
     assert len(df) == 3  # merged into the trials they confirm
     confirmed = df.filter(df["trial"].is_in([t.user_attrs[studies.CONFIRM_OF_ATTR] for t in confirms]))
     assert confirmed["seeds"].to_list() == [3, 3] and confirmed["confirmed"].all()
+    others = df.filter(~df["trial"].is_in(confirmed["trial"].to_list()))
+    assert others["seeds"].to_list() == [2] and not others["confirmed"].any()  # 2 seeds, never confirmed
     looped = confirmed.filter(~confirmed["baseline"]).row(0, named=True)
     assert looped["delta_basis"] == "3 seeds"
     # the study's own trial count is unchanged: `study run` has nothing more to do

@@ -31,7 +31,7 @@ from ..search.storage import mask, open_storage, storage_url
 from ..search.study import CONFIRM_OF_ATTR
 from ..search.workers import SURPLUS_ATTR
 from .page import md_escape
-from ..stats import Interval, mean_interval, paired_window_interval, tie_words
+from ..stats import Interval, mean_interval, paired_results, tie_words
 
 FORMATS = ("table", "csv", "json", "markdown", "parquet")
 
@@ -135,10 +135,9 @@ def paired_delta(rows: dict[int, dict], base: dict[int, dict]):
     if len(common) >= 2:
         return mean_interval([rows[s]["val_nll"] - base[s]["val_nll"] for s in common]), f"{len(common)} seeds"
     if len(common) == 1:
-        a, b = base[common[0]], rows[common[0]]
-        if (a.get("val_windows") and b.get("val_windows") and a.get("eval_key") == b.get("eval_key")
-                and a.get("val_draws") == b.get("val_draws") and len(a["val_windows"]) == len(b["val_windows"])):
-            return paired_window_interval(a["val_windows"], b["val_windows"], int(a["val_draws"])), "masks"
+        masks = paired_results(base[common[0]], rows[common[0]])  # None unless same windows and masks
+        if masks is not None:
+            return masks, "masks"
     mine, theirs = value_interval(rows), value_interval(base)
     if mine.se is None or theirs.se is None:
         return Interval(mine.mean - theirs.mean, None), "unpaired"
@@ -171,13 +170,13 @@ def frame(storage: str | None = None, studies: list[str] | None = None) -> pl.Da
                 values.update(seed_values(c))
             seeds[t.number] = values
         study_rows = [_row(name, t, evaluated.get(t.number), retried_as) for t in originals]
-        _add_intervals(study_rows, originals, seeds, bool(confirms))
+        _add_intervals(study_rows, originals, seeds, set(confirms))
         rows += study_rows
     df = pl.DataFrame(rows, schema=SCHEMA)
     return df.sort(["study", "val_nll", "trial"], nulls_last=True)
 
 
-def _add_intervals(rows: list[dict], trials: list, seeds: dict[int, dict], any_confirms: bool) -> None:
+def _add_intervals(rows: list[dict], trials: list, seeds: dict[int, dict], confirmed: set[int]) -> None:
     """Fill each row's val NLL interval and its paired difference from the baseline trained at
     the same budget (arms: the baseline arm's trials at that budget, by seed)."""
     base_by_budget: dict[float, dict[int, dict]] = {}
@@ -190,7 +189,7 @@ def _add_intervals(rows: list[dict], trials: list, seeds: dict[int, dict], any_c
             continue
         ci = value_interval(values)
         row.update(seeds=len(values), val_nll=ci.mean, val_nll_se=ci.se, val_nll_lo=ci.lo, val_nll_hi=ci.hi,
-                   confirmed=any(s != min(values) for s in values) and any_confirms)
+                   confirmed=t.number in confirmed)
         base = base_by_budget.get(float(row["budget"] or 0.0))
         if base is None:
             continue

@@ -26,7 +26,6 @@ sides is an inconclusive crossing; more than one change (or one from - to +) is 
 from __future__ import annotations
 
 import math
-import statistics
 from typing import Any
 
 import optuna
@@ -65,18 +64,12 @@ def baseline_arm(spec) -> str:
     return names[0]
 
 
-def mean_se(values: list[float]) -> tuple[float, float | None]:
-    """Mean and standard error (None from a single value)."""
-    mean = statistics.fmean(values)
-    return mean, (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None)
-
-
 def curves(df: pl.DataFrame) -> list[dict[str, Any]]:
     """Final val NLL per arm and budget: mean, standard error over seeds, seeds."""
     out = []
     for (arm, budget), group in sorted(df.group_by(["arm", "budget"]), key=lambda g: (g[0][0], g[0][1])):
-        mean, se = mean_se(group["val_nll"].to_list())
-        out.append({"arm": arm, "budget": budget, "val_nll": mean, "se": se, "seeds": group.height})
+        ci = stats.mean_interval(group["val_nll"].to_list())
+        out.append({"arm": arm, "budget": budget, "val_nll": ci.mean, "se": ci.se, "seeds": group.height})
     return out
 
 
