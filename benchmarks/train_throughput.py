@@ -48,8 +48,8 @@ from loopsearch_builtins.transformer import Transformer, TransformerParams
 N_LAYER, D_MODEL, N_HEADS, SEQ_LEN, BATCH, VOCAB = 8, 256, 4, 128, 32, 2048
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CONFIGS = {  # name -> strategy factory
-    "plain": lambda: NoLoop(NoParams(), 0, 0, D_MODEL),
-    "looped (fixed x3, layers 2-4)": lambda: FixedLoops(FixedParams(n_loops=3), 2, 4, D_MODEL),
+    "plain": lambda: (NoLoop(NoParams(), D_MODEL), 0, 0),
+    "looped (fixed x3, layers 2-4)": lambda: (FixedLoops(FixedParams(n_loops=3), D_MODEL), 2, 4),
 }
 
 
@@ -84,7 +84,7 @@ def train_throughput(make_strategy, dtype: str, device: torch.device, steps: int
     about as long as the budget, e.g. bf16 on a CPU without bf16 matmul units)."""
     torch.manual_seed(0)
     backbone = Transformer(TransformerParams(n_layer=N_LAYER, d_model=D_MODEL, n_heads=N_HEADS), VOCAB, SEQ_LEN)
-    model = LoopedMDM(backbone, make_strategy()).to(device)
+    model = LoopedMDM(backbone, *make_strategy()).to(device)
     forward = torch.compile(model) if compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(0)  # masks, t and loop counts (as in train.py)

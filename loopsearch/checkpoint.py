@@ -34,9 +34,8 @@ def build_model(config: TrialConfig, vocab_size: int, registry: Registry | None 
     """Instantiate the backbone and strategy a TrialConfig names, through the plugin registry."""
     reg = registry or get_registry()
     backbone = reg.build("backbone", config.backbone.name, config.backbone.params, vocab_size, config.train.seq_len)
-    strategy = reg.build("loop_strategy", config.strategy.name, config.strategy.params, config.loop_start,
-                         config.loop_end, backbone.d_model)
-    return LoopedMDM(backbone, strategy)
+    strategy = reg.build("loop_strategy", config.strategy.name, config.strategy.params, backbone.d_model)
+    return LoopedMDM(backbone, strategy, config.loop_start, config.loop_end)
 
 
 def load(directory: str | Path, registry: Registry | None = None) -> tuple[LoopedMDM, TrialConfig, str]:

@@ -2,13 +2,19 @@
 
 A looped model is: prelude layers [0, loop_start) -> loop block [loop_start, loop_end) run
 n_loops times with shared weights -> coda layers [loop_end, L) -> head (LoopMDM, arXiv 2605.26106).
-A LoopStrategy decides how many times the block runs (per training step and at inference) and
-runs it; the model counts the block applications it executed so FLOPs follow what really ran.
+``LoopedMDM`` owns the block (which layers); a ``LoopStrategy`` owns only how to loop: how many
+times the block runs (per training step and at inference) and how. The model counts the block
+applications it executed so FLOPs follow what really ran.
+
+One name for the loop count across strategies: ``n_loops``, the count the model runs at inference
+by default (``eval_loops()``) and the most any training step or token uses. Old spellings of it in
+a strategy's parameters (``max_loops``) are accepted with a deprecation line (``renamed_params``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import warnings
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -24,6 +30,23 @@ BlockFn = Callable[[torch.Tensor], torch.Tensor]
 
 class NoParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def renamed_params(data: Any, renames: dict[str, str], owner: str) -> Any:
+    """For a ``Params`` before-validator: accept old parameter names (``renames``: old -> new)
+    with a deprecation line, so old spaces, recipes and stored trials keep working. Declare them
+    as ``old_names: ClassVar[dict[str, str]]`` on the Params too: space checks accept those keys."""
+    if not isinstance(data, dict):
+        return data
+    out = dict(data)
+    for old, new in renames.items():
+        if old in out:
+            if new in out:
+                raise ValueError(f"{owner}: give {new!r} only ({old!r} is its old name)")
+            warnings.warn(f"{owner}: parameter {old!r} is now {new!r}; the old name still works but is deprecated",
+                          FutureWarning, stacklevel=2)
+            out[new] = out.pop(old)
+    return out
 
 
 @dataclass
@@ -64,17 +87,18 @@ class LoopStrategy(nn.Module):
 
     ``loops_block``: False for strategies that never loop (``none``); the plan then has no block.
     Subclasses override ``train_loops`` / ``eval_loops`` and, for anything beyond "run the block
-    n times", ``run``.
+    n times", ``run``. A strategy does not know which layers it loops: ``LoopedMDM`` owns the
+    block and hands ``run`` a function that applies it. ``d_model`` is there for strategies with
+    modules of their own (a halting head).
     """
 
     name: ClassVar[str]
     Params: ClassVar[type[BaseModel]] = NoParams
     loops_block: ClassVar[bool] = True
 
-    def __init__(self, params: BaseModel, loop_start: int, loop_end: int, d_model: int):
+    def __init__(self, params: BaseModel, d_model: int):
         super().__init__()
-        self.params = params
-        self.loop_start, self.loop_end, self.d_model = loop_start, loop_end, d_model
+        self.params, self.d_model = params, d_model
 
     def train_loops(self, generator: torch.Generator) -> int:
         """Loop count for one training step (drawn with ``generator`` if random)."""
@@ -134,14 +158,14 @@ def run_with_exit(h: torch.Tensor, block: BlockFn, n_loops: int, ctx: LoopContex
 
 
 class LoopedMDM(nn.Module):
-    """A backbone whose layers [loop_start, loop_end) are looped by a strategy."""
+    """A backbone whose layers [loop_start, loop_end) (the loop block, owned here) are looped by a
+    strategy. A strategy that never loops (``none``) takes the empty block, (0, 0)."""
 
-    def __init__(self, backbone: Backbone, strategy: LoopStrategy):
+    def __init__(self, backbone: Backbone, strategy: LoopStrategy, loop_start: int = 0, loop_end: int = 0):
         super().__init__()
-        s, e = strategy.loop_start, strategy.loop_end
-        check_block(s, e, backbone.n_layer, strategy.loops_block)
+        check_block(loop_start, loop_end, backbone.n_layer, strategy.loops_block)
         self.backbone, self.strategy = backbone, strategy
-        self.loop_start, self.loop_end = s, e
+        self.loop_start, self.loop_end = loop_start, loop_end
 
     def run_range(self, h: torch.Tensor, start: int, end: int) -> torch.Tensor:
         for i in range(start, end):

@@ -148,8 +148,8 @@ class StrategyConformance:
             cls.strategy_class()  # a clear error when the class attribute is missing
         start, end = cls.block if block is None else block
         st = cls.registry().build("loop_strategy", strategy or cls.strategy, cls.params if params is None else params,
-                                  start, end, backbone.d_model)
-        return LoopedMDM(backbone, st)
+                                  backbone.d_model)
+        return LoopedMDM(backbone, st, start, end)
 
     @classmethod
     def plain_model(cls, seed: int | None = None) -> LoopedMDM:

@@ -2,7 +2,7 @@
 
 A halting head (one ``nn.Linear(d_model, 1)`` on the parameter-free RMS-normalised output of the
 loop block) gives every token a halting probability after every loop,
-``p_k = sigmoid(head(rms_norm(h_k)))``, for at most ``max_loops`` loops. The head is a submodule
+``p_k = sigmoid(head(rms_norm(h_k)))``, for at most ``n_loops`` loops. The head is a submodule
 of the strategy, so it is part of ``model.parameters()``, trained with the model and saved in
 its checkpoints.
 
@@ -10,10 +10,10 @@ Which family, and why: ACT (Adaptive Computation Time, Graves 2016; as in the Un
 Transformer, Dehghani et al. 2018), not PonderNet (Banino et al. 2021).
 
 - ACT reads out once. The loop block's output is the ACT mean ``h = sum_k w_k h_k`` and the
-  coda and LM head run on it once, so a training step costs ``max_loops`` block applications
-  plus ``max_loops - 1`` tiny halting heads (2 * d_model FLOPs per token each). PonderNet's loss
+  coda and LM head run on it once, so a training step costs ``n_loops`` block applications
+  plus ``n_loops - 1`` tiny halting heads (2 * d_model FLOPs per token each). PonderNet's loss
   is ``sum_k p(halt at k) * loss(readout(h_k))``: it needs a readout (coda + vocabulary head) per
-  loop, i.e. ``max_loops`` codas and LM heads per step, which a FLOP budget pays for in fewer
+  loop, i.e. ``n_loops`` codas and LM heads per step, which a FLOP budget pays for in fewer
   steps.
 - ACT halts deterministically, and training uses the same rule as inference (below), so the
   network trained is exactly the network evaluated. PonderNet trains an expectation over
@@ -52,11 +52,11 @@ needs no host sync and no data-dependent control flow (``torch.compile``-friendl
 step's FLOPs are known before it runs. Since halted tokens are frozen and get no more weight,
 the training-mode output equals the inference-mode output exactly; only the number of loops
 executed differs. ``train_loops``, ``max_train_loops``, ``expected_train_loops`` and
-``eval_loops`` are all ``max_loops``.
+``eval_loops`` are all ``n_loops``.
 
 Inference (not training) stops the loop for the whole batch once every token of the batch has
 halted (all unmasked tokens halt at loop 1), or at the cap. The cap is ``n_loops`` as passed
-to the model (``max_loops`` by default). Tokens that halted earlier are still computed until
+to the model (``n_loops`` by default). Tokens that halted earlier are still computed until
 then (masking).
 
 FLOP accounting, of what is actually executed: halted tokens are still computed (masking,
@@ -79,18 +79,27 @@ it is a comparison, not the strategy's own inference mode.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from loopsearch import hookimpl
-from loopsearch.looping import BlockFn, LoopContext, LoopResult, LoopStrategy, run_with_exit
+from loopsearch.looping import BlockFn, LoopContext, LoopResult, LoopStrategy, renamed_params, run_with_exit
 
 
 class HaltingParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    max_loops: int = Field(4, ge=1, le=64, description="most loop-block applications (loops) a token can use; "
+
+    old_names: ClassVar[dict[str, str]] = {"max_loops": "n_loops"}  # accepted, with a deprecation line
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data):
+        return renamed_params(data, cls.old_names, "halting strategy")
+    n_loops: int = Field(4, ge=1, le=64, description="most loop-block applications (loops) a token can use; "
                                                        "every training step runs this many")
     threshold: float = Field(0.99, gt=0.0, le=1.0, description="a token halts once its cumulative halting "
                                                                "probability reaches this (ACT's 1 - epsilon)")
@@ -135,28 +144,28 @@ def act_weights(p: torch.Tensor, threshold: float, first_halt: torch.Tensor | No
 
 
 class Halting(LoopStrategy):
-    """Per-token ACT halting over up to ``max_loops`` loops (see the module docstring)."""
+    """Per-token ACT halting over up to ``n_loops`` loops (see the module docstring)."""
 
     name = "halting"
     Params = HaltingParams
 
-    def __init__(self, params: HaltingParams, loop_start: int, loop_end: int, d_model: int):
-        super().__init__(params, loop_start, loop_end, d_model)
+    def __init__(self, params: HaltingParams, d_model: int):
+        super().__init__(params, d_model)
         self.head = nn.Linear(d_model, 1)
         nn.init.zeros_(self.head.weight)  # p = sigmoid(init_bias) for every token at first
         nn.init.constant_(self.head.bias, params.init_bias)
 
     def train_loops(self, generator: torch.Generator) -> int:
-        return self.params.max_loops  # training always runs every loop (halted tokens are masked)
+        return self.params.n_loops  # training always runs every loop (halted tokens are masked)
 
     def max_train_loops(self) -> int:
-        return self.params.max_loops
+        return self.params.n_loops
 
     def expected_train_loops(self) -> float:
-        return float(self.params.max_loops)
+        return float(self.params.n_loops)
 
     def eval_loops(self) -> int:
-        return self.params.max_loops
+        return self.params.n_loops
 
     def extra_flops_bound(self, n_loops: int, seq_len: int) -> float:
         return self.head_flops(seq_len) * max(n_loops - 1, 0)

@@ -5,13 +5,13 @@ depth. The model-scheduling paper (arXiv 2604.02340) found the middle of the den
 trajectory the most sensitive and its ends tolerant of a smaller model. This strategy runs the
 loop block ``loops_for_t(t)`` times for a sequence at mask rate t, with a searchable schedule:
 
-- ``constant``: always ``max_loops`` (``min_loops`` is unused): the ``fixed`` strategy's count;
-- ``linear``:   ``min_loops`` at one end of [0, 1], ``max_loops`` at the other (``increasing``:
+- ``constant``: always ``n_loops`` (``min_loops`` is unused): the ``fixed`` strategy's count;
+- ``linear``:   ``min_loops`` at one end of [0, 1], ``n_loops`` at the other (``increasing``:
   more loops at high t, i.e. at heavily masked inputs); every count in between gets an equal
   share of the t axis;
-- ``step``:     ``max_loops`` where t > ``threshold``, else ``min_loops`` (reversed when
+- ``step``:     ``n_loops`` where t > ``threshold``, else ``min_loops`` (reversed when
   ``increasing`` is false);
-- ``middle``:   a tent centred at t = 0.5 spanning ``width`` of the t axis: ``max_loops`` at
+- ``middle``:   a tent centred at t = 0.5 spanning ``width`` of the t axis: ``n_loops`` at
   t = 0.5 falling to ``min_loops`` at |t - 0.5| >= width / 2.
 
 Training samples t per sequence, so one batch holds sequences that need different loop counts.
@@ -21,45 +21,52 @@ sequence alone), then puts the rows back in their original order. Only what runs
 and the FLOPs charged are the mean loop count over the sequences, which is exact because a
 block application costs the same for every sequence.
 
-``min_loops > max_loops`` (which an Optuna space with overlapping ranges can sample) is not an
+``min_loops > n_loops`` (which an Optuna space with overlapping ranges can sample) is not an
 error: the two are swapped when the parameters are validated, so a trial is always valid and
-``Params`` always holds ``min_loops <= max_loops``.
+``Params`` always holds ``min_loops <= n_loops``.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from loopsearch import hookimpl
-from loopsearch.looping import BlockFn, LoopContext, LoopResult, LoopStrategy, run_with_exit
+from loopsearch.looping import BlockFn, LoopContext, LoopResult, LoopStrategy, renamed_params, run_with_exit
 
 EXPECTATION_GRID = 10_000  # midpoints of the t axis used for E_t[loops_for_t(t)]
 
 
 class TimestepParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    old_names: ClassVar[dict[str, str]] = {"max_loops": "n_loops"}  # accepted, with a deprecation line
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data):
+        return renamed_params(data, cls.old_names, "timestep strategy")
     schedule: Literal["constant", "linear", "step", "middle"] = Field(
-        "middle", description="loop count as a function of the mask rate t: constant (max_loops), linear, "
+        "middle", description="loop count as a function of the mask rate t: constant (n_loops), linear, "
                               "step (at threshold) or middle (a tent peaking at t = 0.5)")
     min_loops: int = Field(1, ge=1, le=64, description="fewest block applications (loops) any t gets; "
-                                                       "swapped with max_loops if larger")
-    max_loops: int = Field(4, ge=1, le=64, description="most block applications (loops) any t gets; also the "
+                                                       "swapped with n_loops if larger")
+    n_loops: int = Field(4, ge=1, le=64, description="most block applications (loops) any t gets; also the "
                                                        "inference loop count and the training-budget bound")
     increasing: bool = Field(True, description="linear/step: more loops at high t (heavily masked inputs); "
                                                "false: more loops at low t")
     threshold: float = Field(0.5, ge=0.0, le=1.0, description="step: mask rate (fraction in [0, 1]) above which "
-                                                              "a sequence gets max_loops")
+                                                              "a sequence gets n_loops")
     width: float = Field(0.6, gt=0.0, le=1.0, description="middle: width of the tent around t = 0.5, as a fraction "
                                                           "of the t axis [0, 1]; min_loops outside it")
 
     @model_validator(mode="after")
     def _ordered(self):
-        # an Optuna space may sample min_loops > max_loops: normalise instead of failing the trial
-        if self.min_loops > self.max_loops:
-            self.min_loops, self.max_loops = self.max_loops, self.min_loops
+        # an Optuna space may sample min_loops > n_loops: normalise instead of failing the trial
+        if self.min_loops > self.n_loops:
+            self.min_loops, self.n_loops = self.n_loops, self.min_loops
         return self
 
 
@@ -71,12 +78,12 @@ def _levels(frac: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
 
 
 def loops_for_t(t: torch.Tensor, params: TimestepParams) -> torch.Tensor:
-    """Loop count (LongTensor of t's shape, in [min_loops, max_loops]) for mask rates t.
+    """Loop count (LongTensor of t's shape, in [min_loops, n_loops]) for mask rates t.
 
     Pure: depends only on t (clamped to [0, 1]) and the parameters. Monotone in t for ``linear``
     and ``step``; non-decreasing on [0, 0.5] and non-increasing on [0.5, 1] for ``middle``."""
     p = params
-    lo, hi = min(p.min_loops, p.max_loops), max(p.min_loops, p.max_loops)
+    lo, hi = min(p.min_loops, p.n_loops), max(p.min_loops, p.n_loops)
     t = torch.as_tensor(t).detach().to(torch.float64).clamp(0.0, 1.0)
     if p.schedule == "constant":
         return torch.full(t.shape, hi, dtype=torch.long, device=t.device)
@@ -100,17 +107,17 @@ class TimestepLoops(LoopStrategy):
 
     def train_loops(self, generator: torch.Generator) -> int:
         # the cap passed to run(); per-sequence counts come from t, so this is the step's upper bound
-        return self.params.max_loops
+        return self.params.n_loops
 
     def max_train_loops(self) -> int:
-        return self.params.max_loops
+        return self.params.n_loops
 
     def expected_train_loops(self) -> float:
         grid = (torch.arange(EXPECTATION_GRID, dtype=torch.float64) + 0.5) / EXPECTATION_GRID
         return float(loops_for_t(grid, self.params).double().mean())
 
     def eval_loops(self) -> int:
-        return self.params.max_loops
+        return self.params.n_loops
 
     def sequence_loops(self, h: torch.Tensor, n_loops: int, ctx: LoopContext) -> torch.Tensor:
         """Loop count of every sequence (LongTensor (B,), on the CPU), capped at ``n_loops``.

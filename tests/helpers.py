@@ -14,6 +14,6 @@ def tiny_model(n_layer=4, d_model=32, n_heads=2, vocab=50, seq_len=16, loop=None
     torch.manual_seed(seed)
     bb = Transformer(TransformerParams(n_layer=n_layer, d_model=d_model, n_heads=n_heads, **backbone), vocab, seq_len)
     if loop is None:
-        return LoopedMDM(bb, NoLoop(NoParams(), 0, 0, d_model))
+        return LoopedMDM(bb, NoLoop(NoParams(), d_model))
     start, end, kw = loop
-    return LoopedMDM(bb, FixedLoops(FixedParams(**kw), start, end, d_model))
+    return LoopedMDM(bb, FixedLoops(FixedParams(**kw), d_model), start, end)

@@ -22,14 +22,14 @@ class TestFixedReinjectUniform(StrategyConformance):
 
 class TestTimestep(StrategyConformance):
     strategy = "timestep"
-    params = {"schedule": "linear", "min_loops": 1, "max_loops": 3}
-    one_loop_params = {"schedule": "constant", "min_loops": 1, "max_loops": 1}
+    params = {"schedule": "linear", "min_loops": 1, "n_loops": 3}
+    one_loop_params = {"schedule": "constant", "min_loops": 1, "n_loops": 1}
 
 
 class TestHalting(StrategyConformance):
     strategy = "halting"
-    params = {"max_loops": 3}
-    one_loop_params = {"max_loops": 1}
+    params = {"n_loops": 3}
+    one_loop_params = {"n_loops": 1}
 
 
 @pytest.fixture

@@ -64,7 +64,7 @@ def _model(strategy_name: str, params: dict, start: int = 1, end: int = 3, seed:
     cls = get_registry().get("loop_strategy", strategy_name)  # through the entry point, as a study does
     torch.manual_seed(seed)
     backbone = Transformer(TransformerParams(n_layer=4, d_model=32, n_heads=2), 50, 16)
-    return LoopedMDM(backbone, cls(cls.Params(**params), start, end, 32)).eval()
+    return LoopedMDM(backbone, cls(cls.Params(**params), 32), start, end).eval()
 
 
 def _tokens(seed: int = 1) -> torch.Tensor:

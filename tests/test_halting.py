@@ -27,7 +27,7 @@ def halting_model(loop=(1, 3), n_layer=4, d_model=32, n_heads=2, seq_len=SEQ, se
     default zero weight gives every token the same p = sigmoid(init_bias))."""
     torch.manual_seed(seed)
     bb = Transformer(TransformerParams(n_layer=n_layer, d_model=d_model, n_heads=n_heads), VOCAB, seq_len)
-    model = LoopedMDM(bb, Halting(HaltingParams(**params), loop[0], loop[1], d_model))
+    model = LoopedMDM(bb, Halting(HaltingParams(**params), d_model), loop[0], loop[1])
     if head_std is not None:
         with torch.no_grad():
             model.strategy.head.weight.normal_(0.0, head_std)
@@ -36,8 +36,8 @@ def halting_model(loop=(1, 3), n_layer=4, d_model=32, n_heads=2, seq_len=SEQ, se
 
 def fixed_twin(model: LoopedMDM, n_loops: int) -> LoopedMDM:
     """The ``fixed`` strategy with n_loops on the same backbone (same weights)."""
-    return LoopedMDM(model.backbone, FixedLoops(FixedParams(n_loops=n_loops), model.loop_start, model.loop_end,
-                                                model.backbone.d_model))
+    return LoopedMDM(model.backbone, FixedLoops(FixedParams(n_loops=n_loops), model.backbone.d_model),
+                     model.loop_start, model.loop_end)
 
 
 def tokens(batch=3, seq_len=SEQ, rate=0.5, seed=0) -> torch.Tensor:
@@ -94,7 +94,7 @@ def test_act_weights_are_a_distribution_over_loops(case):
        seed=st.integers(0, 100))
 def test_halting_probabilities_are_in_unit_interval(bias, scale, h_scale, seed):
     torch.manual_seed(seed)
-    s = Halting(HaltingParams(init_bias=bias), 0, 1, 8)
+    s = Halting(HaltingParams(init_bias=bias), 8)
     with torch.no_grad():
         s.head.weight.normal_(0.0, scale)
     p = s.halting_prob(torch.randn(2, 5, 8) * h_scale)
@@ -115,26 +115,26 @@ class ShiftBlock:
 
 
 @PROPERTY
-@given(max_loops=st.integers(1, 6), bias=st.floats(-4, 4), threshold=st.floats(0.3, 1.0),
+@given(n_loops=st.integers(1, 6), bias=st.floats(-4, 4), threshold=st.floats(0.3, 1.0),
        training=st.booleans(), seed=st.integers(0, 1000))
-def test_run_outputs_the_act_mean_of_the_loop_states(max_loops, bias, threshold, training, seed):
+def test_run_outputs_the_act_mean_of_the_loop_states(n_loops, bias, threshold, training, seed):
     torch.manual_seed(seed)
-    s = Halting(HaltingParams(max_loops=max_loops, init_bias=bias, threshold=threshold), 0, 1, 8)
+    s = Halting(HaltingParams(n_loops=n_loops, init_bias=bias, threshold=threshold), 8)
     with torch.no_grad():
         s.head.weight.normal_(0.0, 3.0)
     h = torch.randn(2, 6, 8)
     masked = torch.rand(2, 6) < 0.6
     block = ShiftBlock()
     with torch.no_grad():
-        res = s.run(h, block, max_loops, LoopContext(masked=masked, training=training))
-        p = torch.stack([s.halting_prob(h + k) for k in range(1, max_loops + 1)])
+        res = s.run(h, block, n_loops, LoopContext(masked=masked, training=training))
+        p = torch.stack([s.halting_prob(h + k) for k in range(1, n_loops + 1)])
     w, n, _ = act_weights(p, threshold, ~masked)
-    expected = h + (w * torch.arange(1, max_loops + 1, dtype=torch.float32)[:, None, None]).sum(0)[..., None]
+    expected = h + (w * torch.arange(1, n_loops + 1, dtype=torch.float32)[:, None, None]).sum(0)[..., None]
     assert torch.allclose(res.h, expected, atol=1e-5)
-    ran = int(n.max()) if not training else max_loops  # inference stops once every token halted
+    ran = int(n.max()) if not training else n_loops  # inference stops once every token halted
     assert res.applications == ran == res.stats["loops_run"] == len(block.calls)
-    assert res.extra_flops == s.head_flops(6) * (ran - 1 if ran == max_loops else ran)
-    assert res.extra_flops <= s.extra_flops_bound(max_loops, 6)
+    assert res.extra_flops == s.head_flops(6) * (ran - 1 if ran == n_loops else ran)
+    assert res.extra_flops <= s.extra_flops_bound(n_loops, 6)
     assert math.isclose(res.stats["mean_token_loops"], float(n[masked].mean()), rel_tol=1e-6)
     assert (res.aux_loss is not None) == training
 
@@ -142,7 +142,7 @@ def test_run_outputs_the_act_mean_of_the_loop_states(max_loops, bias, threshold,
 @pytest.mark.parametrize("training", [False, True])
 def test_unmasked_positions_are_frozen_after_the_first_loop(training):
     torch.manual_seed(0)
-    s = Halting(HaltingParams(max_loops=5, init_bias=-20.0), 0, 1, 8)  # masked tokens run all 5 loops
+    s = Halting(HaltingParams(n_loops=5, init_bias=-20.0), 8)  # masked tokens run all 5 loops
     lin = torch.nn.Linear(8, 8)
     h = torch.randn(2, 7, 8)
     masked = torch.rand(2, 7) < 0.5
@@ -178,11 +178,11 @@ def test_strategy_is_registered_and_its_head_is_trained_with_the_model():
     with pytest.raises(Exception):
         HaltingParams(bogus=1)
     with pytest.raises(Exception):
-        HaltingParams(max_loops=0)
+        HaltingParams(n_loops=0)
 
 
 def test_gradients_reach_the_halting_head_and_the_block():
-    model = halting_model(loop=(1, 3), max_loops=4, init_bias=-1.0, head_std=0.5)
+    model = halting_model(loop=(1, 3), n_loops=4, init_bias=-1.0, head_std=0.5)
     model.train()
     x = tokens()
     out = model(x)
@@ -200,15 +200,15 @@ def test_gradients_reach_the_halting_head_and_the_block():
     with torch.no_grad():
         out = model(x)
     assert out.stats["ponder"] >= 1.0 and math.isclose(float(out.aux_loss), 0.01 * out.stats["ponder"], rel_tol=1e-6)
-    # never halting: N = max_loops and R = 1 for every masked token; unmasked ones are not charged
-    never = halting_model(max_loops=3, init_bias=-20.0, ponder_cost=0.5).train()
+    # never halting: N = n_loops and R = 1 for every masked token; unmasked ones are not charged
+    never = halting_model(n_loops=3, init_bias=-20.0, ponder_cost=0.5).train()
     with torch.no_grad():
         out = never(x)
     assert math.isclose(out.stats["ponder"], 4.0, rel_tol=1e-6) and math.isclose(float(out.aux_loss), 2.0, rel_tol=1e-6)
 
 
 def test_halting_at_the_first_loop_equals_fixed_with_one_loop():
-    model = halting_model(max_loops=4, init_bias=20.0).eval()  # p = 1: every token halts at loop 1
+    model = halting_model(n_loops=4, init_bias=20.0).eval()  # p = 1: every token halts at loop 1
     x = tokens()
     with torch.no_grad():
         out = model(x)
@@ -218,8 +218,8 @@ def test_halting_at_the_first_loop_equals_fixed_with_one_loop():
     assert out.extra_flops == model.strategy.head_flops(SEQ)  # the head ran once (to decide to halt)
 
 
-def test_never_halting_runs_max_loops_and_equals_fixed():
-    model = halting_model(max_loops=5, init_bias=-20.0).eval()  # p ~ 2e-9: the cap decides
+def test_never_halting_runs_n_loops_and_equals_fixed():
+    model = halting_model(n_loops=5, init_bias=-20.0).eval()  # p ~ 2e-9: the cap decides
     x = torch.full((3, SEQ), VOCAB)  # every position MASK (unmasked ones would stop after loop 1)
     with torch.no_grad():
         out = model(x)
@@ -230,7 +230,7 @@ def test_never_halting_runs_max_loops_and_equals_fixed():
 
 
 def test_inference_stops_early_and_matches_training_mode_output():
-    model = halting_model(max_loops=6, init_bias=-1.0, head_std=0.5, seed=3)  # tokens halt at varied loops
+    model = halting_model(n_loops=6, init_bias=-1.0, head_std=0.5, seed=3)  # tokens halt at varied loops
     x = tokens(batch=4, rate=0.7, seed=3)
     with torch.no_grad():
         train_out = model.train()(x)
@@ -245,14 +245,14 @@ def test_inference_stops_early_and_matches_training_mode_output():
 
 # ---- FLOPs ------------------------------------------------------------------------------------------
 FLOP_CONFIGS = [
-    dict(loop=(1, 3), max_loops=3),
-    dict(loop=(0, 1), max_loops=5, head_std=1.0),
-    dict(loop=(2, 4), max_loops=1),
-    dict(loop=(0, 4), max_loops=2, d_model=64, n_heads=4, seq_len=48),
+    dict(loop=(1, 3), n_loops=3),
+    dict(loop=(0, 1), n_loops=5, head_std=1.0),
+    dict(loop=(2, 4), n_loops=1),
+    dict(loop=(0, 4), n_loops=2, d_model=64, n_heads=4, seq_len=48),
 ]
 
 
-@pytest.mark.parametrize("cfg", FLOP_CONFIGS, ids=lambda c: f"{c['loop']}x{c['max_loops']}")
+@pytest.mark.parametrize("cfg", FLOP_CONFIGS, ids=lambda c: f"{c['loop']}x{c['n_loops']}")
 def test_training_step_flops_match_flop_counter(cfg):
     cfg = dict(cfg)
     seq_len = cfg.get("seq_len", SEQ)
@@ -268,7 +268,7 @@ def test_training_step_flops_match_flop_counter(cfg):
 
     counted = measured(lambda: step(model, "halting"))
     res = out["halting"]
-    n = cfg["max_loops"]
+    n = cfg["n_loops"]
     assert res.applications == n and res.extra_flops == model.strategy.extra_flops_bound(n, seq_len)
     analytic = model.train_step_flops(seq_len, 3, res.applications, res.extra_flops)
     assert abs(analytic - counted) / counted < 0.02, (analytic, counted)
@@ -280,7 +280,7 @@ def test_training_step_flops_match_flop_counter(cfg):
 
 @pytest.mark.parametrize("bias,expect_loops", [(20.0, 1), (-20.0, 4), (-0.7, None)])
 def test_inference_flops_match_flop_counter(bias, expect_loops):
-    model = halting_model(loop=(1, 3), max_loops=4, init_bias=bias, head_std=None if expect_loops else 0.3,
+    model = halting_model(loop=(1, 3), n_loops=4, init_bias=bias, head_std=None if expect_loops else 0.3,
                           seed=3, seq_len=32).eval()
     x = tokens(batch=2, seq_len=32, rate=0.7, seed=3)
     out = {}
@@ -307,7 +307,7 @@ def test_search_space_loads():
 
     space = load_space("halting")
     assert space.strategies == ["halting"]
-    assert space.strategy["halting"]["max_loops"] == IntRange(low=2, high=8)
+    assert space.strategy["halting"]["n_loops"] == IntRange(low=2, high=8)
     assert space.strategy["halting"]["ponder_cost"] == FloatRange(low=1e-3, high=1e-1, log=True)
     check_space(space, "transformer", {"n_layer": 4, "d_model": 32, "n_heads": 2}, "halting")
 
@@ -328,4 +328,4 @@ def test_tiny_study_trains_a_halting_trial(tiny_recipe):
     assert t.user_attrs["strategy"] == "halting"
     assert math.isfinite(t.user_attrs["val_nll"])
     assert 0 < t.user_attrs["train_flops"] <= spec.budget
-    assert 2 <= t.user_attrs["strategy_params"]["max_loops"] <= 8
+    assert 2 <= t.user_attrs["strategy_params"]["n_loops"] <= 8

@@ -56,3 +56,62 @@ def test_uniform_draws_cover_range():
     model = tiny_model(loop=(0, 1, {"n_loops": 4, "train_loops": "uniform"}))
     g = torch.Generator().manual_seed(0)
     assert {model.strategy.train_loops(g) for _ in range(200)} == {1, 2, 3, 4}
+
+
+# ---- the block belongs to the model, the loop count has one name ----------------------------
+def test_the_model_owns_the_block_and_strategies_only_how_to_loop():
+    from loopsearch.looping import LoopedMDM
+    from loopsearch.registry import get_registry
+
+    reg = get_registry()
+    bb = tiny_model().backbone
+    fixed = reg.build("loop_strategy", "fixed", {"n_loops": 2}, bb.d_model)
+    assert not hasattr(fixed, "loop_start") and not hasattr(fixed, "loop_end")
+    model = LoopedMDM(bb, fixed, 1, 3)
+    assert (model.loop_start, model.loop_end) == (1, 3)
+    import pytest
+
+    from loopsearch.errors import SpecError
+    with pytest.raises(SpecError, match=r"loop block \[0, 0\) is outside"):
+        LoopedMDM(bb, fixed)  # a looping strategy needs a block
+    with pytest.raises(SpecError, match="does not loop"):
+        LoopedMDM(bb, reg.build("loop_strategy", "none", {}, bb.d_model), 1, 3)
+
+
+def test_every_builtin_looping_strategy_calls_its_loop_count_n_loops():
+    from loopsearch.registry import get_registry
+
+    for name, info in get_registry().items("loop_strategy").items():
+        if info.distribution != "loopsearch" or not info.obj.loops_block:
+            continue
+        fields = info.obj.Params.model_fields
+        assert "n_loops" in fields and "max_loops" not in fields, name
+
+
+def test_the_old_loop_count_name_still_works_with_a_deprecation_line():
+    import pytest
+    from pydantic import ValidationError
+
+    from loopsearch_builtins.halting import HaltingParams
+    from loopsearch_builtins.timestep import TimestepParams
+
+    with pytest.warns(FutureWarning, match="'max_loops' is now 'n_loops'"):
+        assert HaltingParams(max_loops=3).n_loops == 3
+    with pytest.warns(FutureWarning):
+        assert TimestepParams.model_validate({"max_loops": 5, "min_loops": 2}).n_loops == 5
+    with pytest.raises(ValidationError, match="give 'n_loops' only"):
+        HaltingParams.model_validate({"max_loops": 3, "n_loops": 3})
+
+
+def test_a_space_with_the_old_loop_count_name_still_creates_a_study(tiny_recipe, tmp_path):
+    import pytest
+
+    from loopsearch.search import study as studies
+
+    space = tmp_path / "old.toml"
+    space.write_text('name = "old"\nstrategies = ["halting", "timestep"]\n[block]\nlayers = [1, 3]\nlength = [1, 2]\n'
+                     '[strategy.halting]\nmax_loops = { low = 2, high = 4 }\n'
+                     '[strategy.timestep]\nmax_loops = { low = 2, high = 4 }\n')
+    with pytest.warns(FutureWarning, match="'max_loops' is now 'n_loops'"):
+        spec = studies.make_spec(studies.load_recipe(str(tiny_recipe)), "old", str(space))
+    assert spec.space.strategy["halting"]["max_loops"].high == 4  # the space keeps the user's spelling

@@ -157,7 +157,7 @@ def test_quickstart_commands_via_cli(tiny_recipe):
 def test_halting_trial_reports_executed_inference_flops(tiny_recipe, tmp_path):
     space = tmp_path / "halt.toml"
     space.write_text('name = "halt"\nstrategies = ["halting"]\n[block]\nlayers = [1, 3]\nlength = [2, 2]\n'
-                     '[strategy.halting]\nmax_loops = 4\n')
+                     '[strategy.halting]\nn_loops = 4\n')
     studies.create(studies.spec_from_options("halt", str(space), str(tiny_recipe), None, None, None, None, None))
     workers.run("halt", n_trials=2, progress=False)
     st, spec = studies.load("halt")

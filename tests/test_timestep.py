@@ -1,6 +1,6 @@
 """The ``timestep`` strategy: loop count as a function of the mask rate t.
 
-Schedules stay in [min_loops, max_loops] and have the promised shape; a batch whose sequences
+Schedules stay in [min_loops, n_loops] and have the promised shape; a batch whose sequences
 need different loop counts gives what each sequence gives alone; the FLOPs charged are what runs
 (FlopCounterMode, forward + backward); t falls back to the masked share; a tiny study runs."""
 
@@ -21,7 +21,7 @@ from loopsearch_builtins.timestep import TimestepLoops, TimestepParams, loops_fo
 from loopsearch_builtins.transformer import Transformer, TransformerParams
 
 SEQ = 16
-LINEAR_1_4 = dict(schedule="linear", min_loops=1, max_loops=4)
+LINEAR_1_4 = dict(schedule="linear", min_loops=1, n_loops=4)
 # linear 1..4 gives every count a quarter of the t axis: these t need 1, 2, 3, 4, 4 loops
 T_MIXED = torch.tensor([0.1, 0.3, 0.6, 0.9, 0.95])
 COUNTS_MIXED = [1, 2, 3, 4, 4]
@@ -30,7 +30,7 @@ COUNTS_MIXED = [1, 2, 3, 4, 4]
 def timestep_model(loop_start=1, loop_end=3, seed=0, n_layer=4, d_model=32, **params) -> LoopedMDM:
     torch.manual_seed(seed)
     bb = Transformer(TransformerParams(n_layer=n_layer, d_model=d_model, n_heads=2), 50, SEQ)
-    return LoopedMDM(bb, TimestepLoops(TimestepParams(**params), loop_start, loop_end, d_model))
+    return LoopedMDM(bb, TimestepLoops(TimestepParams(**params), d_model), loop_start, loop_end)
 
 
 def reference_logits(model: LoopedMDM, x: torch.Tensor, loops: int) -> torch.Tensor:
@@ -53,7 +53,7 @@ def block_rows(model: LoopedMDM) -> list[int]:
 params_st = st.builds(
     TimestepParams,
     schedule=st.sampled_from(["constant", "linear", "step", "middle"]),
-    min_loops=st.integers(1, 64), max_loops=st.integers(1, 64), increasing=st.booleans(),
+    min_loops=st.integers(1, 64), n_loops=st.integers(1, 64), increasing=st.booleans(),
     threshold=st.floats(0.0, 1.0), width=st.floats(0.01, 1.0),
 )
 ts_st = st.lists(st.floats(0.0, 1.0), min_size=1, max_size=40)
@@ -62,17 +62,17 @@ ts_st = st.lists(st.floats(0.0, 1.0), min_size=1, max_size=40)
 @settings(max_examples=200, deadline=None)
 @given(p=params_st, ts=ts_st)
 def test_every_schedule_stays_within_bounds(p, ts):
-    assert 1 <= p.min_loops <= p.max_loops <= 64  # min > max was swapped, never rejected
+    assert 1 <= p.min_loops <= p.n_loops <= 64  # min > max was swapped, never rejected
     loops = loops_for_t(torch.tensor(ts, dtype=torch.float64), p)
     assert loops.dtype == torch.long and loops.shape == (len(ts),)
-    assert int(loops.min()) >= p.min_loops and int(loops.max()) <= p.max_loops
-    assert p.min_loops <= TimestepLoops(p, 0, 1, 8).expected_train_loops() <= p.max_loops
+    assert int(loops.min()) >= p.min_loops and int(loops.max()) <= p.n_loops
+    assert p.min_loops <= TimestepLoops(p, 8).expected_train_loops() <= p.n_loops
 
 
 @settings(max_examples=100, deadline=None)
 @given(lo=st.integers(1, 64), hi=st.integers(1, 64), increasing=st.booleans(), ts=ts_st)
 def test_linear_is_monotone_and_reaches_both_ends(lo, hi, increasing, ts):
-    p = TimestepParams(schedule="linear", min_loops=lo, max_loops=hi, increasing=increasing)
+    p = TimestepParams(schedule="linear", min_loops=lo, n_loops=hi, increasing=increasing)
     lo, hi = min(lo, hi), max(lo, hi)
     t = torch.tensor(sorted(ts + [0.0, 1.0]), dtype=torch.float64)
     loops = loops_for_t(t, p)
@@ -85,7 +85,7 @@ def test_linear_is_monotone_and_reaches_both_ends(lo, hi, increasing, ts):
 @given(lo=st.integers(1, 20), span=st.integers(1, 20), width=st.floats(0.05, 1.0), ts=ts_st)
 def test_middle_peaks_at_half(lo, span, width, ts):
     hi = lo + span
-    p = TimestepParams(schedule="middle", min_loops=lo, max_loops=hi, width=width)
+    p = TimestepParams(schedule="middle", min_loops=lo, n_loops=hi, width=width)
     assert int(loops_for_t(torch.tensor([0.5]), p)) == hi
     left = torch.tensor(sorted(t * 0.5 for t in ts) + [0.5], dtype=torch.float64)
     right = torch.tensor([0.5] + sorted(0.5 + t * 0.5 for t in ts), dtype=torch.float64)
@@ -96,11 +96,11 @@ def test_middle_peaks_at_half(lo, span, width, ts):
 
 
 def test_step_and_constant_values():
-    step = TimestepParams(schedule="step", min_loops=2, max_loops=5, threshold=0.3)
+    step = TimestepParams(schedule="step", min_loops=2, n_loops=5, threshold=0.3)
     assert loops_for_t(torch.tensor([0.0, 0.3, 0.31, 1.0], dtype=torch.float64), step).tolist() == [2, 2, 5, 5]
     down = step.model_copy(update={"increasing": False})
     assert loops_for_t(torch.tensor([0.0, 0.3, 0.31, 1.0], dtype=torch.float64), down).tolist() == [5, 5, 2, 2]
-    const = TimestepParams(schedule="constant", min_loops=2, max_loops=5)
+    const = TimestepParams(schedule="constant", min_loops=2, n_loops=5)
     assert loops_for_t(torch.rand(7), const).tolist() == [5] * 7
     assert loops_for_t(T_MIXED, TimestepParams(**LINEAR_1_4)).tolist() == COUNTS_MIXED
 
@@ -110,7 +110,7 @@ def test_step_and_constant_values():
 def test_expected_loops_are_the_mean_over_uniform_t(lo, hi, width):
     """Closed forms: linear (lo + hi) / 2; step lo*thr + hi*(1 - thr); middle (a tent of width w)
     lo + sum_{j=1..span} w (1 - j / (span + 1)); constant hi."""
-    s = lambda **kw: TimestepLoops(TimestepParams(min_loops=lo, max_loops=hi, **kw), 0, 1, 8)  # noqa: E731
+    s = lambda **kw: TimestepLoops(TimestepParams(min_loops=lo, n_loops=hi, **kw), 8)  # noqa: E731
     span, n = hi - lo, hi - lo + 1
     assert s(schedule="linear").expected_train_loops() == pytest.approx((lo + hi) / 2, abs=1e-3)
     assert s(schedule="linear", increasing=False).expected_train_loops() == pytest.approx((lo + hi) / 2, abs=1e-3)
@@ -118,7 +118,7 @@ def test_expected_loops_are_the_mean_over_uniform_t(lo, hi, width):
     middle = lo + sum(width * (1 - j / n) for j in range(1, span + 1))
     assert s(schedule="middle", width=width).expected_train_loops() == pytest.approx(middle, abs=2e-2)
     grid = (torch.arange(10_000, dtype=torch.float64) + 0.5) / 10_000
-    shares = torch.bincount(loops_for_t(grid, TimestepParams(schedule="linear", min_loops=lo, max_loops=hi)) - lo)
+    shares = torch.bincount(loops_for_t(grid, TimestepParams(schedule="linear", min_loops=lo, n_loops=hi)) - lo)
     equal = torch.full((n,), 1 / n, dtype=torch.float64)
     assert torch.allclose(shares.double() / 10_000, equal, atol=1e-3)  # every count gets an equal share of t
     const = s(schedule="constant")
@@ -128,9 +128,9 @@ def test_expected_loops_are_the_mean_over_uniform_t(lo, hi, width):
 
 
 def test_min_above_max_is_swapped_and_params_are_validated():
-    p = TimestepParams(schedule="linear", min_loops=3, max_loops=2)
-    assert (p.min_loops, p.max_loops) == (2, 3)
-    for bad in ({"max_loops": 65}, {"min_loops": 0}, {"width": 0.0}, {"threshold": 1.5}, {"loops": 2}):
+    p = TimestepParams(schedule="linear", min_loops=3, n_loops=2)
+    assert (p.min_loops, p.n_loops) == (2, 3)
+    for bad in ({"n_loops": 65}, {"min_loops": 0}, {"width": 0.0}, {"threshold": 1.5}, {"loops": 2}):
         with pytest.raises(ValueError):
             TimestepParams(**bad)
     assert get_registry().get("loop_strategy", "timestep") is TimestepLoops
@@ -193,7 +193,7 @@ def test_t_is_estimated_from_masks_when_not_given():
 @pytest.mark.parametrize("schedule", ["constant", "linear", "middle"])
 def test_one_loop_equals_plain_model(schedule):
     plain = tiny_model(seed=3)
-    looped = timestep_model(loop_start=1, loop_end=3, seed=3, schedule=schedule, min_loops=1, max_loops=1)
+    looped = timestep_model(loop_start=1, loop_end=3, seed=3, schedule=schedule, min_loops=1, n_loops=1)
     looped.load_state_dict(plain.state_dict())
     x = torch.randint(0, 51, (4, SEQ))
     out = looped(x, t=torch.tensor([0.05, 0.4, 0.5, 0.99]))
@@ -219,8 +219,8 @@ def test_exit_criterion_runs_to_the_batch_maximum():
 # ---- FLOPs -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("params,block", [
     (LINEAR_1_4, (1, 3)),
-    (dict(schedule="middle", min_loops=1, max_loops=6, width=0.8), (0, 2)),
-    (dict(schedule="step", min_loops=2, max_loops=5, threshold=0.5, increasing=False), (2, 3)),
+    (dict(schedule="middle", min_loops=1, n_loops=6, width=0.8), (0, 2)),
+    (dict(schedule="step", min_loops=2, n_loops=5, threshold=0.5, increasing=False), (2, 3)),
 ])
 def test_training_step_flops_match_flop_counter(params, block):
     model = timestep_model(block[0], block[1], **params)
@@ -262,4 +262,4 @@ def test_tiny_study_with_timestep_space(tiny_recipe):
     assert math.isfinite(t.user_attrs["val_nll"]) and math.isfinite(t.value)
     assert 0 < t.user_attrs["train_flops"] <= t.user_attrs["budget"] == spec.budget
     p = TimestepParams(**t.user_attrs["strategy_params"])
-    assert p.min_loops <= t.user_attrs["mean_train_loops"] <= p.max_loops
+    assert p.min_loops <= t.user_attrs["mean_train_loops"] <= p.n_loops

@@ -69,8 +69,9 @@ def _dist_values(dist: Dist) -> list[Any]:
 
 def _check_params(model, dists: dict[str, Dist], where: str, base: dict | None = None) -> None:
     allowed = sorted(model.model_fields)
+    old_names = getattr(model, "old_names", {})  # deprecated spellings a Params still accepts
     for key, dist in dists.items():
-        if key not in model.model_fields:
+        if key not in model.model_fields and key not in old_names:
             raise SpecError(f"{where}: unknown parameter {key!r}; allowed: {', '.join(allowed) or 'none'}")
         for value in _dist_values(dist):
             validate(model, {**(base or {}), key: value}, f"{where}.{key}")
