@@ -548,7 +548,10 @@ def sweep_cmd(name, recipe, space, arms, scales, seeds, budget, corpus, train_to
     baseline trained with the same seed at the same budget on identical validation masks; each
     difference gets a 95% interval (t over seeds, n - 1 degrees of freedom; with one seed only
     the validation noise). "crosses" needs one change of sign with intervals excluding 0 on both
-    sides; otherwise the verdict says inconclusive or mixed. `loopsearch report NAME` draws the curves.
+    sides; otherwise the verdict says inconclusive or mixed. With >= 3 budgets each arm's means are
+    fitted with L(C) = E + A (C/C0)^-alpha and the fits predict the crossover (95% bootstrap over
+    seeds); with >= 4 the largest budget is held out of a second fit and the prediction checked
+    there. `loopsearch report NAME` draws the curves and the fits.
 
     Example: loopsearch sweep --name iso --arms baseline,early_middle --budget 2e12 --scales 1,2,4,8 --seeds 2
     """

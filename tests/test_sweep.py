@@ -133,20 +133,23 @@ def test_scales_parse_and_reject_nonsense():
 def test_sweep_command_runs_every_arm_at_every_budget_and_seed(tiny_recipe, tmp_path):
     space = tmp_path / "pair.toml"
     space.write_text(ARMS)
-    r = run_cli("sweep", "--name", "iso", "--recipe", str(tiny_recipe), "--space", str(space), "--scales", "1,2",
+    r = run_cli("sweep", "--name", "iso", "--recipe", str(tiny_recipe), "--space", str(space), "--scales", "1,2,4",
                 "--seeds", "2", "--budget", "2e9", "--train-tokens", "4000", "--no-progress", "--json",
                 env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout[r.stdout.index("{"):])
     assert result["baseline"] == "baseline"
-    assert sorted((p["budget"], p["pairs"]) for p in result["paired"]) == [(2e9, 2), (4e9, 2)]
+    assert sorted((p["budget"], p["pairs"]) for p in result["paired"]) == [(2e9, 2), (4e9, 2), (8e9, 2)]
     assert all(p["se"] is not None for p in result["paired"])
     assert set(result["crossover"]) == {"looped"}
+    fit = result["fit"]["looped"]  # three budgets: a power-law fit per arm, no held-out check (needs 4)
+    assert fit["fitted_budgets"] == [2e9, 4e9, 8e9] and fit["bootstrap"] > 0 and "check" not in fit
+    assert set(fit["fit"]) == {"baseline", "looped"} and fit["words"]
     st, spec = studies.load("iso")
-    assert spec.train.train_tokens == 4000 and spec.n_trials == 8
+    assert spec.train.train_tokens == 4000 and spec.n_trials == 12
     done = [t for t in st.get_trials() if t.state.name == "COMPLETE"]
     assert sorted((t.user_attrs["arm"], t.user_attrs["budget"], t.user_attrs["seed_offset"]) for t in done) == sorted(
-        (a, b, s) for a in ("baseline", "looped") for b in (2e9, 4e9) for s in (0, 1))
+        (a, b, s) for a in ("baseline", "looped") for b in (2e9, 4e9, 8e9) for s in (0, 1))
     # the two seeds train differently; the same seed sees the same data in both arms
     base = {(t.user_attrs["budget"], t.user_attrs["seed_offset"]): t.user_attrs["val_nll"] for t in done
             if t.user_attrs["arm"] == "baseline"}
@@ -154,7 +157,9 @@ def test_sweep_command_runs_every_arm_at_every_budget_and_seed(tiny_recipe, tmp_
     rep = report.write("iso", tmp_path / "rep")
     sec = next(s for s in rep.sections if s.key == "sweep")
     assert sec.image == "iso_flop.png" and (tmp_path / "rep" / "iso_flop.png").stat().st_size > 5000
-    assert len(sec.rows) == 2
+    assert len(sec.rows) == 3 and "Fit, looped:" in sec.caption
+    r = run_cli("sweep", "--name", "iso")  # finished: prints the tables, the fit included
+    assert r.returncode == 0 and "iso-FLOP fit" in r.stdout, r.stderr
 
 
 def test_sweep_needs_an_arms_space_and_the_baseline(tiny_recipe):

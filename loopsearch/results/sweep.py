@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import optuna
 import polars as pl
 from optuna.trial import TrialState
@@ -35,6 +36,7 @@ from rich.table import Table
 
 from .. import stats
 from ..errors import LoopsearchError
+from . import scaling_fit
 from ..search.record import TrialRecord
 from .page import NLL_LABEL, Section, figure, flop_axis, save
 
@@ -183,7 +185,8 @@ def analyse(study: optuna.Study, spec) -> dict[str, Any]:
     pairs = paired(df, base)
     arms = sorted({r["arm"] for r in pairs})
     return {"baseline": base, "curves": curves(df), "paired": pairs,
-            "crossover": {arm: crossover([r for r in pairs if r["arm"] == arm]) for arm in arms}}
+            "crossover": {arm: crossover([r for r in pairs if r["arm"] == arm]) for arm in arms},
+            "fit": scaling_fit.analyse(df.select("arm", "budget", "seed_offset", "val_nll").to_dicts(), base)}
 
 
 def _interval(r: dict[str, Any]) -> str:
@@ -213,7 +216,24 @@ def rich_tables(result: dict[str, Any]):
         cross.add_column(col)
     for arm, c in result["crossover"].items():
         cross.add_row(arm, c["verdict"], _crossing(c))
-    return diff, cross
+    return diff, cross, fit_table(result)
+
+
+def fit_table(result: dict[str, Any]) -> Table:
+    """The power-law fits L(C) = E + A (C/C0)^-alpha per arm, the crossover they predict and the
+    held-out check (loopsearch/results/scaling_fit.py)."""
+    table = Table(title="iso-FLOP fit L(C) = E + A (C/C0)^-alpha: predicted crossover (95% bootstrap over seeds)")
+    for col in ("arm", "E (baseline / arm)", "alpha (baseline / arm)", "prediction", "held-out check"):
+        table.add_column(col)
+    for arm, f in result.get("fit", {}).items():
+        if "skipped" in f:
+            table.add_row(arm, "-", "-", f"no fit: {f['skipped']}", "-")
+            continue
+        base, mine = f["fit"][f["baseline"]], f["fit"][arm]
+        check = scaling_fit.hold_out_words(f["check"]) if "check" in f else "needs >= 4 budgets"
+        table.add_row(arm, f"{base['E']:.3f} / {mine['E']:.3f}", f"{base['alpha']:.3f} / {mine['alpha']:.3f}",
+                      f["words"], check)
+    return table
 
 
 def _fmt(value: float | None) -> str:
@@ -236,6 +256,17 @@ def section(d, out):
         ax.errorbar([c["budget"] for c in pts], [c["val_nll"] for c in pts], yerr=[c["se"] or 0.0 for c in pts],
                     marker="o", markersize=4, capsize=3, label=arm,
                     color="black" if arm == result["baseline"] else None)
+    lo_b, hi_b = min(c["budget"] for c in result["curves"]), max(c["budget"] for c in result["curves"])
+    for arm, f in result["fit"].items():  # dashed: the power-law fits, extended to a predicted crossover
+        if "skipped" in f:
+            continue
+        top = hi_b if f["crossover"] is None else max(hi_b, min(f["crossover"] * 1.5, hi_b * 100))
+        grid = np.geomspace(lo_b, top, 100)
+        for name, color in ((f["baseline"], "black"), (arm, None)):
+            law = scaling_fit.PowerLaw(**{k.lower() if k != "C0" else "c0": v for k, v in f["fit"][name].items()})
+            ax.plot(grid, law(grid), linestyle="--", linewidth=0.8, color=color or "tab:blue", alpha=0.7)
+        if f["crossover"] is not None:
+            ax.axvline(f["crossover"], linestyle=":", color="grey", linewidth=0.8)
     ax.set_xscale("log")
     flop_axis(ax.xaxis, "training compute per arm")
     ax.set_ylabel(NLL_LABEL)
@@ -249,7 +280,10 @@ def section(d, out):
                    "(n - 1 degrees of freedom), or with one seed the validation-mask noise only; a difference whose "
                    "interval contains 0 is a tie. Crossover: only where the mean difference changes sign once, from "
                    "+ to -, with the intervals on both sides excluding 0 (log-interpolated; its interval where the "
-                   "interval bounds cross zero); otherwise inconclusive, mixed, loses or wins.")
+                   "interval bounds cross zero); otherwise inconclusive, mixed, loses or wins. Dashed: the fits "
+                   "L(C) = E + A (C/C0)^-alpha of each arm's means (dotted: a predicted crossover); the fit table "
+                   "gives the prediction with a 95% bootstrap interval over seeds and, with >= 4 budgets, a check "
+                   "at the largest budget held out of the fit.")
     sec.headers = ["arm", "budget (FLOPs)", "seeds", "Δ val NLL vs " + result["baseline"], "95% interval",
                    "in words", "crossover"]
     sec.rows = []
@@ -258,4 +292,8 @@ def section(d, out):
         for r in [r for r in result["paired"] if r["arm"] == arm]:
             sec.rows.append([arm, f"{r['budget']:.3g}", str(r["pairs"]), f"{r['delta']:+.4f}", _interval(r),
                              _words(r), c["verdict"] + interval])
+    for arm, f in result["fit"].items():
+        if "skipped" not in f:
+            check = f" {scaling_fit.hold_out_words(f['check'])}." if "check" in f else ""
+            sec.caption += f" Fit, {arm}: {f['words']}.{check}"
     return sec
