@@ -75,7 +75,7 @@ def matmul_peak_flop_per_s(dtype: torch.dtype, device: torch.device, n: int, war
 
 
 def train_throughput(make_strategy, dtype: str, device: torch.device, steps: int, warmup: int,
-                     max_row_s: float, compile: bool, sdpa_math: bool) -> dict:
+                     max_row_s: float, compile: bool, sdpa_math: bool, full_head: bool = False) -> dict:
     """Run ``warmup`` untimed then ``steps`` timed training steps; return tokens/s and FLOP/s.
 
     A row stops early once its steps have taken ``max_row_s`` seconds in all, keeping at least one
@@ -96,11 +96,12 @@ def train_throughput(make_strategy, dtype: str, device: torch.device, steps: int
         x0 = torch.randint(0, VOCAB, (BATCH, SEQ_LEN), generator=gen).to(device)
         n_loops = model.strategy.train_loops(gen)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            loss, out = diffusion_loss(forward, x0, mask_id, gen, n_loops)
+            loss, out = diffusion_loss(forward, x0, mask_id, gen, n_loops, positions=not full_head)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return model.train_step_flops(SEQ_LEN, BATCH, out.applications, out.extra_flops)
+        # the head ran only at the masked positions (out.head_share): charged what ran
+        return model.train_step_flops(SEQ_LEN, BATCH, out.applications, out.extra_flops, out.head_share)
 
     model.train()
     seconds, flops = [], []  # per step
@@ -140,7 +141,18 @@ def main() -> None:
                     help="n of the n x n peak matmul (default 2048 cpu, 8192 cuda)")
     ap.add_argument("--matmul-repeats", type=int, default=None, help="timed peak matmuls (default 5 cpu, 50 cuda)")
     ap.add_argument("--json", action="store_true", help="print one JSON object per row instead of a table")
+    ap.add_argument("--full-head", action="store_true",
+                    help="run the output head on every position (before issue 13; default: masked positions only)")
+    ap.add_argument("--shape", default=None, metavar="L,D,H,T,B,V",
+                    help="layers, d_model, heads, seq_len, batch, vocab (default 8,256,4,128,32,2048; the "
+                         "paper's: 12,768,12,1024,8,50257)")
     args = ap.parse_args()
+    if args.shape:
+        global N_LAYER, D_MODEL, N_HEADS, SEQ_LEN, BATCH, VOCAB
+        try:
+            N_LAYER, D_MODEL, N_HEADS, SEQ_LEN, BATCH, VOCAB = (int(x) for x in args.shape.split(","))
+        except ValueError:
+            ap.error(f"--shape {args.shape!r}: give six integers L,D,H,T,B,V, e.g. 12,768,12,1024,8,50257")
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
@@ -156,13 +168,13 @@ def main() -> None:
     for name, make_strategy in CONFIGS.items():
         for d in dtypes:
             r = train_throughput(make_strategy, d, device, args.steps, args.warmup, args.max_row_s,
-                                 args.compile, args.sdpa == "math")
+                                 args.compile, args.sdpa == "math", args.full_head)
             rows.append({"config": name, "dtype": d, **r, "peak_flop_per_s": peaks[d],
                          "mfu_pct": 100 * r["achieved_flop_per_s"] / peaks[d]})
 
     if args.json:
         meta = {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                "compile": args.compile, "sdpa": args.sdpa, "max_row_s": args.max_row_s,
+                "compile": args.compile, "sdpa": args.sdpa, "full_head": args.full_head, "max_row_s": args.max_row_s,
                 "matmul_size": n, "n_layer": N_LAYER, "d_model": D_MODEL, "n_heads": N_HEADS,
                 "seq_len": SEQ_LEN, "batch": BATCH, "vocab": VOCAB}
         for row in rows:

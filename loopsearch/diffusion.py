@@ -42,6 +42,9 @@ def sample_t(batch_size: int, generator: torch.Generator, antithetic: bool = Tru
     return eps + (1.0 - eps) * t
 
 
+EXPECTED_MASKED_SHARE = 0.5  # E[t] for t ~ U[eps, 1] (to 1e-3): the head's expected share in training
+
+
 def mask_tokens(x0: torch.Tensor, t: torch.Tensor, mask_id: int,
                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask each token of row i independently with probability t[i] (= 1 - alpha_t).
@@ -74,9 +77,13 @@ def elbo(nll: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 def diffusion_loss(model: Model, x0: torch.Tensor, mask_id: int, generator: torch.Generator,
                    n_loops: int | None = None, antithetic: bool = True,
-                   shard: tuple[int, int] | None = None) -> tuple[torch.Tensor, Any]:
+                   shard: tuple[int, int] | None = None, positions: bool | None = None) -> tuple[torch.Tensor, Any]:
     """One MDLM training loss (nats/token, plus the strategy's auxiliary loss if any) and the
     model's output (what the loop block executed).
+
+    ``positions``: run the output head only at the masked positions (SUBS gives the others zero
+    loss), the model's ``forward(..., positions=)``; default: when the model says it supports it
+    (a wrapper such as DDP hides the attribute: the trainer passes it). The loss is the same.
 
     ``shard=(rank, world)`` (data parallel): mask rates and masks are drawn for the whole batch,
     as in one process, and only rows [rank*B/world, (rank+1)*B/world) run through the model; the
@@ -87,8 +94,16 @@ def diffusion_loss(model: Model, x0: torch.Tensor, mask_id: int, generator: torc
         rank, world = shard
         rows = slice(rank * x0.shape[0] // world, (rank + 1) * x0.shape[0] // world)
         x0, xt, masked, t = x0[rows], xt[rows], masked[rows], t[rows]
-    out = model(xt, n_loops, t.to(x0.device))
-    loss = elbo(masked_nll(out.logits, x0, masked, mask_id), t)
+    if positions is None:
+        positions = getattr(model, "supports_positions", False)
+    if positions:
+        out = model(xt, n_loops, t.to(x0.device), positions=masked)
+        nll = torch.zeros(x0.shape, dtype=torch.float32, device=x0.device)
+        nll[masked] = -subs_log_probs(out.logits, mask_id).gather(-1, x0[masked][:, None]).squeeze(-1)
+    else:
+        out = model(xt, n_loops, t.to(x0.device))
+        nll = masked_nll(out.logits, x0, masked, mask_id)
+    loss = elbo(nll, t)
     if getattr(out, "aux_loss", None) is not None:
         loss = loss + out.aux_loss
     return loss, out

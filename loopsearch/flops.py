@@ -26,12 +26,15 @@ class FlopProfile:
     head: float  # output projection to the vocabulary
     embed: float = 0.0  # a table lookup costs no FLOPs
 
-    def forward(self, loop_start: int = 0, loop_end: int = 0, applications: float = 1.0) -> float:
+    def forward(self, loop_start: int = 0, loop_end: int = 0, applications: float = 1.0,
+                head_share: float = 1.0) -> float:
         """FLOPs of one forward pass of one sequence with the block [loop_start, loop_end) run
-        ``applications`` times (may be fractional: a mean over tokens or sequences)."""
+        ``applications`` times (may be fractional: a mean over tokens or sequences) and the head
+        run on ``head_share`` of the positions (training and validation run it only where the
+        loss is: the masked positions)."""
         inside = sum(self.layers[loop_start:loop_end])
         outside = sum(self.layers) - inside
-        return self.embed + outside + applications * inside + self.head
+        return self.embed + outside + applications * inside + head_share * self.head
 
 
 def transformer_layer_flops(seq_len: int, d_model: int, d_ff: int, gated_mlp: bool = True) -> float:
@@ -54,9 +57,10 @@ def head_flops(seq_len: int, d_model: int, n_out: int) -> float:
 
 
 def train_step_flops(profile: FlopProfile, batch_size: int, loop_start: int = 0, loop_end: int = 0,
-                     applications: float = 1.0) -> float:
-    """FLOPs of one optimizer step (forward + backward) on ``batch_size`` sequences."""
-    return TRAIN_MULTIPLIER * batch_size * profile.forward(loop_start, loop_end, applications)
+                     applications: float = 1.0, head_share: float = 1.0) -> float:
+    """FLOPs of one optimizer step (forward + backward) on ``batch_size`` sequences, the head run
+    on ``head_share`` of the positions."""
+    return TRAIN_MULTIPLIER * batch_size * profile.forward(loop_start, loop_end, applications, head_share)
 
 
 def inference_flops_per_token(profile: FlopProfile, loop_start: int = 0, loop_end: int = 0,

@@ -75,11 +75,12 @@ class LoopResult:
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # (B, T, n_tokens)
+    logits: torch.Tensor  # (B, T, n_tokens), or (N, n_tokens) at the positions asked for
     applications: float  # loop-block applications executed per sequence
     extra_flops: float = 0.0  # other forward FLOPs per sequence beyond the profile's layers and head
     aux_loss: torch.Tensor | None = None
     stats: dict[str, float] = field(default_factory=dict)
+    head_share: float = 1.0  # share of the positions the head ran on (forward(..., positions=))
 
 
 class LoopStrategy(nn.Module):
@@ -201,16 +202,22 @@ class LoopedMDM(nn.Module):
             ctx = LoopContext(t=t, masked=x == b.mask_id, training=self.training, exit=exit, readout=self.readout)
             result = self.strategy.run(h, self._block, n, ctx)
         h = self.run_range(result.h, self.loop_end, b.n_layer)
-        logits = b.head(h) if positions is None else b.head(h[positions][None])[0]
-        return ModelOutput(logits, result.applications, result.extra_flops, result.aux_loss, result.stats)
+        if positions is None:
+            return ModelOutput(b.head(h), result.applications, result.extra_flops, result.aux_loss, result.stats)
+        share = float(positions.sum()) / max(positions.numel(), 1)
+        return ModelOutput(b.head(h[positions][None])[0], result.applications, result.extra_flops, result.aux_loss,
+                           result.stats, head_share=share)
 
     # ---- FLOPs of what runs (see flops.py) ---------------------------------------------------
     def flop_profile(self, seq_len: int) -> FlopProfile:
         return self.backbone.flop_profile(seq_len)
 
-    def train_step_flops(self, seq_len: int, batch_size: int, applications: float, extra_flops: float = 0.0) -> float:
-        """Forward + backward FLOPs of one step; ``extra_flops`` are forward FLOPs per sequence."""
-        base = train_step_flops(self.flop_profile(seq_len), batch_size, self.loop_start, self.loop_end, applications)
+    def train_step_flops(self, seq_len: int, batch_size: int, applications: float, extra_flops: float = 0.0,
+                         head_share: float = 1.0) -> float:
+        """Forward + backward FLOPs of one step; ``extra_flops`` are forward FLOPs per sequence;
+        the head ran on ``head_share`` of the positions (1: all of them, the bound)."""
+        base = train_step_flops(self.flop_profile(seq_len), batch_size, self.loop_start, self.loop_end, applications,
+                                head_share)
         return base + TRAIN_MULTIPLIER * batch_size * extra_flops
 
     def inference_flops_per_token(self, seq_len: int, applications: float | None = None,

@@ -174,8 +174,12 @@ class TrainConfig(Strict):
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (matrices only)")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
     grad_clip: float = Field(1.0, ge=0, description="max grad norm; 0 disables clipping")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast where it is faster")
-    compile: bool = Field(False, description="torch.compile the model (pays off on long runs)")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast where a probe of the trial's own model measures it faster (never "
+                            "without bf16 units); fp32 or bf16 to fix it")
+    compile: bool | Literal["auto"] = Field(
+        "auto", description="torch.compile the model; auto: when a probe says the compile time pays for itself "
+                            "over the trial (probed only for trials of >= 5 min eager)")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     min_steps: int = Field(20, ge=1, description="reject trials whose budget buys fewer optimizer steps")
     eval_points: int = Field(4, ge=1, description="validations at equal FLOP fractions of the budget")

@@ -27,9 +27,9 @@ from typing import Callable
 
 import torch
 
-from . import interrupt
+from . import interrupt, probe
 from .data import PreparedData, random_batch, subsample, validation_windows
-from .diffusion import Validation, diffusion_loss, validation_elbo
+from .diffusion import EXPECTED_MASKED_SHARE, Validation, diffusion_loss, validation_elbo
 from .errors import BudgetError, LoopsearchError
 from .flops import TRAIN_MULTIPLIER
 from .looping import ExecutionRecorder, LoopedMDM
@@ -60,9 +60,12 @@ class TrainResult:
     eval_applications: float = 0.0
     eval_extra_flops: float = 0.0
     eval_token_loops: float | None = None  # mean loops per masked token, for strategies that report it
-    train_stats: dict[str, float] = field(default_factory=dict)  # strategy stats averaged over steps
+    # strategy stats averaged over steps, and head_share: the share of positions the output head ran
+    # on (the masked ones; the loss needs no others)
+    train_stats: dict[str, float] = field(default_factory=dict)
     validation: Validation | None = None  # the final validation's per-(window, draw) values
     eval_s: float = 0.0  # wall seconds this process spent validating (inside wall_s)
+    speed: dict = field(default_factory=dict)  # precision / compile chosen and why (loopsearch/probe.py)
 
 
 def distributed() -> tuple[int, int]:
@@ -108,13 +111,37 @@ def _agree(values: list[float], world: int, device: torch.device) -> list[float]
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
-    """bf16 autocast: on CUDA when supported; on CPU only if asked (on the tiny models
-    loopsearch trains on CPU, fp32 measured faster, see benchmarks/train_throughput.py)."""
+    """bf16 autocast without a probe (the reference LM, DDP runs): on CUDA when supported; on CPU
+    only if asked. Trials decide "auto" by measurement (``choose_speed``, loopsearch/probe.py)."""
     if precision == "bf16":
         return True
     if precision == "fp32":
         return False
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def choose_speed(model: LoopedMDM, cfg: TrainConfig, device: torch.device, train_ids: torch.Tensor,
+                 planned: int, world: int) -> probe.Choice:
+    """Precision and compilation for this trial: as set, or (``auto``) measured by a short probe
+    of the trial's own model on this machine (loopsearch/probe.py). DDP runs are not probed."""
+    if world > 1:
+        return probe.Choice(probe.Setting("bf16" if use_bf16(cfg.precision, device) else "fp32",
+                                          cfg.compile is True), "DDP: not probed")
+    loops = max(1, int(round(model.strategy.expected_train_loops())))
+    mask_id = model.backbone.mask_id
+
+    def probe_step(forward, opt) -> None:
+        gen = torch.Generator().manual_seed(0)  # the probe's own stream: the trial's are untouched
+        x0 = random_batch(train_ids, cfg.batch_size, cfg.seq_len, gen).to(device)
+        loss, _ = diffusion_loss(forward, x0, mask_id, gen, loops, cfg.antithetic, positions=model.supports_positions)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    shape = {"params": sum(p.numel() for p in model.parameters()), "n_layer": model.backbone.n_layer,
+             "d_model": model.backbone.d_model, "batch": cfg.batch_size, "seq_len": cfg.seq_len,
+             "block": [model.loop_start, model.loop_end], "strategy": model.strategy.name, "loops": loops}
+    return probe.choose(model, probe_step, cfg.precision, cfg.compile, device, planned, shape)
 
 
 def lr_at(progress: float, cfg: TrainConfig) -> float:
@@ -139,7 +166,8 @@ def plan_steps(model: LoopedMDM, cfg: TrainConfig, budget: float) -> int:
         )
     expected = model.strategy.expected_train_loops()
     mean = model.train_step_flops(cfg.seq_len, cfg.batch_size, expected,
-                                  model.strategy.extra_flops_bound(int(round(expected)), cfg.seq_len))
+                                  model.strategy.extra_flops_bound(int(round(expected)), cfg.seq_len),
+                                  EXPECTED_MASKED_SHARE if model.supports_positions else 1.0)
     return int(budget // mean)
 
 
@@ -163,19 +191,21 @@ def train(model: LoopedMDM, data: PreparedData, cfg: TrainConfig, budget: float,
     device = resolve_device(cfg.device)
     model.to(device)
     planned = plan_steps(model, cfg, budget)
-    bf16 = use_bf16(cfg.precision, device)
     rank, world = distributed()
     if cfg.batch_size % world:
         raise LoopsearchError(f"batch_size {cfg.batch_size} does not split over {world} DDP processes; "
                               f"use a batch_size divisible by {world} (the global batch is what is searched)")
-    forward = torch.compile(model) if cfg.compile else model
+    train_ids = data.train if cfg.train_tokens is None else data.train[:cfg.train_tokens]  # (N,) token ids
+    speed = choose_speed(model, cfg, device, train_ids, planned, world)
+    bf16, compiled = speed.setting.precision == "bf16", speed.setting.compile
+    forward = torch.compile(model) if compiled else model
     step_forward = forward
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                       find_unused_parameters=True)  # strategies may skip parameters on a step
-        step_forward = torch.compile(ddp) if cfg.compile else ddp
+        step_forward = torch.compile(ddp) if compiled else ddp
     opt = make_optimizer(model, cfg)
     gens = streams(seed)
     mask_id = model.backbone.mask_id
@@ -183,7 +213,6 @@ def train(model: LoopedMDM, data: PreparedData, cfg: TrainConfig, budget: float,
     windows, window_keys = validation_windows(data.valid, cfg.seq_len, cfg.eval_sequences)
     curve_windows, curve_keys = subsample(windows, window_keys, cfg.eval_curve_sequences)
     windows, curve_windows = windows.to(device), curve_windows.to(device)
-    train_ids = data.train if cfg.train_tokens is None else data.train[:cfg.train_tokens]  # (N,) token ids
     checkpoints = [budget * (i + 1) / cfg.eval_points for i in range(cfg.eval_points)]
     shard = (rank, world) if world > 1 else None
     recorder = ExecutionRecorder(forward)
@@ -220,11 +249,12 @@ def train(model: LoopedMDM, data: PreparedData, cfg: TrainConfig, budget: float,
             group["lr"] = lr_at(state.spent / budget, cfg)
         x0 = random_batch(train_ids, cfg.batch_size, cfg.seq_len, gens["data"]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss, out = diffusion_loss(step_forward, x0, mask_id, gens["masks"], n_loops, cfg.antithetic, shard=shard)
+            loss, out = diffusion_loss(step_forward, x0, mask_id, gens["masks"], n_loops, cfg.antithetic, shard=shard,
+                                       positions=model.supports_positions)  # the head only where the loss is
         keys = sorted(out.stats)
-        loss_val, applications, extra, *stat_values = _agree(
-            [loss.item(), float(out.applications), float(out.extra_flops)] + [float(out.stats[k]) for k in keys],
-            world, device)
+        loss_val, applications, extra, head_share, *stat_values = _agree(
+            [loss.item(), float(out.applications), float(out.extra_flops), float(getattr(out, "head_share", 1.0))]
+            + [float(out.stats[k]) for k in keys], world, device)
         if not math.isfinite(loss_val):  # before the update: the weights stay finite
             state.spent += step_flops / TRAIN_MULTIPLIER  # the forward ran (training = 3x forward)
             raise FloatingPointError(f"non-finite training loss {loss_val} at step {state.steps + 1}; "
@@ -235,11 +265,12 @@ def train(model: LoopedMDM, data: PreparedData, cfg: TrainConfig, budget: float,
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         # count what ran (a strategy may stop early); never more than the pre-checked bound
-        state.spent += min(step_flops, model.train_step_flops(cfg.seq_len, cfg.batch_size, applications, extra))
+        state.spent += min(step_flops, model.train_step_flops(cfg.seq_len, cfg.batch_size, applications, extra,
+                                                              head_share))
         state.steps += 1
         state.loss = loss_val
         state.loops_sum += applications
-        for key, value in zip(keys, stat_values):
+        for key, value in zip(keys + ["head_share"], stat_values + [head_share]):  # head_share: the trainer's own
             state.stats_sum[key] = state.stats_sum.get(key, 0.0) + value
 
     # ---- the loop: a step runs only if its FLOPs (known before it runs) fit in the budget ----
@@ -285,7 +316,7 @@ def train(model: LoopedMDM, data: PreparedData, cfg: TrainConfig, budget: float,
         history=list(state.history), eval_applications=eval_apps, eval_extra_flops=eval_extra,
         eval_token_loops=recorder.mean_token_loops(),
         train_stats={k: v / state.steps for k, v in state.stats_sum.items()}, validation=final,
-        eval_s=timing["eval_s"])
+        eval_s=timing["eval_s"], speed=speed.record())
 
 
 class _NullBar:

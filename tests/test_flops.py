@@ -57,3 +57,30 @@ def test_every_loop_is_counted():
     assert p.forward() == 65.0
     assert p.forward(1, 3, applications=4) == 10 + 4 * 50 + 5
     assert p.forward(1, 3, applications=1) == p.forward()
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: str(c.get("loop")))
+def test_training_with_the_head_only_at_masked_positions_is_charged_what_runs(cfg):
+    """The trainer runs the head only where the loss is (the masked positions): the step is
+    charged the head's share that ran, within 1% of FlopCounterMode, and the loss is unchanged."""
+    from loopsearch.diffusion import diffusion_loss
+
+    cfg = dict(cfg)
+    seq_len = cfg.pop("seq_len", 16)
+    model = tiny_model(seq_len=seq_len, **cfg)
+    x0 = torch.randint(0, 49, (4, seq_len))
+    got = {}
+
+    def step():
+        loss, out = diffusion_loss(model, x0, model.backbone.mask_id, torch.Generator().manual_seed(3), positions=True)
+        got.update(loss=loss, out=out)
+        loss.backward()
+
+    counted = measured(step)
+    out = got["out"]
+    assert 0 < out.head_share < 1
+    analytic = model.train_step_flops(seq_len, 4, out.applications, out.extra_flops, out.head_share)
+    assert abs(analytic - counted) / counted < 0.01, (analytic, counted)
+    assert analytic < model.train_step_flops(seq_len, 4, out.applications, out.extra_flops)  # the bound: every position
+    full, _ = diffusion_loss(model, x0, model.backbone.mask_id, torch.Generator().manual_seed(3), positions=False)
+    assert abs(full.item() - got["loss"].item()) < 1e-5

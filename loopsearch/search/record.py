@@ -71,6 +71,7 @@ class TrialRecord(BaseModel):
     eval_loops_run: float | None = None
     mean_token_loops: float | None = None
     train_stats: dict[str, float] | None = None
+    speed: dict[str, Any] | None = None  # precision / compile chosen and why (loopsearch/probe.py)
     checkpoint: str | None = None  # the first seed's checkpoint directory
     seeds: int | None = None
     seed_se: float | None = None  # over seeds (t, n - 1 degrees of freedom)

@@ -581,6 +581,7 @@ def result_attrs(model, config: TrialConfig, r: TrainResult, fingerprint: str = 
         "inference_flops_per_token": model.inference_flops_per_token(
             config.train.seq_len, r.eval_applications if model.strategy.loops_block else None, r.eval_extra_flops),
         "eval_loops_run": r.eval_applications, "mean_token_loops": r.eval_token_loops, "train_stats": r.train_stats,
+        "speed": r.speed,  # precision / compile chosen, and the probe's measurements (loopsearch/probe.py)
     }
 
 
@@ -594,6 +595,9 @@ def trial_line(trial: optuna.trial.FrozenTrial) -> str:
     else:
         nll = a.get("rejected", a.get("failed", trial.system_attrs.get("fail_reason", "")))
     resumed = f" (resumed at {a['resumed_from_flops']:.3g} FLOPs)" if "resumed_from_flops" in a else ""
+    speed = a.get("speed") or {}
+    if speed.get("precision"):
+        resumed += f" [{speed['precision']}{' + compile' if speed.get('compile') else ''}]"
     if a.get("strategy") == "none":
         what = f"no loop ({a.get('n_layer', '?')} layers)"
     else:

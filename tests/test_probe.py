@@ -1,0 +1,135 @@
+"""Precision and compilation chosen by measurement (loopsearch/probe.py): the decision logic on
+stubbed timings, the candidates a machine gets, the cache, and a real probe on a tiny model."""
+
+import pytest
+import torch
+
+from loopsearch import probe
+from loopsearch.probe import Setting
+
+FP32, BF16 = Setting("fp32", False), Setting("bf16", False)
+FP32C, BF16C = Setting("fp32", True), Setting("bf16", True)
+CPU = torch.device("cpu")
+
+
+def test_bf16_is_never_chosen_without_bf16_units_however_fast_it_looks():
+    best, _ = probe.decide({FP32: 1.0, BF16: 0.1}, {}, steps=1000, bf16_ok=False)
+    assert best == FP32
+
+
+def test_the_faster_precision_wins_where_bf16_units_exist():
+    assert probe.decide({FP32: 1.0, BF16: 0.6}, {}, steps=1000, bf16_ok=True)[0] == BF16
+    assert probe.decide({FP32: 0.6, BF16: 1.0}, {}, steps=1000, bf16_ok=True)[0] == FP32  # AVX2-like: bf16 slow
+
+
+def test_a_win_inside_the_margin_keeps_the_simpler_setting():
+    assert probe.decide({FP32: 1.0, BF16: 0.97}, {}, steps=1000, bf16_ok=True)[0] == FP32
+
+
+def test_compilation_is_chosen_only_when_it_pays_for_itself_over_the_trial():
+    step_s = {FP32: 1.0, FP32C: 0.5}
+    # 100 steps: 100 s eager vs 50 s + 60 s compile -> eager; 1000 steps: 1000 vs 560 -> compiled
+    assert probe.decide(step_s, {FP32C: 60.0}, steps=100, bf16_ok=False)[0] == FP32
+    best, reason = probe.decide(step_s, {FP32C: 60.0}, steps=1000, bf16_ok=False)
+    assert best == FP32C and "fp32 + compile" in reason and "1000 steps" in reason
+    # the fastest of four (bf16 + compile, as on an AVX512-BF16 CPU at d_model 256)
+    four = {FP32: 1.0, BF16: 0.62, FP32C: 0.8, BF16C: 0.29}
+    assert probe.decide(four, {FP32C: 40.0, BF16C: 40.0}, steps=2000, bf16_ok=True)[0] == BF16C
+
+
+def test_candidates_follow_the_hardware_and_the_trial_length(monkeypatch):
+    monkeypatch.setattr(probe, "bf16_supported", lambda device: False)
+    assert probe.candidates("auto", "auto", CPU, eager_trial_s=10.0) == [FP32]
+    assert probe.candidates("auto", "auto", CPU, eager_trial_s=1e4) == [FP32, FP32C]
+    assert probe.candidates("bf16", False, CPU, None) == [BF16]  # asked for: allowed, not probed against
+    monkeypatch.setattr(probe, "bf16_supported", lambda device: True)
+    assert probe.candidates("auto", "auto", CPU, eager_trial_s=10.0) == [FP32, BF16]
+    assert set(probe.candidates("auto", "auto", CPU, eager_trial_s=1e4)) == {FP32, FP32C, BF16, BF16C}
+
+
+def _stub(monkeypatch, timings: dict, calls: list):
+    def fake(model, step_fn, setting, device):
+        calls.append(setting)
+        return timings[setting]
+    monkeypatch.setattr(probe, "_time_steps", fake)
+
+
+def test_choose_probes_once_per_shape_and_machine_then_uses_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("LOOPSEARCH_CACHE", str(tmp_path))
+    monkeypatch.setattr(probe, "bf16_supported", lambda device: True)
+    calls = []
+    _stub(monkeypatch, {FP32: (0.010, 0.0), BF16: (0.006, 0.0)}, calls)
+    shape = {"d_model": 256, "n_layer": 8}
+    first = probe.choose(None, None, "auto", "auto", CPU, steps=100, shape=shape)  # 1 s eager: compile not probed
+    assert first.setting == BF16 and not first.cached and set(calls) == {FP32, BF16}
+    assert "compile not probed" in first.reason and first.step_s == {"fp32": 0.010, "bf16": 0.006}
+    calls.clear()
+    again = probe.choose(None, None, "auto", "auto", CPU, steps=100, shape=shape)
+    assert again.setting == BF16 and again.cached and calls == []
+    other = probe.choose(None, None, "auto", "auto", CPU, steps=100, shape={"d_model": 64})
+    assert not other.cached and calls  # another shape is probed anew
+
+
+def test_a_fixed_setting_is_not_probed(monkeypatch):
+    calls = []
+    _stub(monkeypatch, {}, calls)
+    c = probe.choose(None, None, "fp32", False, CPU, steps=10, shape={})
+    assert c.setting == FP32 and c.reason == "set in the recipe" and calls == []
+    monkeypatch.setattr(probe, "bf16_supported", lambda device: False)
+    c = probe.choose(None, None, "auto", False, CPU, steps=10, shape={})
+    assert c.setting == FP32 and "no bf16 units" in c.reason and calls == []
+
+
+def test_an_unwritable_cache_never_fails_a_trial(monkeypatch, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("LOOPSEARCH_CACHE", str(blocker / "sub"))  # a directory under a file: cannot be made
+    monkeypatch.setattr(probe, "bf16_supported", lambda device: True)
+    _stub(monkeypatch, {FP32: (0.01, 0.0), BF16: (0.02, 0.0)}, [])
+    assert probe.choose(None, None, "auto", False, CPU, steps=10, shape={}).setting == FP32
+
+
+def test_a_real_probe_times_the_trials_own_model_and_leaves_it_untouched(monkeypatch, tmp_path):
+    from helpers import tiny_model
+    from loopsearch.diffusion import diffusion_loss
+
+    monkeypatch.setenv("LOOPSEARCH_CACHE", str(tmp_path))
+    model = tiny_model(loop=(1, 3, {"n_loops": 2}))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def step(forward, opt):
+        x0 = torch.randint(0, 49, (4, 16), generator=torch.Generator().manual_seed(0))
+        loss, _ = diffusion_loss(forward, x0, model.backbone.mask_id, torch.Generator().manual_seed(1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    monkeypatch.setattr(probe, "bf16_supported", lambda device: True)  # time both, whatever this CPU has
+    c = probe.choose(model, step, "auto", False, CPU, steps=50, shape={"t": 1})
+    assert set(c.step_s) == {"fp32", "bf16"} and all(v > 0 for v in c.step_s.values())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert c.record()["precision"] in ("fp32", "bf16")
+
+
+@pytest.mark.parametrize("flags,expected", [("fpu avx2 avx512f", False), ("avx2 avx512_bf16", True),
+                                            ("amx_bf16 amx_tile", True)])
+def test_bf16_units_are_read_from_the_cpu_flags(monkeypatch, tmp_path, flags, expected):
+    fake = tmp_path / "cpuinfo"
+    fake.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    real = probe.Path
+
+    monkeypatch.setattr(probe, "Path", lambda p: real(fake) if p == "/proc/cpuinfo" else real(p))
+    assert probe.bf16_supported(CPU) is expected
+
+
+def test_the_gpu_check_script_lists_its_steps_in_a_dry_run():
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    r = subprocess.run(["bash", str(script), "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for name in ("cuda_tests", "tput_d256_compile", "tput_paper", "study_cuda", "ddp_torchrun"):
+        assert f"would run ({name}," in r.stdout
+    assert "--shape 12,768,12,1024,8,50257" in r.stdout and "torchrun" in r.stdout
+    assert "dry run: nothing ran" in r.stdout
