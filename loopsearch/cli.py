@@ -247,7 +247,10 @@ def study_run(name, n_trials, timeout, workers, study_budget, checkpoint_every, 
         raise LoopsearchError(f"--grace {grace} must exceed --heartbeat {heartbeat} (a live worker would be taken for "
                               f"dead between two heartbeats); use e.g. --grace {4 * heartbeat}")
     name = name or studies.latest_study(storage)
-    studies.load(name, storage)  # fail early on an unknown study
+    _, loaded = studies.load(name, storage)  # fail early on an unknown study
+    from .train import check_device
+
+    check_device(device or loaded.train.device)  # before any trial: a missing GPU is one line, not N failed trials
     if threads:
         import torch
 

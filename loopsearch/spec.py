@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -24,7 +24,7 @@ class Strict(BaseModel):
 class IntRange(Strict):
     low: int = Field(description="smallest value")
     high: int = Field(description="largest value (included)")
-    step: int = Field(1, description="spacing of the values")
+    step: int = Field(1, ge=1, description="spacing of the values (>= 1)")
     log: bool = Field(False, description="sample on a log scale")
 
     @model_validator(mode="after")
@@ -48,7 +48,7 @@ class FloatRange(Strict):
 
 Scalar = Union[bool, int, float, str]
 # A value in a space: a fixed scalar, a list (categorical choice), or a {low, high} range.
-Dist = Union[Scalar, list[Scalar], IntRange, FloatRange]
+Dist = Union[Scalar, Annotated[list[Scalar], Field(min_length=1)], IntRange, FloatRange]
 
 
 class BlockSpace(Strict):
@@ -357,6 +357,10 @@ def load_toml(path: str | Path, model: type[BaseModel], text: str | None = None)
         raw = tomllib.loads(text if text is not None else path.read_text())
     except FileNotFoundError:
         raise SpecError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise SpecError(f"{path}: is a directory; give a .toml file") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: not a UTF-8 text file (binary?); give a TOML file") from None
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{path}: malformed TOML: {exc}; fix the syntax at that line") from None
     return validate(model, raw, str(path))
@@ -372,7 +376,9 @@ def validate(model: type[BaseModel], data: Any, source: str) -> Any:
 def describe_error(exc: ValidationError, model: type[BaseModel]) -> str:
     """The first validation error as 'key: problem (allowed: ...)', plus a count of the rest."""
     errors = exc.errors()
-    err = errors[0]
+    # in a union (a value may be a scalar, a list or a range) the first error is usually "not a bool":
+    # report the branch that matched the value's shape, i.e. the first error that is not a type mismatch
+    err = next((e for e in errors if not e["type"].endswith(("_type", "_parsing"))), errors[0])
     loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "tagged-union"))]
     loc = [p for p in loc
            if p not in {"IntRange", "FloatRange", "list[union[bool,int,float,str]]", "bool", "int", "float", "str"}]

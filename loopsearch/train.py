@@ -90,6 +90,9 @@ def streams(seed: int) -> dict[str, torch.Generator]:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device a ``device`` setting names; a one-line LoopsearchError for a device this
+    machine does not have (checked before any trial starts: ``check_device``)."""
+    check_device(name)
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and distributed()[1] > 1:  # one GPU per DDP rank
@@ -97,6 +100,67 @@ def resolve_device(name: str) -> torch.device:
 
         return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     return torch.device(name)
+
+
+def training_memory(model: LoopedMDM, cfg: TrainConfig) -> float:
+    """A rough upper estimate of a training step's memory in bytes, from the model's shape only
+    (works on a meta-device model, before anything is allocated): fp32 weights, gradients and the
+    two AdamW moments (16 bytes a parameter), activations kept for the backward pass (about 16
+    floats of d_model per token, layer and loop application, plus the attention scores of the math
+    kernel) and the logits with their gradient."""
+    b, t = cfg.batch_size, cfg.seq_len
+    bb = model.backbone
+    params = sum(p.numel() for p in model.parameters())
+    loops = model.strategy.max_train_loops() if model.strategy.loops_block else 1
+    layers = bb.n_layer + (loops - 1) * (model.loop_end - model.loop_start)
+    heads = int(getattr(getattr(bb, "params", None), "n_heads", 1) or 1)
+    vocab = int(getattr(bb, "n_tokens", 0) or getattr(bb, "vocab_size", 0) or 0)
+    activations = 4.0 * b * t * layers * (16 * bb.d_model + 2 * heads * t)
+    logits = 4.0 * b * t * vocab * 3
+    return 16.0 * params + activations + logits
+
+
+def available_memory(device: torch.device) -> float | None:
+    """Free memory in bytes on ``device`` (CUDA: free device memory; CPU: MemAvailable of
+    /proc/meminfo), or None where it cannot be read."""
+    if device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_memory(model: LoopedMDM, cfg: TrainConfig, device: torch.device | None = None) -> None:
+    """Refuse, before any allocation, a configuration whose estimated training memory exceeds
+    what the device has free (LoopsearchError naming the estimate)."""
+    device = device or resolve_device(cfg.device)
+    need, free = training_memory(model, cfg), available_memory(device)
+    if free is not None and need > free:
+        params = sum(p.numel() for p in model.parameters())
+        raise LoopsearchError(
+            f"this configuration needs about {need / 2**30:.1f} GiB to train ({params / 1e6:.1f}M parameters, batch "
+            f"{cfg.batch_size} x seq {cfg.seq_len}) but {device.type} has {free / 2**30:.1f} GiB free; lower "
+            f"d_model, n_layer, batch_size or seq_len")
+
+
+def check_device(name: str) -> None:
+    """Raise LoopsearchError unless ``name`` is auto, cpu, cuda or cuda:N that this machine has."""
+    import re
+
+    if name in ("auto", "cpu"):
+        return
+    if not re.fullmatch(r"cuda(:\d+)?", name):
+        raise LoopsearchError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise LoopsearchError(f"device {name!r} asked for, but this torch sees no CUDA GPU "
+                              f"(torch {torch.__version__}); use --device cpu or auto")
+    if ":" in name and int(name.split(":")[1]) >= torch.cuda.device_count():
+        raise LoopsearchError(f"device {name!r}: this machine has {torch.cuda.device_count()} GPU(s), "
+                              f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
 
 
 def _agree(values: list[float], world: int, device: torch.device) -> list[float]:
@@ -176,7 +240,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+    fused = bool(params) and all(p.device.type == "cuda" for p in params)  # one kernel per step on a GPU
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None)
 
 
 def train(model: LoopedMDM, data: PreparedData, cfg: TrainConfig, budget: float, seed: int,

@@ -132,3 +132,71 @@ def test_every_command_is_in_the_readme_table_and_has_an_example():
         assert f"| `loopsearch {' '.join(path)}" in readme, \
             f"`loopsearch {' '.join(path)}` is not in the README's command table"
         assert "Example" in (cmd.help or ""), f"`loopsearch {' '.join(path)} --help` has no example"
+
+
+# ---- issue 14: inputs that gave tracebacks, or failed only at run time -------------------------
+def test_a_binary_file_as_a_space(tmp_path):
+    binary = tmp_path / "bin.toml"
+    binary.write_bytes(bytes(range(128, 256)) * 2)
+    one_line_error(run_cli("study", "create", "--space", str(binary)), "bin.toml", "not a UTF-8 text file")
+
+
+@pytest.mark.parametrize("dist,needle", [("[]", "at least 1 item"), ("{ low = 1, high = 4, step = 0 }", "step"),
+                                         ("{ low = 1, high = 4, step = -2 }", "greater than or equal to 1")])
+def test_empty_choices_and_non_positive_steps_are_refused_at_create(tmp_path, tiny_recipe, dist, needle):
+    space = tmp_path / "s.toml"
+    space.write_text(f'name = "s"\nstrategies = ["fixed"]\n[block]\nlayers = [1, 3]\nlength = [1, 2]\n'
+                     f'[strategy.fixed]\nn_loops = {dist}\n')
+    r = run_cli("study", "create", "--space", str(space), "--recipe", str(tiny_recipe))
+    one_line_error(r, "strategy.fixed.n_loops", needle)
+
+
+def test_an_unwritable_leaderboard_output_is_one_line(tiny_recipe, tmp_path):
+    assert run_cli("study", "create", "--recipe", str(tiny_recipe), "--name", "o").returncode == 0
+    r = run_cli("leaderboard", "--study", "o", "--output", str(tmp_path / "missing" / "x.csv"))
+    one_line_error(r, "does not exist")
+
+
+@pytest.mark.parametrize("device,needle", [("tpu", "unknown device 'tpu'"), ("cuda:x", "unknown device")])
+def test_a_device_this_machine_cannot_have_fails_before_any_trial(tiny_recipe, device, needle):
+    assert run_cli("study", "create", "--recipe", str(tiny_recipe), "--name", "d").returncode == 0
+    r = run_cli("study", "run", "d", "--device", device)
+    one_line_error(r, needle)
+    from loopsearch.search import study as studies
+
+    assert studies.load("d")[0].get_trials() == [] or all(  # nothing ran: only the enqueued baseline waits
+        t.state.name == "WAITING" for t in studies.load("d")[0].get_trials())
+
+
+def test_cuda_without_a_gpu_is_one_line(tiny_recipe):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert run_cli("study", "create", "--recipe", str(tiny_recipe), "--name", "g").returncode == 0
+    one_line_error(run_cli("study", "run", "g", "--device", "cuda"), "sees no CUDA GPU", "--device cpu")
+
+
+def test_a_model_too_big_for_memory_is_refused_at_create_with_the_estimate(tmp_path):
+    recipe = tmp_path / "big.toml"
+    recipe.write_text('description = "big"\nbudget = "1e12"\n[backbone]\nname = "transformer"\n'
+                      'params = { n_layer = 48, d_model = 16384, n_heads = 64 }\n')
+    one_line_error(run_cli("study", "create", "--recipe", str(recipe)), "GiB to train", "GiB free",
+                   "lower d_model")
+
+
+def test_the_memory_estimate_is_an_upper_bound_of_a_real_step():
+    """training_memory is meant to refuse what cannot fit, never what can: it must exceed what a
+    real step allocates (measured as the growth of the process's peak RSS is too coarse; the
+    parameter and activation terms are checked against their definitions instead)."""
+    from helpers import tiny_model
+    from loopsearch.spec import TrainConfig
+    from loopsearch.train import training_memory
+
+    model = tiny_model(loop=(1, 3, {"n_loops": 3}), seq_len=16)
+    cfg = TrainConfig(batch_size=4, seq_len=16)
+    params = sum(p.numel() for p in model.parameters())
+    est = training_memory(model, cfg)
+    assert est > 16 * params  # weights, grads and AdamW moments at least
+    plain = training_memory(tiny_model(seq_len=16), cfg)
+    assert est > plain  # loops keep more activations

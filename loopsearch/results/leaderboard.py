@@ -249,10 +249,23 @@ def top(df: pl.DataFrame, k: int | None) -> pl.DataFrame:
     return df.group_by("study", maintain_order=True).head(k)
 
 
+def check_writable(output: str) -> None:
+    """One line, before any work, when ``output`` cannot be written (missing or read-only folder)."""
+    import os
+
+    parent = Path(output).resolve().parent
+    if not parent.is_dir():
+        raise LoopsearchError(f"--output {output}: folder {parent} does not exist; create it or pick another path")
+    if not os.access(parent, os.W_OK):
+        raise LoopsearchError(f"--output {output}: folder {parent} is not writable; pick another path")
+
+
 def write(df: pl.DataFrame, fmt: str, output: str | None = None) -> str | None:
     """Serialise ``df``; returns the text for text formats when no output file is given."""
     if fmt not in FORMATS:
         raise LoopsearchError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if output:
+        check_writable(output)
     if fmt == "parquet":
         if not output:
             raise LoopsearchError("parquet is binary: give --output FILE.parquet")

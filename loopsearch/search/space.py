@@ -51,12 +51,12 @@ def _find(kind: str, name_or_path: str, what: str, registry: Registry) -> Any:
 
 def load_space(name_or_path: str, registry: Registry | None = None) -> SearchSpace:
     src = _find("search_space", name_or_path, "search space", registry or get_registry())
-    return load_toml(src, SearchSpace, text=src.read_text())
+    return load_toml(src, SearchSpace)
 
 
 def load_recipe(name_or_path: str, registry: Registry | None = None) -> StudyRecipe:
     src = _find("study_recipe", name_or_path, "study recipe", registry or get_registry())
-    return load_toml(src, StudyRecipe, text=src.read_text())
+    return load_toml(src, StudyRecipe)
 
 
 # ---- checks -----------------------------------------------------------------------------------

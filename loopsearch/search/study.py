@@ -32,7 +32,7 @@ from ..sampling import get_sampler, parse_loop_schedule
 from ..spec import MULTI_OBJECTIVE_SAMPLERS, SearchSpace, StudyRecipe, StudySpec, TrialConfig, TrainConfig, validate
 from ..stats import mean_interval
 from ..tasks import get_task
-from ..train import TrainResult, distributed, plan_steps, train
+from ..train import TrainResult, check_memory, distributed, plan_steps, train
 from ..units import format_flops
 from .record import TrialRecord
 from .space import BASELINE, BASELINE_ATTR, Choice, check_space, load_recipe, load_space, suggest
@@ -185,6 +185,8 @@ def check_budget(spec: StudySpec) -> None:
     """The baseline must afford ``min_steps`` steps: otherwise no trial of the study can run."""
     cfg = trial_config(spec, -1, BASELINE)
     model = meta_model(cfg)
+    if spec.train.device in ("auto", "cpu"):  # a GPU named in the spec may be on the workers, not here
+        check_memory(model, cfg.train)  # a model that cannot fit is refused before anything is allocated
     steps = plan_steps(model, cfg.train, spec.budget)  # raises below one step
     if steps < spec.train.min_steps:
         step = model.train_step_flops(cfg.train.seq_len, cfg.train.batch_size, 1)
@@ -409,11 +411,15 @@ class Objective:
         data = self.data()
         torch.manual_seed(config.seed)
         try:
+            check_memory(meta_model(config, data.vocab_size), config.train)  # before allocating anything
             model = checkpoint.build_model(config, data.vocab_size)
         except (ValidationError, SpecError) as exc:  # a combination a plugin rejects: this trial only
             reason = f"invalid configuration: {str(exc).splitlines()[0][:300]}"
             trial.set_user_attr("rejected", reason)
             raise optuna.TrialPruned(reason) from None
+        except LoopsearchError as exc:  # cannot fit in memory: this trial only
+            trial.set_user_attr("rejected", str(exc))
+            raise optuna.TrialPruned(str(exc)) from None
         if first:
             chosen = {"config": config.model_dump(mode="json"), **describe_choice(model, config, choice)}
             if choice.arm is not None:  # the no-loop arm at any budget and seed: what the others pair with
