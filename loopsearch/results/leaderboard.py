@@ -155,7 +155,9 @@ def frame(storage: str | None = None, studies: list[str] | None = None) -> pl.Da
     for name in names:
         study = optuna.load_study(study_name=name, storage=store)
         evaluated = metrics.stored(study)
-        trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get(SURPLUS_ATTR)]
+        # surplus trials (past the target) and reused duplicates (a configuration already listed) are not rows
+        trials = [t for t in study.get_trials(deepcopy=False)
+                  if not t.user_attrs.get(SURPLUS_ATTR) and t.user_attrs.get("duplicate_of") is None]
         retried_as = {t.system_attrs["retry_history"][-1]: t.number
                       for t in trials if t.system_attrs.get("retry_history")}
         confirms: dict[int, list] = {}

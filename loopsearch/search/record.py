@@ -85,6 +85,7 @@ class TrialRecord(BaseModel):
     resumed_from_flops: float | None = None
     flops_lost: float | None = None
     worker: str | None = None
+    duplicate_of: int | None = None  # the sampler proposed a configuration already trained: its result, reused
 
     @classmethod
     def of(cls, trial) -> "TrialRecord":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata as md
+import json
 import math
 import re
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any, Callable
 
 import optuna
 import torch
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 from pydantic import ValidationError
 
 from .. import checkpoint
@@ -173,6 +174,14 @@ def trial_config(spec: StudySpec, number: int, choice: Choice) -> TrialConfig:
         vocab_size=spec.vocab_size, train=train_cfg, budget=spec.budget * choice.budget_scale,
         seed=spec.seed + choice.seed_offset, eval_seed=spec.seed,
     )
+
+
+def _config_key(config: TrialConfig) -> str:
+    """What a trial trains, without its identity (study, trial number): equal keys, equal runs."""
+    data = config.model_dump(mode="json")
+    data.pop("trial", None)
+    data.pop("study", None)
+    return json.dumps(data, sort_keys=True)
 
 
 def meta_model(config: TrialConfig, vocab_size: int | None = None):
@@ -385,6 +394,9 @@ class Objective:
         result as it finishes (a retried trial skips them), and return the mean over seeds."""
         choice = self.choose(trial)
         offsets = self.seed_offsets(trial, choice)
+        source = self.duplicate_of(trial, choice, offsets)
+        if source is not None:
+            return self.reuse(trial, source)
         done = {int(r["seed_offset"]): r for r in trial.user_attrs.get("seed_results", [])}
         for i, offset in enumerate(offsets):
             if offset in done:
@@ -399,6 +411,37 @@ class Objective:
             trial.set_user_attr(key, value)
         first_dir = Path(rows[0]["attrs"]["checkpoint"])
         return self.objective_values(trial, first_dir, results["val_nll"], results)
+
+    def duplicate_of(self, trial: optuna.Trial, choice: Choice, offsets: list[int]) -> FrozenTrial | None:
+        """A finished trial of this study that trained exactly this configuration with these seeds
+        (samplers, TPE above all, propose a point again once it looks best; with deterministic
+        training a rerun would only repeat it). Arms grids and confirmation runs are never reused."""
+        if self.spec.space.arms or trial.user_attrs.get(CONFIRM_OF_ATTR) is not None:
+            return None
+        mine = _config_key(trial_config(self.spec, trial.number, choice))
+        for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            a = other.user_attrs
+            if other.number == trial.number or a.get(CONFIRM_OF_ATTR) is not None or "config" not in a:
+                continue
+            if [int(r["seed_offset"]) for r in a.get("seed_results", [])] != offsets:
+                continue
+            try:
+                theirs = _config_key(TrialConfig.model_validate(a["config"]))
+            except ValidationError:
+                continue
+            if theirs == mine:
+                return other
+        return None
+
+    def reuse(self, trial: optuna.Trial, source: FrozenTrial) -> float | tuple[float, ...]:
+        """Record ``source``'s result as this trial's without training: nothing is spent
+        (train_flops 0); ``duplicate_of`` names it, and the leaderboard lists the configuration once."""
+        keep = {k: v for k, v in source.user_attrs.items()
+                if not k.startswith("loopsearch.") and k not in ("worker", "flops_lost", "resumed_from_flops")}
+        keep.update(train_flops=0.0, duplicate_of=source.number)
+        for key, value in keep.items():
+            trial.set_user_attr(key, value)
+        return tuple(source.values) if len(source.values) > 1 else source.values[0]
 
     def train_seed(self, trial: optuna.Trial, choice: Choice, offset: int, first: bool,
                    replicate: bool) -> dict[str, Any]:
@@ -601,6 +644,8 @@ def trial_line(trial: optuna.trial.FrozenTrial) -> str:
     else:
         nll = a.get("rejected", a.get("failed", trial.system_attrs.get("fail_reason", "")))
     resumed = f" (resumed at {a['resumed_from_flops']:.3g} FLOPs)" if "resumed_from_flops" in a else ""
+    if a.get("duplicate_of") is not None:
+        resumed += f" (the configuration of trial {a['duplicate_of']} again: its result reused, nothing trained)"
     speed = a.get("speed") or {}
     if speed.get("precision"):
         resumed += f" [{speed['precision']}{' + compile' if speed.get('compile') else ''}]"

@@ -92,6 +92,15 @@ class Limits:
     trial_budget: float
 
 
+def sampler_offset(n_before: int, worker: int, pid: int) -> int:
+    """The sampler seed's offset for this process. Workers spawned by one ``--workers N`` parent are
+    told apart by their index; an independent process (``worker`` 0: another terminal, another host,
+    on any storage, SQLite included) by its pid as well, so two of them never replay the same draws
+    (their duplicates would retrain nothing new: ``Objective.duplicate_of`` reuses a repeated
+    configuration's result instead)."""
+    return n_before + 7919 * worker + (pid if worker == 0 else 0)
+
+
 def flops_spent(trials: list[FrozenTrial]) -> float:
     """Training FLOPs the study's trials spent: each trial's ``train_flops`` (complete, pruned,
     failed; a resumed trial counts the part its dead predecessor saved) plus the FLOPs a dead
@@ -261,8 +270,7 @@ def work(name: str, storage: str | None = None, *, n_trials: int | None = None, 
     store = open_storage(url, heartbeat=(heartbeat, grace), on_stale=retry_callback())
     study, spec = load(name, url, store=store)
     before = study.get_trials(deepcopy=False)
-    shared = sqlite_path(url) is None and worker == 0  # other hosts may start at the same moment
-    study.sampler = make_sampler(spec, offset=len(before) + 7919 * worker + (os.getpid() if shared else 0))
+    study.sampler = make_sampler(spec, offset=sampler_offset(len(before), worker, os.getpid()))
     study.pruner = make_pruner(spec)
     if worker == 0:
         ensure_baseline(study)
