@@ -449,3 +449,53 @@ def test_checkpoints_are_never_unpickled():
         for line in path.read_text().splitlines():
             assert "import pickle" not in line and "pickle.load" not in line, (path, line)
             assert "torch.load(" not in line or "weights_only=True" in line, (path, line)
+
+
+def test_a_lost_baseline_is_enqueued_again_and_the_study_is_not_done_without_it(tiny_recipe):
+    """The baseline killed (failed) every time it ran and the target reached by other trials: the
+    next decision enqueues it again and runs it past the target; the study never ends without one."""
+    from optuna.trial import TrialState, create_trial
+
+    from loopsearch.search.space import BASELINE_ATTR
+
+    studies.create(studies.spec_from_options("lost", "early_middle", str(tiny_recipe), None, None, None, None, 2))
+    st, _ = studies.load("lost")
+    for _ in range(4):  # killed four times: each time failed, nothing waiting any more
+        t = st.ask()
+        assert t.user_attrs.get(BASELINE_ATTR)
+        st.tell(t, state=TrialState.FAIL)
+        studies.ensure_baseline(st)
+    st.ask()  # the fifth enqueued baseline is taken and failed too
+    st.tell(st.trials[-1].number, state=TrialState.FAIL)
+    for value in (4.0, 4.1):  # the target (2 trials) is reached by looped trials
+        st.add_trial(create_trial(state=TrialState.COMPLETE, value=value, user_attrs={"strategy": "fixed"}))
+    assert not any(t.user_attrs.get(BASELINE_ATTR) and t.state == TrialState.WAITING for t in st.get_trials())
+    workers.run("lost", progress=False)
+    st, _ = studies.load("lost")
+    base = [t for t in st.get_trials() if t.user_attrs.get(BASELINE_ATTR) and t.state == TrialState.COMPLETE]
+    assert len(base) == 1 and base[0].user_attrs.get("strategy") == "none"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_workers_parent_reaches_every_worker_at_once(tiny_recipe, sig):
+    """What `timeout`, systemd, SLURM and Kubernetes send (SIGTERM), or a `kill -INT` of the parent:
+    the parent forwards it to its workers, which stop at their next safe point and mark their
+    trials failed (state kept for the rerun); no trial is left RUNNING, the exit status is non-zero."""
+    assert run_cli("study", "create", "--space", "early_middle", "--recipe", str(tiny_recipe), "--name", "sig",
+                   "--n-trials", "30").returncode == 0
+    storage = os.environ["LOOPSEARCH_STORAGE"]
+    proc = subprocess.Popen([sys.executable, "-m", "loopsearch", "study", "run", "sig", "--workers", "2",
+                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    journal = storage.replace("sqlite:///", "").replace(".db", ".journal")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(journal) and os.path.getsize(journal) > 2000):
+        time.sleep(0.2)  # the workers run on the journal file copied from SQLite
+    time.sleep(3)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "continues it" in err and "Traceback" not in err
+    trials = optuna.load_study(study_name="sig", storage=storage).get_trials()
+    assert trials and "RUNNING" not in [t.state.name for t in trials]
+    assert sum(t.state.name == "COMPLETE" for t in trials) < 30  # stopped early, not run to the end

@@ -54,6 +54,7 @@ from ..resume import Checkpointer
 from ..spec import TrialConfig
 from ..train import train
 from .storage import journal_path, mask, open_storage, sqlite_path, storage_url
+from .space import BASELINE_ATTR
 from .study import (CONFIRM_OF_ATTR, FINISHED, Objective, counted, ensure_baseline, load, make_pruner, make_sampler,
                     trial_budget, trial_line)
 
@@ -197,11 +198,20 @@ def lease(trial: optuna.Trial, interval: float) -> Iterator[None]:
 
 # ---- limits -------------------------------------------------------------------------------------------
 def decide(study: optuna.Study, limits: Limits, grace: float) -> tuple[str, str]:
-    """Before a trial: ("stop" | "wait" | "go", why)."""
+    """Before a trial: ("stop" | "wait" | "go", why). A baseline that is missing (killed, failed,
+    never enqueued) is enqueued again here, at every decision, and the study is not done without
+    a finished one: every other trial is compared with it."""
     fail_stale(study, grace)
+    ensure_baseline(study)
     trials = study.get_trials(deepcopy=False)
     done = sum(counted(t) for t in trials)
     running = sum(t.state == TrialState.RUNNING for t in trials)
+    baseline = [t.state for t in trials if t.user_attrs.get(BASELINE_ATTR)]
+    if done >= limits.target and TrialState.COMPLETE not in baseline:
+        if TrialState.WAITING in baseline:
+            return "go", ""  # the queued baseline runs first, past the target if need be
+        if TrialState.RUNNING in baseline:
+            return "wait", "the baseline is running; the study is not done without it"
     if done >= limits.target:
         return "stop", f"the study has {done} finished trials (target {limits.target})"
     if limits.study_budget is not None:
@@ -219,7 +229,9 @@ def decide(study: optuna.Study, limits: Limits, grace: float) -> tuple[str, str]
 def claim(study: optuna.Study, trial: optuna.Trial, limits: Limits) -> None:
     """Inside the objective: raise StudyLimitReached if the trials numbered below this one
     (finished, running or waiting) already reach a limit. Lower numbers win, so of two workers
-    that passed ``decide`` together exactly the later trial yields."""
+    that passed ``decide`` together exactly the later trial yields. The baseline always runs."""
+    if trial.user_attrs.get(BASELINE_ATTR):
+        return
     trials = study.get_trials(deepcopy=False)
     ahead = [t for t in trials if t.number < trial.number
              and (t.state in FINISHED or t.state in (TrialState.RUNNING, TrialState.WAITING))
@@ -497,7 +509,16 @@ def spawn(name: str, storage: str | None, workers: int, *, n_trials: int | None 
     threads, gpus = worker_threads(workers), visible_gpus() if device in (None, "auto", "cuda") else []
     options = [("--timeout", timeout), ("--study-budget", study_budget), ("--grace", grace), ("--device", device),
                ("--checkpoint-every", checkpoint_every)]
-    procs = []
+    procs: list[subprocess.Popen] = []
+    received: list[int] = []
+
+    def forward(signum, frame) -> None:  # SIGINT or SIGTERM to this process: to every worker, at once
+        received.append(signum)
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         for i in range(1, workers + 1):
             env = {**os.environ, "LOOPSEARCH_STORAGE": run_url, "OMP_NUM_THREADS": str(threads)}
@@ -506,17 +527,18 @@ def spawn(name: str, storage: str | None, workers: int, *, n_trials: int | None 
             cmd = [sys.executable, "-m", "loopsearch", "study", "run", name, "--no-progress", "--worker-id", str(i),
                    "--threads", str(threads), "--until", str(until), "--heartbeat", str(heartbeat)]
             cmd += [str(x) for key, value in options if value is not None for x in (key, value)]
-            procs.append(subprocess.Popen(cmd, env=env))
-        codes = [p.wait() for p in procs]
-    except KeyboardInterrupt:
-        for p in procs:  # a terminal's Ctrl-C reached them already; a signal to this process did not
-            with contextlib.suppress(ProcessLookupError):
-                p.send_signal(signal.SIGINT)
-        for p in procs:
-            p.wait()
-        raise
+            # their own session: a terminal's Ctrl-C reaches only this process, which forwards it once (a
+            # second SIGINT would make a worker stop at once, without saving its trial's state)
+            procs.append(subprocess.Popen(cmd, env=env, start_new_session=True))
+            if received:  # a signal came while starting them: the ones started now get it too
+                forward(received[-1], None)
+        codes = [p.wait() for p in procs]  # the workers checkpoint, mark their trials failed and exit
     finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         if db is not None:
             settle(name, run_url)
             from_journal(name, run_url, url)
+    if received:
+        raise KeyboardInterrupt  # the caller says how to continue, and exits non-zero
     return codes
