@@ -251,6 +251,7 @@ def study_run(name, n_trials, timeout, workers, study_budget, checkpoint_every, 
     from .train import check_device
 
     check_device(device or loaded.train.device)  # before any trial: a missing GPU is one line, not N failed trials
+    studies.check_artifacts_writable(loaded)  # ... and an unwritable checkpoint folder, not a trial lost at the end
     if threads:
         import torch
 
@@ -623,7 +624,7 @@ def compare_cmd(names, as_json, storage):
 
 
 # ---- evaluation -------------------------------------------------------------------------------------------
-def _loop_scaling(study_name, trial, loops, exit_specs, device, as_json, storage):
+def _loop_scaling(study_name, trial, loops, exit_specs, device, as_json, storage, loops_param="loops"):
     """`evaluate --metric loop_scaling`: val NLL (± its standard error) and inference FLOPs per
     token at each loop count, with and without exit criteria; stored in the study."""
     from .eval import loop_scaling as scaling
@@ -635,6 +636,13 @@ def _loop_scaling(study_name, trial, loops, exit_specs, device, as_json, storage
     check_exits(exits)  # unknown names and bad parameters fail before any work
     st, _ = studies.load(study_name, storage)
     directory = scaling.trial_checkpoint(st, trial)
+    plain = st.trials[trial].user_attrs.get("strategy") == "none" if trial < len(st.trials) else False
+    asked = click.get_current_context().get_parameter_source(loops_param) != click.core.ParameterSource.DEFAULT
+    if plain and ((asked and counts != [1]) or exits):
+        raise LoopsearchError(f"trial {trial} is the plain model (no loop block): it has one loop count and nothing to "
+                              f"exit from; evaluate it with --loops 1 and no --exit, or pick a looped trial")
+    if plain and counts != [1]:
+        click.echo(f"note: trial {trial} is the plain model (no loop block): evaluated at its one loop count", err=True)
     rows = scaling.loop_scaling(directory, counts, device, exits)
     scaling.store(st, trial, directory, rows)
     if as_json:
@@ -791,7 +799,7 @@ def evaluate_cmd(study_name, trial, metric, loop_counts, data_paths, sequences, 
         deprecated(f"--metric {metric}", f"--metric {OLD_METRIC_NAMES[metric]}")
         metric = OLD_METRIC_NAMES[metric]
     if metric == "loop_scaling":
-        return _loop_scaling(study_name, trial, loop_counts, exit_specs, device, as_json, storage)
+        return _loop_scaling(study_name, trial, loop_counts, exit_specs, device, as_json, storage, "loop_counts")
     if len(exit_specs) > 1:
         raise LoopsearchError(f"--metric {metric} takes one --exit (the loops while sampling); got {len(exit_specs)}")
     exit_spec = exit_specs[0] if exit_specs else None

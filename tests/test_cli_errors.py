@@ -200,3 +200,22 @@ def test_the_memory_estimate_is_an_upper_bound_of_a_real_step():
     assert est > 16 * params  # weights, grads and AdamW moments at least
     plain = training_memory(tiny_model(seq_len=16), cfg)
     assert est > plain  # loops keep more activations
+
+
+def test_an_unwritable_checkpoint_folder_fails_before_any_training(tiny_recipe, tmp_path):
+    """Issue 15: with an unwritable loopsearch_runs a trial trained to the end, then died saving.
+    (A file where the folder should be: permissions do not stop root, which CI may run as.)"""
+    assert run_cli("study", "create", "--recipe", str(tiny_recipe), "--name", "w").returncode == 0
+    Path("loopsearch_runs").write_text("not a folder")
+    r = run_cli("study", "run", "w", "--no-progress")
+    one_line_error(r, "cannot write checkpoints to", "loopsearch_runs", "artifacts_dir")
+    from loopsearch.search import study as studies
+
+    assert all(t.state.name == "WAITING" for t in studies.load("w")[0].get_trials())  # nothing started
+
+
+def test_the_dashboard_sees_metric_names(tiny_recipe):
+    assert run_cli("study", "create", "--recipe", str(tiny_recipe), "--name", "m").returncode == 0
+    from loopsearch.search import study as studies
+
+    assert studies.load("m")[0].metric_names == ["val_nll"]

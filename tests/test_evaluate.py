@@ -38,10 +38,15 @@ def test_loop_scaling_rows_and_storage(trained):
     assert table.returncode == 0 and "loop scaling" in table.stdout and "mean loops" in table.stdout
 
 
-def test_plain_model_evaluates_once(trained):
-    r = run_cli("evaluate", "scale", "0", "--metric", "loop_scaling", "--loops", "1,2,3", "--json")
+def test_plain_model_evaluates_once_and_says_so(trained):
+    r = run_cli("evaluate", "scale", "0", "--metric", "loop_scaling", "--json")  # the default loop counts
     assert r.returncode == 0, r.stderr
     assert [row["n_loops"] for row in json.loads(r.stdout)] == [1]
+    assert "plain model" in r.stderr and "one loop count" in r.stderr
+    # asked explicitly for loop counts it cannot run: an error, not a silent single row (issue 15)
+    r = run_cli("evaluate", "scale", "0", "--metric", "loop_scaling", "--loops", "1,2,3")
+    assert r.returncode != 0 and "plain model" in r.stderr and "--loops 1" in r.stderr and "Traceback" not in r.stderr
+    assert run_cli("eval", "scale", "0", "--loops", "1", "--json").returncode == 0
 
 
 def test_unknown_trial_is_one_line_error(trained):

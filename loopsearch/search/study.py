@@ -14,6 +14,7 @@ import importlib.metadata as md
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -288,8 +289,30 @@ def create(spec: StudySpec, storage: str | None = None) -> optuna.Study:
     study = optuna.create_study(storage=store, study_name=spec.name, directions=spec.objective.directions,
                                 sampler=make_sampler(spec), pruner=make_pruner(spec))
     study.set_user_attr(SPEC_ATTR, spec.model_dump(mode="json"))
+    with warnings.catch_warnings():  # "experimental" in Optuna 4-5; stable enough for a label
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(list(spec.objective.metrics))  # optuna-dashboard shows "val_nll", not "Objective 0"
     ensure_baseline(study)
     return study
+
+
+def check_artifacts_writable(spec: StudySpec) -> Path:
+    """Fail before any training when the study's checkpoint folder cannot be written (a trial would
+    otherwise train to the end and die saving): one line naming the folder and the fix."""
+    import os
+    import tempfile
+
+    root = artifacts_root(spec)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise LoopsearchError(f"cannot write checkpoints to {root} ({exc.strerror or exc}); make it writable, or set "
+                              f"artifacts_dir in the recipe to a writable folder") from None
+    if not os.access(root, os.W_OK):
+        raise LoopsearchError(f"cannot write checkpoints to {root}; make it writable or set artifacts_dir")
+    return root
 
 
 def ensure_baseline(study: optuna.Study) -> None:
