@@ -225,8 +225,9 @@ def _flops_option(ctx, param, value):
 @click.option("--storage", help=STORAGE_HELP)
 @click.option("--worker-id", type=int, default=0, hidden=True)
 @click.option("--threads", type=click.IntRange(min=1), metavar="N",
-              help="Torch threads per worker process (default: torch's). On a machine shared with other processes "
-                   "use 1: two threads per process were measured 4-10x slower when another process competed.")
+              help="Torch threads per worker process (default: the cores not busy with other processes, by the "
+                   "1-minute load average, shared out among workers). Two threads per process were measured 4-10x "
+                   "slower when another process competed; 1 is safe on a shared machine.")
 @click.option("--until", type=int, hidden=True)
 def study_run(name, n_trials, timeout, workers, study_budget, checkpoint_every, device, heartbeat, grace, progress,
               storage, worker_id, threads, until):
@@ -252,6 +253,11 @@ def study_run(name, n_trials, timeout, workers, study_budget, checkpoint_every, 
 
     check_device(device or loaded.train.device)  # before any trial: a missing GPU is one line, not N failed trials
     studies.check_artifacts_writable(loaded)  # ... and an unwritable checkpoint folder, not a trial lost at the end
+    auto = threads is None and workers == 1 and not worker_id
+    if auto:  # the free cores, not all of them: two threads collapse when another process competes
+        from .search.workers import worker_threads
+
+        threads = worker_threads(1)
     if threads:
         import torch
 
@@ -277,7 +283,11 @@ def study_run(name, n_trials, timeout, workers, study_budget, checkpoint_every, 
         if any(code not in (0,) for code in codes):
             sys.exit(1)
         return
-    say(f"running study {name}")
+    if auto:
+        say(f"running study {name} with {threads} torch thread(s) (the free cores of {os.cpu_count()}; "
+            f"set --threads to choose)")
+    else:
+        say(f"running study {name}" + (f" with {threads} torch thread(s)" if threads else ""))
 
     def done(study, trial):
         say(studies.trial_line(trial))

@@ -499,3 +499,15 @@ def test_a_signal_to_the_workers_parent_reaches_every_worker_at_once(tiny_recipe
     trials = optuna.load_study(study_name="sig", storage=storage).get_trials()
     assert trials and "RUNNING" not in [t.state.name for t in trials]
     assert sum(t.state.name == "COMPLETE" for t in trials) < 30  # stopped early, not run to the end
+
+
+def test_threads_follow_the_free_cores(monkeypatch):
+    """Issue 15: two torch threads per process collapse when another process competes; the default
+    takes the cores that are free (by the load average) and shares them among workers."""
+    monkeypatch.setattr(workers, "cores", lambda: 2)
+    assert workers.worker_threads(1, load=0.1) == 2  # quiet: both cores
+    assert workers.worker_threads(1, load=1.0) == 1  # one competing process: one thread
+    assert workers.worker_threads(1, load=3.5) == 1  # very busy: never below 1
+    assert workers.worker_threads(2, load=0.0) == 1  # two workers share two cores
+    monkeypatch.setattr(workers, "cores", lambda: 16)
+    assert workers.worker_threads(1, load=4.0) == 12 and workers.worker_threads(4, load=4.0) == 3
