@@ -32,11 +32,13 @@ def deprecated(old: str, new: str) -> None:
 
 def _console(stderr: bool = False):
     """A rich console; when output is not a terminal (a pipe, a file, CI) tables get 200 columns
-    instead of rich's default 80 so they are not folded."""
+    instead of rich's default 80 so they are not folded, unless COLUMNS says otherwise."""
     from rich.console import Console
 
     console = Console(stderr=stderr)
-    return console if console.is_terminal else Console(stderr=stderr, width=200)
+    if console.is_terminal or os.environ.get("COLUMNS", "").isdigit():
+        return console
+    return Console(stderr=stderr, width=200)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -419,8 +421,10 @@ def study_show(name, as_json, storage):
 @click.option("--scaling", is_flag=True, help="Show inference loop scaling (from `loopsearch eval`) instead.")
 @click.option("--pareto", is_flag=True, help="Only the Pareto-optimal trials of each study (its best trial if "
                                              "single-objective).")
+@click.option("--wide", is_flag=True, help="Every column (strategy, block, loops, params, FLOPs, ...), whatever "
+                                           "the terminal's width; by default columns that do not fit are left out.")
 @click.option("--storage", help=STORAGE_HELP)
-def leaderboard(studies_, top, fmt, output, scaling, pareto, storage):
+def leaderboard(studies_, top, fmt, output, scaling, pareto, wide, storage):
     """Rank trials by validation NLL, with FLOPs and the difference from each study's baseline.
 
     Every val NLL carries its standard error, and every difference from the baseline is paired
@@ -445,7 +449,7 @@ def leaderboard(studies_, top, fmt, output, scaling, pareto, storage):
         df = lb.frame(storage, list(studies_) or None)
         df = lb.top(lb.pareto(df, storage) if pareto else df, top)
         title = "Pareto-optimal trials of each study (no trial is better in every objective)" if pareto else None
-        table = lambda: lb.rich_table(df, title)  # noqa: E731
+        table = lambda: lb.rich_table(df, title, width=_console().size.width, wide=wide)  # noqa: E731
     if fmt == "table" and not output:
         _console().print(table())
         return

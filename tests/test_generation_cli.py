@@ -144,3 +144,28 @@ def test_bad_objectives_fail_at_creation(tiny_recipe, tmp_path):
         recipe.write_text(tiny_recipe.read_text() + extra)
         with pytest.raises(LoopsearchError, match=message):
             studies.spec_from_options(f"bad{i}", "early_middle", str(recipe), None, None, None, None, None)
+
+
+def test_the_leaderboard_fits_80_columns_with_evaluate_metrics(trained, tmp_path):
+    """Issue 15: at 80 columns, with evaluate metrics stored, no cell is cut and every row's val
+    NLL is printed in full; columns that do not fit are named, and --wide shows them."""
+    path = tmp_path / "held_out.txt"
+    path.write_text("To be, or not to be, that is the question:\n" * 40)
+    for trial in ("0", "1"):
+        assert run_cli("evaluate", "scale", trial, "--metric", "zeroshot_bpb", "--data", str(path),
+                       "--sequences", "4").returncode == 0
+    assert run_cli("evaluate", "scale", "1", "--metric", "task_accuracy", "--task", "addition", "--task-param",
+                   "digits=2", "--n", "4", "--steps", "4").returncode == 0
+    r = run_cli("leaderboard", "--study", "scale", env={"COLUMNS": "80"})
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert "…" not in r.stdout
+    df = leaderboard.frame(None, ["scale"])
+    for row in df.iter_rows(named=True):
+        assert f"{row['val_nll']:.4f} ± {row['val_nll_se']:.4f}" in r.stdout
+    assert "baseline" in r.stdout and "L1-2 x4 U" in r.stdout and "steps" in r.stdout
+    flat = " ".join(r.stdout.split())  # the caption wraps at 80 columns
+    assert "Not shown at this width" in flat and "--wide shows every column" in flat
+    wide = run_cli("leaderboard", "--study", "scale", "--wide", env={"COLUMNS": "250"})
+    assert wide.returncode == 0 and "0-shot" in wide.stdout and "task acc" in wide.stdout

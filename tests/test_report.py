@@ -49,6 +49,7 @@ def test_report_html_and_md(trained, tmp_path):
     assert sorted(referenced) == sorted(expected) and all((out / p).is_file() for p in referenced)
     # self-contained apart from the PNGs: no scripts, stylesheets or remote resources
     assert "<script" not in page and "<link" not in page and "http" not in page
+    assert "overflow-x:auto" in page  # the 20-column leaderboard scrolls instead of running off the page
     # the single-objective tiny study has no Pareto front and too few trials for importances: said so
     assert "Not applicable: the study has one objective" in page and "importances need at least 2" in page
     assert not (out / "pareto_front.png").exists() and not (out / "importances.png").exists()

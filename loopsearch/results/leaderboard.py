@@ -21,6 +21,7 @@ from pathlib import Path
 
 import optuna
 import polars as pl
+from rich import box
 from rich.table import Table
 
 from ..errors import LoopsearchError, StudyNotFoundError
@@ -37,7 +38,7 @@ FORMATS = ("table", "csv", "json", "markdown", "parquet")
 
 SCHEMA = {
     "study": pl.String, "trial": pl.Int64, "state": pl.String, "baseline": pl.Boolean,
-    "strategy": pl.String, "loop_start": pl.Int64, "loop_end": pl.Int64, "n_loops": pl.Int64,
+    "strategy": pl.String, "loop_start": pl.Int64, "loop_end": pl.Int64, "n_loops": pl.Int64, "placement": pl.String,
     "n_layer": pl.Int64, "params": pl.String, "train_flops": pl.Float64, "budget": pl.Float64,
     "inference_flops_per_token": pl.Float64, "seeds": pl.Int64,
     "val_nll": pl.Float64, "val_nll_se": pl.Float64, "val_nll_lo": pl.Float64, "val_nll_hi": pl.Float64,
@@ -92,6 +93,8 @@ def _row(study: str, t: optuna.trial.FrozenTrial, evaluated: list[dict] | None =
         "baseline_arm": bool(a.get(BASELINE_ATTR) or r.baseline_arm),
         "strategy": r.strategy, "loop_start": r.loop_start, "loop_end": r.loop_end,
         "n_loops": r.n_loops, "n_layer": r.n_layer,
+        "placement": placement_label(r.strategy, r.strategy_params, r.loop_start, r.loop_end, r.n_loops, r.n_layer,
+                                     bool(a.get(BASELINE_ATTR) or r.baseline_arm)),
         "params": " ".join(f"{k}={v}" for k, v in sorted(searched.items())),
         "train_flops": r.train_flops, "budget": r.budget,
         "inference_flops_per_token": r.inference_flops_per_token,
@@ -101,6 +104,27 @@ def _row(study: str, t: optuna.trial.FrozenTrial, evaluated: list[dict] | None =
         **_metric_values(a, evaluated or []),
         "note": str(note).splitlines()[0][:120] if note else "",
     }
+
+
+def placement_label(strategy: str | None, params: dict | None, loop_start: int | None, loop_end: int | None,
+                    n_loops: int | None, n_layer: int | None, baseline: bool) -> str:
+    """A short name for a trial's configuration: "baseline", "L1-2 x3 U" (layers 1-2 looped 3 times,
+    S ~ U{1..3} in training; R: re-injection), "L1 ACT<=4" (halting), "L0-1 t:middle 1-4" (timestep)."""
+    if baseline:
+        return "baseline"
+    if strategy in (None, "none") or not loop_end:
+        return f"plain {n_layer}L" if n_layer else "plain"
+    p = params or {}
+    block = f"L{loop_start}" if loop_end - (loop_start or 0) == 1 else f"L{loop_start}-{loop_end - 1}"
+    if strategy == "fixed":
+        tag = f"x{n_loops}" + (" U" if p.get("train_loops") == "uniform" else "") + (" R" if p.get("reinject") else "")
+    elif strategy == "halting":
+        tag = f"ACT<={n_loops}"
+    elif strategy == "timestep":
+        tag = f"t:{p.get('schedule', '?')} {p.get('min_loops', 1)}-{n_loops}"
+    else:
+        tag = f"{strategy} x{n_loops}"
+    return f"{block} {tag}"
 
 
 def seed_values(t: optuna.trial.FrozenTrial) -> dict[int, dict]:
@@ -309,13 +333,13 @@ def value_text(row: dict) -> str:
     return f"{row['val_nll']:.4f}" + ("" if se is None else f" ± {se:.4f}")
 
 
-def delta_text(row: dict) -> str:
+def delta_text(row: dict, digits: int = 4) -> str:
     """'+0.0436 [+0.0401, +0.0471]' (the paired difference from the baseline, 95% interval)."""
     if row.get("delta_nll") is None:
         return ""
     if row.get("delta_lo") is None:
-        return f"{row['delta_nll']:+.4f}"
-    return f"{row['delta_nll']:+.4f} [{row['delta_lo']:+.4f}, {row['delta_hi']:+.4f}]"
+        return f"{row['delta_nll']:+.{digits}f}"
+    return f"{row['delta_nll']:+.{digits}f} [{row['delta_lo']:+.{digits}f}, {row['delta_hi']:+.{digits}f}]"
 
 
 DISPLAY = ["study", "trial", "state", "strategy", "loop_start", "loop_end", "n_loops", "n_layer", "params",
@@ -355,32 +379,76 @@ def rich_scaling_table(df: pl.DataFrame):
     return table
 
 
-def rich_table(df: pl.DataFrame, title: str | None = None):
-    """A compact terminal table: the block as [start,end), study and note columns only when useful."""
-    cols = ["trial", "state", "strategy", "block", "n_loops", "n_layer", "params", "train_flops",
-            "inference_flops_per_token", "seeds", "val NLL ± se", "Δ baseline [95% CI]", "vs baseline"]
-    if df["study"].n_unique() > 1:
-        cols.insert(0, "study")
-    cols += [c for c in ("gen_ppl", "sample_entropy", "task_accuracy", "zeroshot_bpb") if df[c].is_not_null().any()]
-    if (df["note"] != "").any():
-        cols.append("note")
-    headers = {"gen_ppl": "gen PPL", "sample_entropy": "entropy", "task_accuracy": "task acc",
-               "zeroshot_bpb": "0-shot bits/B", "inference_flops_per_token": "inf FLOP/tok",
-               "train_flops": "train FLOP", "n_loops": "loops", "n_layer": "layers", "delta_nll": "Δ base",
-               "perplexity": "ppl≤", "val_nll": "val NLL", "Δ baseline [95% CI]": "Δ base [95% CI]",
-               "vs baseline": "vs base"}
-    table = Table(title=(title or "loopsearch leaderboard") + ": val NLL in nats/token (lower is better), "
-                        "★ = no-loop baseline; Δ: paired difference from it with its 95% interval, "
-                        "a tie when the interval contains 0", title_justify="left")
-    for c in cols:
-        left = c in ("study", "state", "strategy", "params", "note", "block")
-        table.add_column(headers.get(c, c), justify="left" if left else "right",
-                         overflow="fold" if c in ("params", "note") else "ellipsis",
-                         no_wrap=c not in ("params", "note"))
+HEADERS = {"gen_ppl": "gen PPL", "sample_entropy": "entropy", "task_accuracy": "task acc",
+           "zeroshot_bpb": "0-shot bits/B", "inference_flops_per_token": "inf FLOP/tok",
+           "train_flops": "train FLOP", "n_loops": "loops", "n_layer": "layers", "delta_nll": "Δ base",
+           "perplexity": "ppl≤", "val_nll": "val NLL", "Δ baseline [95% CI]": "Δ base [95% CI]",
+           "vs baseline": "vs base", "placement": "config"}
+# the compact view's columns, most important first: those that do not fit the terminal are dropped
+COMPACT = ["trial", "placement", "val NLL ± se", "Δ baseline [95% CI]", "vs baseline", "steps", "gen_ppl",
+           "task_accuracy", "zeroshot_bpb", "sample_entropy", "seeds", "train_flops", "inference_flops_per_token",
+           "note"]
+REQUIRED = ("trial", "placement", "val NLL ± se")
+
+
+def _cells(df: pl.DataFrame, cols: list[str], compact: bool) -> list[list[str]]:
+    """The table's cells; compact: the verdict without its basis (the caption explains it)."""
+    rows = []
     for row in df.iter_rows(named=True):
         row = {**row, "block": f"[{row['loop_start']},{row['loop_end']})" if row["loop_end"] else "-"}
-        cells = [_DERIVED[c](row) if c in _DERIVED else _fmt(c, row[c]) for c in cols]
+        cells = [(row.get("vs_baseline") or "") if compact and c == "vs baseline"
+                 else delta_text(row, 3) if compact and c == "Δ baseline [95% CI]"
+                 else _DERIVED[c](row) if c in _DERIVED else _fmt(c, row[c]) for c in cols]
         if row["baseline"]:
             cells[cols.index("trial")] += "★"
+        rows.append(cells)
+    return rows
+
+
+def _width(header: str, cells: list[str]) -> int:
+    """A column's width: its longest cell, or its header's longest word (headers may wrap)."""
+    return max([len(c) for c in cells] + [max(len(w) for w in header.split())])
+
+
+def rich_table(df: pl.DataFrame, title: str | None = None, width: int | None = None, wide: bool = False):
+    """The leaderboard for a terminal. Compact (default): the trial, a short configuration label
+    ("baseline", "L1-2 x3 U"), val NLL ± its standard error, the paired difference from the
+    baseline with its 95% interval, the verdict, the steps trained, then any evaluate metrics and
+    the rest as the terminal's ``width`` allows; no cell is ever cut, and the columns left out are
+    named in the caption (``--wide`` shows them). Wide: every column."""
+    present = lambda c: c not in ("gen_ppl", "sample_entropy", "task_accuracy", "zeroshot_bpb", "note") or (  # noqa: E731
+        df[c].is_not_null().any() and (c != "note" or (df["note"] != "").any()))
+    if wide:
+        cols = ["trial", "state", "strategy", "block", "n_loops", "n_layer", "params", "steps", "train_flops",
+                "inference_flops_per_token", "seeds", "val NLL ± se", "Δ baseline [95% CI]", "vs baseline"]
+        cols += [c for c in ("gen_ppl", "sample_entropy", "task_accuracy", "zeroshot_bpb", "note") if present(c)]
+        dropped: list[str] = []
+    else:
+        wanted = [c for c in COMPACT if present(c)]
+        cells = _cells(df, wanted, compact=True)
+        widths = {c: _width(HEADERS.get(c, c), [r[i] for r in cells]) for i, c in enumerate(wanted)}
+        budget = (width or 200) - 1
+        cols, used = [], 0
+        for c in wanted:
+            need = widths[c] + 2  # one space of padding each side
+            if c in REQUIRED or used + need <= budget:
+                cols.append(c)
+                used += need
+        dropped = [HEADERS.get(c, c) for c in wanted if c not in cols]
+    if df["study"].n_unique() > 1:
+        cols.insert(0, "study")
+    caption = "val NLL in nats/token (lower is better), ★ = no-loop baseline; Δ: paired difference from it with " \
+              "its 95% interval, a tie when the interval contains 0"
+    if not wide:
+        caption += "; config: layers looped, xN loops, U = S~U{1..N} in training"
+    if dropped:
+        caption += f". Not shown at this width: {', '.join(dropped)} (--wide shows every column)"
+    table = Table(title=title or "loopsearch leaderboard", caption=caption, title_justify="left",
+                  caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for c in cols:
+        left = c in ("study", "state", "strategy", "params", "note", "block", "placement", "vs baseline")
+        table.add_column(HEADERS.get(c, c), justify="left" if left else "right",  # never cut: fold or fit
+                         overflow="fold", no_wrap=not wide and c not in ("params", "note"))
+    for row, cells in zip(df.iter_rows(named=True), _cells(df, cols, compact=not wide)):
         table.add_row(*cells, style="dim" if row["state"] != "complete" else None)
     return table

@@ -85,7 +85,7 @@ CSS = """body{font-family:system-ui,-apple-system,sans-serif;max-width:1100px;ma
 h1{font-size:1.6em}h2{margin-top:1.8em;border-bottom:1px solid #ddd;padding-bottom:.2em}
 img{max-width:100%;border:1px solid #eee}figcaption,.caption{color:#555;font-size:.9em}
 .note{background:#fff8e1;border-left:4px solid #f0b400;padding:.5em .8em}
-table{border-collapse:collapse;font-size:.82em;margin:.6em 0}\
+table{border-collapse:collapse;font-size:.82em;margin:.6em 0;display:block;max-width:100%;overflow-x:auto}\
 td,th{border:1px solid #ddd;padding:.2em .5em;text-align:right}
 th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}nav a{margin-right:1em}"""
 
