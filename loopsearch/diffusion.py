@@ -77,13 +77,15 @@ def elbo(nll: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 def diffusion_loss(model: Model, x0: torch.Tensor, mask_id: int, generator: torch.Generator,
                    n_loops: int | None = None, antithetic: bool = True,
-                   shard: tuple[int, int] | None = None, positions: bool | None = None) -> tuple[torch.Tensor, Any]:
+                   shard: tuple[int, int] | None = None, positions: bool | None = None,
+                   loop_generator: torch.Generator | None = None) -> tuple[torch.Tensor, Any]:
     """One MDLM training loss (nats/token, plus the strategy's auxiliary loss if any) and the
     model's output (what the loop block executed).
 
     ``positions``: run the output head only at the masked positions (SUBS gives the others zero
     loss), the model's ``forward(..., positions=)``; default: when the model says it supports it
     (a wrapper such as DDP hides the attribute: the trainer passes it). The loss is the same.
+    ``loop_generator``: the stream a strategy draws from inside the loop (``LoopContext.generator``).
 
     ``shard=(rank, world)`` (data parallel): mask rates and masks are drawn for the whole batch,
     as in one process, and only rows [rank*B/world, (rank+1)*B/world) run through the model; the
@@ -96,12 +98,13 @@ def diffusion_loss(model: Model, x0: torch.Tensor, mask_id: int, generator: torc
         x0, xt, masked, t = x0[rows], xt[rows], masked[rows], t[rows]
     if positions is None:
         positions = getattr(model, "supports_positions", False)
+    extra = {} if loop_generator is None else {"generator": loop_generator}
     if positions:
-        out = model(xt, n_loops, t.to(x0.device), positions=masked)
+        out = model(xt, n_loops, t.to(x0.device), positions=masked, **extra)
         nll = torch.zeros(x0.shape, dtype=torch.float32, device=x0.device)
         nll[masked] = -subs_log_probs(out.logits, mask_id).gather(-1, x0[masked][:, None]).squeeze(-1)
     else:
-        out = model(xt, n_loops, t.to(x0.device))
+        out = model(xt, n_loops, t.to(x0.device), **extra)
         nll = masked_nll(out.logits, x0, masked, mask_id)
     loss = elbo(nll, t)
     if getattr(out, "aux_loss", None) is not None:

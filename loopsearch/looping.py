@@ -58,17 +58,24 @@ class LoopContext:
     training: bool = False
     exit: Any = None  # an inference-time exit criterion (loopsearch/exits.py), or None
     readout: Callable[[torch.Tensor], torch.Tensor] | None = None  # block output -> logits (coda + head)
+    # randomness a strategy draws inside run() (noise-initialised states, per-token counts): seeded by
+    # the trainer's loop stream in training and by a fixed key in validation, so runs are reproducible;
+    # never draw from torch's global generator
+    generator: torch.Generator | None = None
 
 
 @dataclass
 class LoopResult:
     """What a strategy returns. FLOPs are charged for ``applications`` block applications per
     sequence (a mean over the batch if sequences loop different counts) plus ``extra_flops``
-    forward FLOPs per sequence (halting heads, readouts for exit criteria)."""
+    forward FLOPs per sequence (halting heads, readouts for exit criteria). Of the applications,
+    ``forward_only`` ran without a backward pass (under ``torch.no_grad``: truncated backprop
+    through the loops); training charges them 1x, the others 3x (forward + backward)."""
 
     h: torch.Tensor
     applications: float
     extra_flops: float = 0.0
+    forward_only: float = 0.0
     aux_loss: torch.Tensor | None = None  # added to the training loss (e.g. a ponder cost)
     stats: dict[str, float] = field(default_factory=dict)  # e.g. mean loops per token
 
@@ -76,11 +83,12 @@ class LoopResult:
 @dataclass
 class ModelOutput:
     logits: torch.Tensor  # (B, T, n_tokens), or (N, n_tokens) at the positions asked for
-    applications: float  # loop-block applications executed per sequence
+    applications: float  # loop-block applications executed per sequence (forward_only included)
     extra_flops: float = 0.0  # other forward FLOPs per sequence beyond the profile's layers and head
     aux_loss: torch.Tensor | None = None
     stats: dict[str, float] = field(default_factory=dict)
     head_share: float = 1.0  # share of the positions the head ran on (forward(..., positions=))
+    forward_only: float = 0.0  # of the applications, those run without backward (charged 1x in training)
 
 
 class LoopStrategy(nn.Module):
@@ -117,6 +125,16 @@ class LoopStrategy(nn.Module):
         """Loop count used for validation and, by default, inference."""
         return 1
 
+    def attach(self, model: "LoopedMDM") -> None:
+        """Called once by the model that runs this strategy: a strategy whose draws depend on what
+        a loop costs (``fixed`` with ``flop_proportional`` counts) reads it here with
+        ``model.forward_flops(n)``. The default does nothing."""
+
+    def expected_forward_only(self) -> float:
+        """Mean of ``LoopResult.forward_only`` per training step (loops run without backward, e.g.
+        truncated backprop): planning charges them 1x, so the planned step count is right."""
+        return 0.0
+
     def extra_flops_bound(self, n_loops: int, seq_len: int) -> float:
         """Upper bound of ``LoopResult.extra_flops`` per sequence for a step run with n_loops."""
         return 0.0
@@ -142,6 +160,10 @@ def run_with_exit(h: torch.Tensor, block: BlockFn, n_loops: int, ctx: LoopContex
     every sequence (loops are counted for the batch: that is what ran). ``step(h, k)`` computes
     loop k's output; by default ``block(h)``."""
     crit = ctx.exit
+    if crit is None:  # no exit criterion: simply loop (strategies need no branch of their own)
+        for k in range(n_loops):
+            h = step(h, k) if step is not None else block(h)
+        return LoopResult(h, float(n_loops))
     state = crit.init(h)
     extra = 0.0
     done = 0
@@ -167,6 +189,7 @@ class LoopedMDM(nn.Module):
         check_block(loop_start, loop_end, backbone.n_layer, strategy.loops_block)
         self.backbone, self.strategy = backbone, strategy
         self.loop_start, self.loop_end = loop_start, loop_end
+        strategy.attach(self)
 
     def run_range(self, h: torch.Tensor, start: int, end: int) -> torch.Tensor:
         for i in range(start, end):
@@ -188,7 +211,8 @@ class LoopedMDM(nn.Module):
     supports_positions = True  # forward(..., positions=) (loopsearch/diffusion.py: validation_elbo)
 
     def forward(self, x: torch.Tensor, n_loops: int | None = None, t: torch.Tensor | None = None,
-                exit=None, positions: torch.Tensor | None = None) -> ModelOutput:
+                exit=None, positions: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> ModelOutput:
         """x: (B, T) token ids; t: (B,) mask rates if known; exit: an inference-time exit
         criterion. Returns logits (B, T, n_tokens) and what the loop block executed; with
         ``positions`` (a (B, T) bool mask) the head runs only there and logits are (N, n_tokens),
@@ -199,26 +223,39 @@ class LoopedMDM(nn.Module):
         h = self.run_range(h, 0, self.loop_start)
         result = LoopResult(h, 0.0)
         if self.loop_end > self.loop_start:
-            ctx = LoopContext(t=t, masked=x == b.mask_id, training=self.training, exit=exit, readout=self.readout)
+            if generator is None:  # a caller without a stream of its own: a fixed one, so a call is reproducible
+                generator = torch.Generator().manual_seed(0)
+            ctx = LoopContext(t=t, masked=x == b.mask_id, training=self.training, exit=exit, readout=self.readout,
+                              generator=generator)
             result = self.strategy.run(h, self._block, n, ctx)
         h = self.run_range(result.h, self.loop_end, b.n_layer)
         if positions is None:
-            return ModelOutput(b.head(h), result.applications, result.extra_flops, result.aux_loss, result.stats)
+            return ModelOutput(b.head(h), result.applications, result.extra_flops, result.aux_loss, result.stats,
+                               forward_only=result.forward_only)
         share = float(positions.sum()) / max(positions.numel(), 1)
         return ModelOutput(b.head(h[positions][None])[0], result.applications, result.extra_flops, result.aux_loss,
-                           result.stats, head_share=share)
+                           result.stats, head_share=share, forward_only=result.forward_only)
 
     # ---- FLOPs of what runs (see flops.py) ---------------------------------------------------
+    def forward_flops(self, n_loops: float, seq_len: int | None = None) -> float:
+        """Forward FLOPs of one sequence with the block run ``n_loops`` times (at the backbone's
+        ``seq_len`` if it has one, else 64 tokens)."""
+        seq_len = seq_len or int(getattr(self.backbone, "seq_len", 0) or 64)
+        return self.flop_profile(seq_len).forward(self.loop_start, self.loop_end, n_loops)
+
     def flop_profile(self, seq_len: int) -> FlopProfile:
         return self.backbone.flop_profile(seq_len)
 
     def train_step_flops(self, seq_len: int, batch_size: int, applications: float, extra_flops: float = 0.0,
-                         head_share: float = 1.0) -> float:
+                         head_share: float = 1.0, forward_only: float = 0.0) -> float:
         """Forward + backward FLOPs of one step; ``extra_flops`` are forward FLOPs per sequence;
-        the head ran on ``head_share`` of the positions (1: all of them, the bound)."""
-        base = train_step_flops(self.flop_profile(seq_len), batch_size, self.loop_start, self.loop_end, applications,
+        the head ran on ``head_share`` of the positions (1: all of them, the bound); ``forward_only``
+        of the ``applications`` ran without backward (charged their forward FLOPs once)."""
+        profile = self.flop_profile(seq_len)
+        base = train_step_flops(profile, batch_size, self.loop_start, self.loop_end, applications - forward_only,
                                 head_share)
-        return base + TRAIN_MULTIPLIER * batch_size * extra_flops
+        block = sum(profile.layers[self.loop_start:self.loop_end])
+        return base + batch_size * forward_only * block + TRAIN_MULTIPLIER * batch_size * extra_flops
 
     def inference_flops_per_token(self, seq_len: int, applications: float | None = None,
                                   extra_flops: float | None = None) -> float:

@@ -231,7 +231,8 @@ def plan_steps(model: LoopedMDM, cfg: TrainConfig, budget: float) -> int:
     expected = model.strategy.expected_train_loops()
     mean = model.train_step_flops(cfg.seq_len, cfg.batch_size, expected,
                                   model.strategy.extra_flops_bound(int(round(expected)), cfg.seq_len),
-                                  EXPECTED_MASKED_SHARE if model.supports_positions else 1.0)
+                                  EXPECTED_MASKED_SHARE if model.supports_positions else 1.0,
+                                  model.strategy.expected_forward_only())
     return int(budget // mean)
 
 
@@ -315,11 +316,12 @@ def train(model: LoopedMDM, data: PreparedData, cfg: TrainConfig, budget: float,
         x0 = random_batch(train_ids, cfg.batch_size, cfg.seq_len, gens["data"]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss, out = diffusion_loss(step_forward, x0, mask_id, gens["masks"], n_loops, cfg.antithetic, shard=shard,
-                                       positions=model.supports_positions)  # the head only where the loss is
+                                       positions=model.supports_positions,  # the head only where the loss is
+                                       loop_generator=gens["loops"])  # what a strategy draws inside the loop
         keys = sorted(out.stats)
-        loss_val, applications, extra, head_share, *stat_values = _agree(
-            [loss.item(), float(out.applications), float(out.extra_flops), float(getattr(out, "head_share", 1.0))]
-            + [float(out.stats[k]) for k in keys], world, device)
+        loss_val, applications, extra, head_share, forward_only, *stat_values = _agree(
+            [loss.item(), float(out.applications), float(out.extra_flops), float(getattr(out, "head_share", 1.0)),
+             float(getattr(out, "forward_only", 0.0))] + [float(out.stats[k]) for k in keys], world, device)
         if not math.isfinite(loss_val):  # before the update: the weights stay finite
             state.spent += step_flops / TRAIN_MULTIPLIER  # the forward ran (training = 3x forward)
             raise FloatingPointError(f"non-finite training loss {loss_val} at step {state.steps + 1}; "
@@ -331,7 +333,7 @@ def train(model: LoopedMDM, data: PreparedData, cfg: TrainConfig, budget: float,
         opt.step()
         # count what ran (a strategy may stop early); never more than the pre-checked bound
         state.spent += min(step_flops, model.train_step_flops(cfg.seq_len, cfg.batch_size, applications, extra,
-                                                              head_share))
+                                                              head_share, forward_only))
         state.steps += 1
         state.loss = loss_val
         state.loops_sum += applications

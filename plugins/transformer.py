@@ -112,6 +112,7 @@ class Transformer(Backbone):
 
     def __init__(self, params: TransformerParams, vocab_size: int, seq_len: int):
         super().__init__(params, vocab_size, seq_len)
+        self.seq_len = seq_len  # the longest sequence (rotary tables); FLOP-proportional loop draws use it
         p = self.params = params
         self.n_layer, self.d_model = p.n_layer, p.d_model
         self.mask_id, self.n_tokens = vocab_size, vocab_size + 1  # MASK is the last id

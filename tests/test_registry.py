@@ -26,7 +26,7 @@ def test_builtins_come_through_the_entry_point_group(monkeypatch):
     assert {"shakespeare", "text", "hub"} <= set(reg.items("corpus"))
     info = reg.items("loop_strategy")["fixed"]
     assert info.distribution == "loopsearch" and info.version == md.version("loopsearch")
-    assert set(info.params_schema()) == {"n_loops", "train_loops", "reinject"}
+    assert set(info.params_schema()) == {"n_loops", "train_loops", "mean_loops", "sigma", "reinject"}
     eps = {ep.value for ep in md.entry_points(group="loopsearch") if ep.dist.metadata["Name"] == "loopsearch"}
     assert "loopsearch_builtins.strategies" in eps
 
