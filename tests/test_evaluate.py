@@ -71,3 +71,19 @@ def test_old_spellings_still_work_with_a_deprecation_line(trained, tiny_recipe):
     from loopsearch.search import study as studies
 
     assert studies.load("old")[1].optuna_sampler == "random"
+
+
+def test_the_python_api_loads_a_trained_trial(trained):
+    import torch
+
+    import loopsearch
+    from loopsearch.errors import LoopsearchError
+
+    t = loopsearch.load_trial("scale", 1)
+    assert t.config.strategy.name == "fixed" and (t.model.loop_start, t.model.loop_end) == (1, 3)
+    assert t.record.val_nll == trained.trials[1].user_attrs["val_nll"] and not t.model.training
+    ids = torch.tensor([t.tokenizer.encode("To be, or not to be").ids[:8]])
+    out = t.model(ids)
+    assert out.logits.shape[:2] == ids.shape and out.applications == 4.0
+    with pytest.raises(LoopsearchError, match="no trial 9"):
+        loopsearch.load_trial("scale", 9)
