@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -54,6 +55,59 @@ def cli():
 @cli.group()
 def plugins():
     """Installed plugins (builtin and third-party)."""
+
+
+@plugins.command("check")
+@click.argument("name")
+@click.option("--param", "params", multiple=True, metavar="K=V", help="A parameter of the strategy (repeatable; "
+                                                                      "default: its Params defaults).")
+@click.option("--block", default="1,3", show_default=True, help="The looped layers start,end of the tiny test model.")
+def plugins_check(name, params, block):
+    """Run the conformance suite for an installed looping strategy, without writing a test file.
+
+    The suite (loopsearch.testing.StrategyConformance) checks, on a tiny model: unknown parameters
+    are refused, training and inference FLOPs match torch's FlopCounterMode, one loop equals the
+    plain model (when the params give one loop), runs are deterministic under a seed, gradients
+    reach every parameter, loop counts are consistent (expected_train_loops() is the mean of the
+    draws), and a 2-trial study runs. Needs pytest (pip install 'loopsearch[plugin-dev]').
+
+    Example: loopsearch plugins check fixed --param n_loops=3 --param train_loops=uniform
+    """
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    from .registry import get_registry
+
+    if importlib.util.find_spec("pytest") is None:
+        raise LoopsearchError("plugins check needs pytest: pip install 'loopsearch[plugin-dev]'")
+    reg = get_registry()
+    kinds = [k for k in ("loop_strategy", "sampler", "exit_criterion", "backbone") if name in reg.items(k)]
+    if not kinds:
+        raise LoopsearchError(f"no installed plugin named {name!r}; see `loopsearch plugins list`")
+    if "loop_strategy" not in kinds:
+        raise LoopsearchError(f"{name!r} is a {kinds[0].replace('_', ' ')}: only looping strategies have a "
+                              f"conformance suite so far (loopsearch.testing.StrategyConformance)")
+    from .eval.generation import parse_params
+
+    raw = parse_params(params)
+    checked = reg.params("loop_strategy", name, raw, " (plugins check --param)")  # bad params: one line, now
+    parsed = {k: checked.model_dump(mode="json")[k] for k in raw}
+    try:
+        start, end = (int(x) for x in block.split(","))
+    except ValueError:
+        raise LoopsearchError(f"--block {block!r}: give start,end, e.g. 1,3") from None
+    test = (f"from loopsearch.testing import StrategyConformance\n\n\n"
+            f"class TestPluginCheck(StrategyConformance):\n"
+            f"    strategy = {name!r}\n    params = {parsed!r}\n    block = ({start}, {end})\n")
+    with tempfile.TemporaryDirectory(prefix="loopsearch-check-") as tmp:
+        path = Path(tmp) / f"test_check_{re.sub(r'[^A-Za-z0-9_]', '_', name)}.py"
+        path.write_text(test)
+        code = subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", tmp,
+                                str(path)], cwd=tmp)
+    if code:
+        raise LoopsearchError(f"strategy {name!r} failed its conformance suite (the failures are above)")
+    click.echo(f"strategy {name!r} passed its conformance suite")
 
 
 @plugins.command("list")

@@ -288,6 +288,18 @@ class StrategyConformance:
         ev = st.eval_loops()
         assert isinstance(ev, int) and ev >= 1, f"eval_loops() = {ev!r}"
 
+    def test_expected_train_loops_is_the_mean_of_the_draws(self):
+        """Planning divides the budget by the cost at expected_train_loops(): it must be the mean of
+        train_loops() (4000 draws; 5 standard errors of slack)."""
+        st = self.make_model().strategy
+        gen = torch.Generator().manual_seed(self.seed + 1)
+        draws = torch.tensor([float(st.train_loops(gen)) for _ in range(4000)], dtype=torch.float64)
+        mean, se = float(draws.mean()), float(draws.std()) / math.sqrt(len(draws))
+        expected = st.expected_train_loops()
+        assert abs(mean - expected) <= 5 * se + 0.01, (
+            f"expected_train_loops() = {expected:.4f} but 4000 draws of train_loops() average {mean:.4f} "
+            f"(± {se:.4f}); planning would buy the wrong number of steps")
+
     def test_runs_in_a_study(self, tmp_path, monkeypatch):
         import optuna
 
