@@ -68,8 +68,8 @@ def plugins_check(name, params, block):
     The suite (loopsearch.testing.StrategyConformance) checks, on a tiny model: unknown parameters
     are refused, training and inference FLOPs match torch's FlopCounterMode, one loop equals the
     plain model (when the params give one loop), runs are deterministic under a seed, gradients
-    reach every parameter, loop counts are consistent (expected_train_loops() is the mean of the
-    draws), and a 2-trial study runs. Needs pytest (pip install 'loopsearch[plugin-dev]').
+    reach every parameter, loop counts are consistent (expected_train_loops() is the mean of what
+    training executes), and a 2-trial study runs. Needs pytest (pip install 'loopsearch[plugin-dev]').
 
     Example: loopsearch plugins check fixed --param n_loops=3 --param train_loops=uniform
     """

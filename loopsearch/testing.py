@@ -288,17 +288,29 @@ class StrategyConformance:
         ev = st.eval_loops()
         assert isinstance(ev, int) and ev >= 1, f"eval_loops() = {ev!r}"
 
-    def test_expected_train_loops_is_the_mean_of_the_draws(self):
+    def test_expected_train_loops_is_the_mean_of_what_training_runs(self):
         """Planning divides the budget by the cost at expected_train_loops(): it must be the mean of
-        train_loops() (4000 draws; 5 standard errors of slack)."""
-        st = self.make_model().strategy
+        the block applications training steps execute (train_loops() drawn per step, mask rates t
+        spread over (0, 1) as in training; 200 steps, 5 standard errors of slack)."""
+        from .diffusion import sample_t
+
+        model = self.make_model().train()
+        st = model.strategy
         gen = torch.Generator().manual_seed(self.seed + 1)
-        draws = torch.tensor([float(st.train_loops(gen)) for _ in range(4000)], dtype=torch.float64)
+        applications = []
+        with torch.no_grad():
+            for _ in range(200):
+                n = st.train_loops(gen)
+                x0 = torch.randint(0, self.vocab, (self.batch_size, self.seq_len), generator=gen)
+                t = sample_t(self.batch_size, gen)
+                xt, _ = mask_tokens(x0, t, model.backbone.mask_id, gen)
+                applications.append(float(model(xt, n, t, generator=gen).applications))
+        draws = torch.tensor(applications, dtype=torch.float64)
         mean, se = float(draws.mean()), float(draws.std()) / math.sqrt(len(draws))
         expected = st.expected_train_loops()
-        assert abs(mean - expected) <= 5 * se + 0.01, (
-            f"expected_train_loops() = {expected:.4f} but 4000 draws of train_loops() average {mean:.4f} "
-            f"(± {se:.4f}); planning would buy the wrong number of steps")
+        assert abs(mean - expected) <= 5 * se + 0.02, (
+            f"expected_train_loops() = {expected:.4f} but 200 training steps executed {mean:.4f} (± {se:.4f}) "
+            f"block applications on average; planning would buy the wrong number of steps")
 
     def test_runs_in_a_study(self, tmp_path, monkeypatch):
         import optuna
