@@ -48,7 +48,8 @@ def test_space_needs_a_block_for_looping_strategies():
 def test_bad_strategy_parameter_names_allowed(tiny_recipe, tmp_path):
     path = tmp_path / "p.toml"
     path.write_text('name = "p"\nstrategies = ["fixed"]\n[block]\nregion = [0, 1]\n[strategy.fixed]\nloops = 3\n')
-    with pytest.raises(SpecError, match="unknown parameter 'loops'; allowed: mean_loops, n_loops, reinject, sigma, train_loops"):
+    allowed = "allowed: mean_loops, n_loops, reinject, sigma, train_loops"
+    with pytest.raises(SpecError, match=f"unknown parameter 'loops'; {allowed}"):
         studies.spec_from_options("p", str(path), str(tiny_recipe), None, None, None, None, None)
     path.write_text('name = "p"\nstrategies = ["fixed"]\n[block]\nregion = [0, 1]\n[strategy.fixed]\n'
                     'n_loops = { low = 0, high = 3 }\n')

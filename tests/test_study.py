@@ -213,6 +213,8 @@ def test_a_repeated_configuration_is_not_retrained(tiny_recipe, tmp_path):
 def test_independent_processes_get_distinct_sampler_seeds():
     from loopsearch.search.workers import sampler_offset
 
-    assert sampler_offset(5, 0, 1234) != sampler_offset(5, 0, 1235)  # two terminals on one SQLite file
-    assert sampler_offset(5, 1, 1234) != sampler_offset(5, 2, 1234)  # workers of one --workers parent
-    assert sampler_offset(5, 1, 1234) == sampler_offset(5, 1, 999)  # ... told apart by index, reproducibly
+    # a second terminal on one SQLite file, started while the first runs a trial
+    assert sampler_offset(5, 0, 1234, True) != sampler_offset(5, 0, 1235, True)
+    assert sampler_offset(5, 0, 1234, False) == sampler_offset(5, 0, 1235, False)  # alone: reproducible
+    assert sampler_offset(5, 1, 1234, True) != sampler_offset(5, 2, 1234, True)  # workers of one --workers parent
+    assert sampler_offset(5, 1, 1234, True) == sampler_offset(5, 1, 999, True)  # ... told apart by index

@@ -55,8 +55,8 @@ from ..spec import TrialConfig
 from ..train import train
 from .storage import journal_path, mask, open_storage, sqlite_path, storage_url
 from .space import BASELINE_ATTR
-from .study import (CONFIRM_OF_ATTR, FINISHED, Objective, counted, ensure_baseline, load, make_pruner, make_sampler,
-                    trial_budget, trial_line)
+from .study import (CONFIRM_OF_ATTR, FINISHED, SPEC_ATTR, Objective, counted, ensure_baseline, load, make_pruner,
+                    make_sampler, trial_budget, trial_line)
 
 LEASE_ATTR = "loopsearch.lease"
 # a trial a worker did not run: the study's limit was reached (results leave it out)
@@ -93,13 +93,14 @@ class Limits:
     trial_budget: float
 
 
-def sampler_offset(n_before: int, worker: int, pid: int) -> int:
+def sampler_offset(n_before: int, worker: int, pid: int, others_running: bool) -> int:
     """The sampler seed's offset for this process. Workers spawned by one ``--workers N`` parent are
     told apart by their index; an independent process (``worker`` 0: another terminal, another host,
-    on any storage, SQLite included) by its pid as well, so two of them never replay the same draws
-    (their duplicates would retrain nothing new: ``Objective.duplicate_of`` reuses a repeated
-    configuration's result instead)."""
-    return n_before + 7919 * worker + (pid if worker == 0 else 0)
+    on any storage, SQLite included) that finds trials of the study already running also by its pid,
+    so two of them do not replay the same draws. A process alone on its study keeps a reproducible
+    seed (a rerun, or a torchrun group against one process, proposes the same configurations). A
+    configuration proposed twice anyway is not retrained (``Objective.duplicate_of``)."""
+    return n_before + 7919 * worker + (pid if worker == 0 and others_running else 0)
 
 
 def flops_spent(trials: list[FrozenTrial]) -> float:
@@ -202,7 +203,8 @@ def decide(study: optuna.Study, limits: Limits, grace: float) -> tuple[str, str]
     never enqueued) is enqueued again here, at every decision, and the study is not done without
     a finished one: every other trial is compared with it."""
     fail_stale(study, grace)
-    ensure_baseline(study)
+    if SPEC_ATTR in study.user_attrs:  # a loopsearch study (not a bare Optuna one)
+        ensure_baseline(study)
     trials = study.get_trials(deepcopy=False)
     done = sum(counted(t) for t in trials)
     running = sum(t.state == TrialState.RUNNING for t in trials)
@@ -282,7 +284,8 @@ def work(name: str, storage: str | None = None, *, n_trials: int | None = None, 
     store = open_storage(url, heartbeat=(heartbeat, grace), on_stale=retry_callback())
     study, spec = load(name, url, store=store)
     before = study.get_trials(deepcopy=False)
-    study.sampler = make_sampler(spec, offset=sampler_offset(len(before), worker, os.getpid()))
+    running = any(t.state == TrialState.RUNNING for t in before)
+    study.sampler = make_sampler(spec, offset=sampler_offset(len(before), worker, os.getpid(), running))
     study.pruner = make_pruner(spec)
     if worker == 0:
         ensure_baseline(study)
