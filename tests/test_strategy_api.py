@@ -81,7 +81,7 @@ def test_planning_and_the_real_loop_count_with_truncation():
     planned = plan_steps(model, cfg, 3e8)
     r = train(model, data, cfg, 3e8, seed=0, progress=False)
     assert r.mean_train_loops == 4.0  # the real count, forward-only loops included
-    assert abs(r.steps - planned) <= 1 + 0.05 * planned  # the head's masked share varies a little per step
+    assert abs(r.steps - planned) <= 1  # planning charged the forward-only loops 1x, as the trainer does
 
 
 def test_a_strategy_drawing_from_ctx_is_deterministic_under_a_seed():
