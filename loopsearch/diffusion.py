@@ -70,6 +70,14 @@ def masked_nll(logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor, mas
     return out
 
 
+def positions_nll(logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """Like ``masked_nll`` for logits computed only at the masked positions ((N, V), row-major order
+    of ``masked``, as ``LoopedMDM.forward(..., positions=masked)`` returns them). Shape (B, T)."""
+    nll = torch.zeros(x0.shape, dtype=torch.float32, device=x0.device)
+    nll[masked] = -subs_log_probs(logits, mask_id).gather(-1, x0[masked][:, None]).squeeze(-1)
+    return nll
+
+
 def elbo(nll: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Continuous-time ELBO estimate in nats/token: mean over (B, T) of nll / t."""
     return (nll / t.to(nll.device)[:, None]).mean()
@@ -101,8 +109,7 @@ def diffusion_loss(model: Model, x0: torch.Tensor, mask_id: int, generator: torc
     extra = {} if loop_generator is None else {"generator": loop_generator}
     if positions:
         out = model(xt, n_loops, t.to(x0.device), positions=masked, **extra)
-        nll = torch.zeros(x0.shape, dtype=torch.float32, device=x0.device)
-        nll[masked] = -subs_log_probs(out.logits, mask_id).gather(-1, x0[masked][:, None]).squeeze(-1)
+        nll = positions_nll(out.logits, x0, masked, mask_id)
     else:
         out = model(xt, n_loops, t.to(x0.device), **extra)
         nll = masked_nll(out.logits, x0, masked, mask_id)
@@ -193,8 +200,7 @@ def validation_elbo(model: Model, windows: torch.Tensor, keys: list[int], mask_i
         x0, m = x[rows].to(device), masked[rows].to(device)
         if getattr(model, "supports_positions", False):  # the head only where the loss is
             out = model(xt[rows].to(device), n_loops, t[rows].to(device), positions=m, **model_kwargs)
-            nll = torch.zeros(x0.shape, dtype=torch.float32, device=device)
-            nll[m] = -subs_log_probs(out.logits, mask_id).gather(-1, x0[m][:, None]).squeeze(-1)
+            nll = positions_nll(out.logits, x0, m, mask_id)
         else:
             out = model(xt[rows].to(device), n_loops, t[rows].to(device), **model_kwargs)
             nll = masked_nll(out.logits, x0, m, mask_id)

@@ -185,10 +185,10 @@ def test_a_model_too_big_for_memory_is_refused_at_create_with_the_estimate(tmp_p
                    "lower d_model")
 
 
-def test_the_memory_estimate_is_an_upper_bound_of_a_real_step():
-    """training_memory is meant to refuse what cannot fit, never what can: it must exceed what a
-    real step allocates (measured as the growth of the process's peak RSS is too coarse; the
-    parameter and activation terms are checked against their definitions instead)."""
+def test_the_memory_estimate_counts_optimizer_state_and_loop_activations():
+    """training_memory includes weights, gradients and both AdamW moments (16 bytes a parameter)
+    and grows with the loops kept for the backward pass. (It is not checked against a measured
+    allocation: peak RSS is too coarse at this size.)"""
     from helpers import tiny_model
     from loopsearch.spec import TrainConfig
     from loopsearch.train import training_memory
