@@ -78,6 +78,7 @@ class Placement:
     loop_start: int
     loop_end: int
     n_loops: int
+    train_loops: str = "constant"  # "constant": n_loops in training; "uniform": S ~ U{1..n_loops} (LoopMDM)
 
     @property
     def block_length(self) -> int:
@@ -87,29 +88,40 @@ class Placement:
     def strategy(self) -> str:
         return "none" if self.n_loops == 1 else "fixed"
 
+    @property
+    def key(self) -> tuple[int, int, int, str]:
+        return (self.loop_start, self.loop_end, self.n_loops, self.train_loops)
+
     def label(self) -> str:
-        return "baseline" if self.n_loops == 1 else f"[{self.loop_start},{self.loop_end})x{self.n_loops}"
+        if self.n_loops == 1:
+            return "baseline"
+        return f"[{self.loop_start},{self.loop_end})x{self.n_loops}" + (" U" if self.train_loops == "uniform" else "")
 
 
 BASELINE = Placement(0, 0, 1)
+PAPER = Placement(1, 3, 3, "uniform")  # LoopMDM's hand placement: layers [1,3), S ~ U{1..3} in training
 
 
-def placements(n_layer: int, max_block: int, loop_counts: list[int]) -> list[Placement]:
-    """The baseline, then every block of 1..max_block layers for every loop count (> 1)."""
+def placements(n_layer: int, max_block: int, loop_counts: list[int],
+               uniform_counts: list[int] = ()) -> list[Placement]:
+    """The baseline, then every block of 1..max_block layers for every loop count (> 1) with the
+    count fixed in training, then every block with S ~ U{1..k} in training for k in uniform_counts."""
     grid = [BASELINE]
-    for n_loops in sorted(set(loop_counts) - {1}):
-        for length in range(1, max_block + 1):
-            for start in range(0, n_layer - length + 1):
-                grid.append(Placement(start, start + length, n_loops))
+    for train_loops, counts in (("constant", loop_counts), ("uniform", uniform_counts)):
+        for n_loops in sorted(set(counts) - {1}):
+            for length in range(1, max_block + 1):
+                for start in range(0, n_layer - length + 1):
+                    grid.append(Placement(start, start + length, n_loops, train_loops))
     return grid
 
 
-def trial_config(args: argparse.Namespace, placement: Placement, number: int) -> TrialConfig:
-    """The loopsearch TrialConfig of one placement (same seed, data and budget for every row)."""
+def trial_config(args: argparse.Namespace, placement: Placement, number: int, seed: int) -> TrialConfig:
+    """The loopsearch TrialConfig of one placement and seed (the seed fixes data order, init and
+    validation masks: rows of one seed are paired)."""
     strategy = (PluginRef(name="none") if placement.n_loops == 1 else
-                PluginRef(name="fixed", params={"n_loops": placement.n_loops, "train_loops": "constant"}))
+                PluginRef(name="fixed", params={"n_loops": placement.n_loops, "train_loops": placement.train_loops}))
     train_cfg = TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, device="cpu",
-                            precision="fp32", eval_points=args.eval_points, eval_sequences=args.eval_sequences,
+                            precision="fp32", compile=False, eval_points=args.eval_points, eval_sequences=args.eval_sequences,
                             min_steps=1)
     return TrialConfig(
         study="placement_table", trial=number,
@@ -117,7 +129,7 @@ def trial_config(args: argparse.Namespace, placement: Placement, number: int) ->
                            params={"n_layer": args.n_layer, "d_model": args.d_model, "n_heads": args.n_heads}),
         strategy=strategy, loop_start=placement.loop_start, loop_end=placement.loop_end,
         corpus=PluginRef(name="shakespeare"), vocab_size=args.vocab_size, train=train_cfg,
-        budget=args.budget, seed=args.seed)
+        budget=args.budget, seed=seed)
 
 
 def load_data(vocab_size: int) -> PreparedData:
@@ -134,20 +146,27 @@ def unigram_nll(data: PreparedData) -> float:
     return float(-logp[data.valid].mean())
 
 
-def train_placement(args: argparse.Namespace, placement: Placement, number: int, data: PreparedData) -> dict:
+def train_placement(args: argparse.Namespace, placement: Placement, number: int, seed: int,
+                    data: PreparedData) -> dict:
     """Train one configuration from scratch; return its table row (without the shared settings)."""
-    config = trial_config(args, placement, number)
+    config = trial_config(args, placement, number, seed)
     torch.manual_seed(config.seed)
     model = checkpoint.build_model(config, data.vocab_size)
     start = time.perf_counter()
     result = train(model, data, config.train, config.budget, config.seed,
                    report=lambda gflops, nll: None, progress=False)
     wall = time.perf_counter() - start
-    curve = [[spent / 1e9, nll] for spent, nll in result.history]
+    curve = [[point[0] / 1e9, point[1]] for point in result.history]
+    validation = result.validation
     return {
         "loop_start": placement.loop_start, "loop_end": placement.loop_end,
         "block_length": placement.block_length, "n_loops": placement.n_loops, "strategy": placement.strategy,
-        "val_nll": result.val_nll, "train_flops": result.train_flops, "steps": result.steps,
+        "train_loops": placement.train_loops, "label": placement.label(),
+        "val_nll": result.val_nll, "val_se": result.val_se, "train_flops": result.train_flops, "steps": result.steps,
+        # the final validation per (window, draw), window-major: rows of one seed share windows and
+        # masks, so two placements' difference is paired (loopsearch/stats.py)
+        "val_values": validation.flat() if validation is not None else [],
+        "val_draws": validation.draws if validation is not None else 0,
         "inference_flops_per_token": model.inference_flops_per_token(config.train.seq_len),
         "n_params": sum(p.numel() for p in model.parameters()),
         "curve": curve, "wall_s": wall, "seed": config.seed,
@@ -174,6 +193,28 @@ def write_table(rows: list[dict], meta: dict, path: Path, total_wall_s: float) -
     return frame
 
 
+SETTING_KEYS = ("n_layer", "d_model", "n_heads", "seq_len", "batch_size", "lr", "vocab_size", "budget",
+                "eval_points", "eval_sequences")
+
+
+def resumable_rows(path: Path, meta: dict) -> list[dict]:
+    """The rows of an earlier run of the same settings at ``path`` (to skip), or [] when there is
+    none. A table of other settings is an error, not silently mixed in: pass --fresh or --output."""
+    if not path.exists():
+        return []
+    frame = pl.read_parquet(path)
+    if "train_loops" not in frame.columns or "val_values" not in frame.columns:
+        raise SystemExit(f"{path} was written by an older version of this script (no train_loops/val_values "
+                         "columns); pass --fresh to replace it or --output to write elsewhere")
+    old = frame.row(0, named=True) if frame.height else {}
+    differ = [key for key in SETTING_KEYS if old and old.get(key) != meta[key]]
+    if differ:
+        raise SystemExit(f"{path} holds a table of other settings ({', '.join(differ)} differ); pass --fresh "
+                         "to replace it or --output to write elsewhere")
+    own = set(frame.columns) - set(meta)
+    return [{key: row[key] for key in own} for row in frame.iter_rows(named=True)]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -186,11 +227,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab-size", type=int, default=260, help="BPE vocabulary (260: the 256 bytes + 4 merges)")
     p.add_argument("--budget", type=parse_flops, default=parse_flops("1e12"), help="training FLOPs per configuration")
     p.add_argument("--eval-points", type=int, default=8, help="validations per run (the learning curve)")
-    p.add_argument("--eval-sequences", type=int, default=64, help="validation sequences")
+    p.add_argument("--eval-sequences", type=int, default=1024,
+                   help="validation windows of the final validation (the learning curve's use 64)")
     p.add_argument("--max-block", type=int, default=3, help="longest loop block, layers")
-    p.add_argument("--loops", type=int, nargs="+", default=[2, 3], help="loop counts of the looped rows")
-    p.add_argument("--seed", type=int, default=0, help="data order, init and validation masks (all rows)")
+    p.add_argument("--loops", type=int, nargs="+", default=[2, 3],
+                   help="loop counts of the looped rows (the count fixed in training)")
+    p.add_argument("--uniform-loops", type=int, nargs="*", default=[3],
+                   help="loop counts k of rows trained with S ~ U{1..k} (LoopMDM's strategy; [1,3) U is the paper's)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="seeds (data order, init and validation masks); every configuration runs once per seed, "
+                        "seed by seed, so a partial table holds whole seeds")
     p.add_argument("--limit", type=int, default=None, help="train only the first N configurations (baseline first)")
+    p.add_argument("--fresh", action="store_true",
+                   help="start over; by default rows already in --output (same settings) are kept and skipped")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="parquet file written")
     return p.parse_args(argv)
@@ -201,19 +250,26 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     data = load_data(args.vocab_size)
     meta = settings(args, data)
-    grid = placements(args.n_layer, args.max_block, args.loops)[: args.limit]
-    print(f"{len(grid)} configurations, {format_flops(args.budget)} each; unigram plateau "
+    grid = placements(args.n_layer, args.max_block, args.loops, args.uniform_loops)[: args.limit]
+    rows = [] if args.fresh else resumable_rows(args.output, meta)
+    done = {(row["loop_start"], row["loop_end"], row["n_loops"], row["train_loops"], row["seed"]) for row in rows}
+    todo = [(seed, i, placement) for seed in args.seeds for i, placement in enumerate(grid)
+            if (*placement.key, seed) not in done]
+    print(f"{len(grid)} configurations x {len(args.seeds)} seeds, {format_flops(args.budget)} each; "
+          f"{len(rows)} rows kept from {args.output}, {len(todo)} to train; unigram plateau "
           f"{meta['unigram_nll']:.3f} nats/token; settings {json.dumps(meta)}", flush=True)
-    rows, start = [], time.perf_counter()
-    for i, placement in enumerate(grid):
-        row = train_placement(args, placement, i, data)
+    start = time.perf_counter()
+    previous_wall = sum(row["wall_s"] for row in rows)
+    for n, (seed, i, placement) in enumerate(todo):
+        row = train_placement(args, placement, i, seed, data)
         rows.append(row)
         first = row["curve"][0][1]
-        print(f"[{i + 1:2d}/{len(grid)}] {placement.label():12s} val NLL {row['val_nll']:.4f} "
-              f"(first eval {first:.4f}) {row['steps']:4d} steps {row['wall_s']:5.1f} s "
+        print(f"[{n + 1:3d}/{len(todo)}] seed {seed} {placement.label():14s} val NLL {row['val_nll']:.4f} "
+              f"+- {row['val_se']:.4f} (first eval {first:.4f}) {row['steps']:4d} steps {row['wall_s']:5.1f} s "
               f"elapsed {time.perf_counter() - start:6.0f} s", flush=True)
-        write_table(rows, meta, args.output, time.perf_counter() - start)  # a partial table survives a crash
-    total = time.perf_counter() - start
+        # a partial table survives a crash, and a rerun continues from it
+        write_table(rows, meta, args.output, previous_wall + time.perf_counter() - start)
+    total = previous_wall + time.perf_counter() - start
     frame = write_table(rows, meta, args.output, total)
     best = frame.sort("val_nll").row(0, named=True)
     print(f"wrote {args.output} ({len(rows)} rows) in {total:.0f} s; best {best['strategy']} "
