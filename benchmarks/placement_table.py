@@ -121,8 +121,8 @@ def trial_config(args: argparse.Namespace, placement: Placement, number: int, se
     strategy = (PluginRef(name="none") if placement.n_loops == 1 else
                 PluginRef(name="fixed", params={"n_loops": placement.n_loops, "train_loops": placement.train_loops}))
     train_cfg = TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, device="cpu",
-                            precision="fp32", compile=False, eval_points=args.eval_points, eval_sequences=args.eval_sequences,
-                            min_steps=1)
+                            precision="fp32", compile=False, eval_points=args.eval_points,
+                            eval_sequences=args.eval_sequences, min_steps=1)
     return TrialConfig(
         study="placement_table", trial=number,
         backbone=PluginRef(name="transformer",

@@ -19,6 +19,15 @@ EXAMPLE_PLUGIN = Path(__file__).resolve().parent / "example_plugin"
 
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (one test process per core) a test process runs torch on one thread:
+    two processes of two threads on two cores stall each other."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     """One token cache for the whole session: the tokeniser is trained once."""
@@ -74,8 +83,11 @@ def tiny_recipe(tmp_path) -> Path:
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run the real console script in a subprocess (as a user would)."""
-    full_env = {**os.environ, **(env or {})}
+    """Run the real console script in a subprocess (as a user would). The terminal width is
+    not inherited (pytest-xdist workers set COLUMNS): tables are 80 columns wide, as in a pipe,
+    unless the test passes COLUMNS."""
+    inherited = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    full_env = {**inherited, **(env or {})}
     return subprocess.run([sys.executable, "-m", "loopsearch", *args], capture_output=True, text=True,
                           env=full_env, timeout=timeout)
 
