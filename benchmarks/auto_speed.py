@@ -11,7 +11,8 @@ reused) and a compiled row its compilation.
 Settings: auto, fp32, fp32 + compile, bf16, bf16 + compile (bf16 rows only where the machine has
 bf16 units: ``loopsearch.probe.bf16_supported``; on AVX2 bf16 ran ~30x slower and is not worth the
 hour). Rows run in the order given by --settings, --repeats times round-robin so that a change in
-machine load hits every setting.
+machine load hits every setting. Every row is a fresh process with empty probe and torch.compile
+caches (``LOOPSEARCH_CACHE``, ``TORCHINDUCTOR_CACHE_DIR``): no row inherits another's compilation.
 
     OMP_NUM_THREADS=1 python benchmarks/auto_speed.py --threads 1 --budget 2.5e13
 """
@@ -23,6 +24,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -62,15 +65,27 @@ def run_trial(name: str, data, args) -> dict:
                          backbone=PluginRef(name="transformer", params={"n_layer": 8, "d_model": 256, "n_heads": 4}),
                          strategy=PluginRef(name="none"), corpus=PluginRef(name="shakespeare"),
                          vocab_size=data.vocab_size, train=cfg, budget=args.budget, seed=0)
-    with tempfile.TemporaryDirectory() as cache:  # the auto row probes from scratch, as a new machine would
-        os.environ["LOOPSEARCH_CACHE"] = cache
-        torch.manual_seed(0)
-        model = build_model(config, data.vocab_size)
-        began = time.perf_counter()
-        result = train(model, data, cfg, args.budget, seed=0, progress=False)
-        wall = time.perf_counter() - began
+    torch.manual_seed(0)
+    model = build_model(config, data.vocab_size)
+    began = time.perf_counter()
+    result = train(model, data, cfg, args.budget, seed=0, progress=False)
+    wall = time.perf_counter() - began
     return {"setting": name, "wall_s": wall, "train_s": result.wall_s - result.eval_s, "steps": result.steps,
             "tokens_per_s": result.tokens_per_s, "val_nll": result.val_nll, "speed": result.speed}
+
+
+def run_in_fresh_process(name: str, args) -> dict:
+    """One row in a new process with empty probe and compile caches."""
+    with tempfile.TemporaryDirectory() as probe_cache, tempfile.TemporaryDirectory() as inductor_cache:
+        env = {**os.environ, "LOOPSEARCH_CACHE": probe_cache, "TORCHINDUCTOR_CACHE_DIR": inductor_cache,
+               "OMP_NUM_THREADS": str(args.threads)}
+        cmd = [sys.executable, __file__, "--only", name, "--budget", str(args.budget), "--threads", str(args.threads),
+               "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    rows = [line[4:] for line in out.stdout.splitlines() if line.startswith("ROW ")]
+    if out.returncode != 0 or not rows:
+        raise SystemExit(f"{name} failed (exit {out.returncode}):\n{out.stderr[-2000:]}")
+    return json.loads(rows[-1])
 
 
 def main() -> None:
@@ -83,8 +98,13 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--json", action="store_true", help="print the rows as JSON lines too")
+    ap.add_argument("--only", choices=list(SETTINGS), help=argparse.SUPPRESS)  # one row, in this process
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.only:
+        data = prepare(get_registry().build("corpus", "shakespeare", {}), 2048)
+        print("ROW " + json.dumps(run_trial(args.only, data, args)), flush=True)
+        return
     has_bf16 = bf16_supported(torch.device("cpu"))
     names = [n for n in args.settings if has_bf16 or not n.startswith("bf16")]
     data = prepare(get_registry().build("corpus", "shakespeare", {}), 2048)
@@ -94,7 +114,7 @@ def main() -> None:
     rows: dict[str, list[dict]] = {n: [] for n in names}
     for r in range(args.repeats):
         for name in names:
-            row = run_trial(name, data, args)
+            row = run_in_fresh_process(name, args)
             rows[name].append(row)
             speed = row["speed"]
             chosen = {k: speed.get(k) for k in ("precision", "compile", "reason", "step_s", "compile_s")}
