@@ -1,12 +1,13 @@
 """Training time of the quickstart baseline trial, quiet and with one competing process, by torch threads.
 
 Two torch threads per process were measured 4-10x slower on a 2-core machine when another process
-competed for the cores (issue 15). This script reproduces that table: it trains the quickstart
-recipe's baseline (6 layers, d_model 64, 1 TFLOP by default) with 1 thread, with all cores, and with
-``study run``'s default (``worker_threads``: the free cores by the load average), first on a quiet
-machine and then while a second process runs fp32 matmuls on one core (a stand-in for "another
-`study run`", a compiler or a browser). Runs are in that order; the load average needs a minute to
-see the competitor, so the script waits 60 s after starting it before asking for the default.
+competed for the cores (issue 15). This script reproduces that table: it trains the former
+quickstart recipe's baseline (benchmarks/recipe_d64.toml: 6 layers, d_model 64, 1 TFLOP by default)
+with 1 thread, with all cores, and with ``study run``'s default (``worker_threads``: the free cores
+by the load average), first on a quiet machine and then while a second process runs fp32 matmuls on
+one core (a stand-in for "another `study run`", a compiler or a browser). Runs are in that order;
+the load average needs a minute to see the competitor, so the script waits 60 s after starting it
+before asking for the default.
 
     python benchmarks/threads_under_load.py            # about 5 minutes on 2 cores
     python benchmarks/threads_under_load.py --budget 5e11
@@ -15,11 +16,14 @@ see the competitor, so the script waits 60 s after starting it before asking for
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import multiprocessing as mp
 import os
 import time
 
 import torch
+
+RECIPE = Path(__file__).resolve().parent / "recipe_d64.toml"  # the former quickstart (published figures)
 
 
 def compete(stop) -> None:
@@ -39,7 +43,7 @@ def train_once(budget: float, threads: int) -> tuple[float, int]:
     from loopsearch.train import train
 
     torch.set_num_threads(threads)
-    spec = studies.make_spec(studies.load_recipe("quickstart"), "threads", "early_middle")
+    spec = studies.make_spec(studies.load_recipe(str(RECIPE)), "threads", "early_middle")
     data = prepare(get_registry().build("corpus", spec.corpus.name, spec.corpus.params), spec.vocab_size)
     cfg = spec.train.model_copy(update={"precision": "fp32", "compile": False})
     config = TrialConfig(study="threads", trial=0, backbone=spec.backbone, strategy=PluginRef(name="none"),

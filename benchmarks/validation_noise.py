@@ -1,8 +1,9 @@
 """How noisy is val NLL, and what does validating cost? (README: "Validation: an estimate with its error")
 
-Trains the quickstart recipe's no-loop baseline and one looped trial (layers 1-2 looped,
-S ~ U{1..3}) at the recipe's budget, timing the trial and the validations inside it, then scores
-both models under ``--mask-seeds`` different mask keys with
+Trains the former quickstart recipe's (benchmarks/recipe_d64.toml: d_model 64, BPE 1024) no-loop
+baseline and one looped trial (layers 1-2 looped, S ~ U{1..3}) at the recipe's budget, timing the
+trial and the validations inside it, then scores both models under ``--mask-seeds`` different mask
+keys with
 
 * ``old``: the estimator loopsearch used until 2026-12-01 (64 windows x a midpoint grid of 8 mask
   rates, one mask per (window, t), ELBO weight 1/t), kept here for the comparison;
@@ -18,6 +19,7 @@ the new estimator reports, and the validation's share of the trial's wall time.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import json
 import platform
 import statistics
@@ -45,7 +47,7 @@ def old_estimator(model, windows: torch.Tensor, mask_id: int, seed: int, n_t: in
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipe", default="quickstart")
+    ap.add_argument("--recipe", default=str(Path(__file__).resolve().parent / "recipe_d64.toml"))
     ap.add_argument("--mask-seeds", type=int, default=12)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0, help="training seed of both models")

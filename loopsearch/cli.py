@@ -147,7 +147,8 @@ def spaces():
 
 
 @spaces.command("list")
-def spaces_list():
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
+def spaces_list(as_json):
     """List the search spaces and study recipes that plugins provide.
 
     Example: loopsearch spaces list
@@ -158,13 +159,20 @@ def spaces_list():
     from .search.space import load_recipe, load_space
 
     reg = get_registry()
+    rows = [{"kind": "space", "name": name, "distribution": info.distribution,
+             "description": load_space(name).description}
+            for name, info in sorted(reg.items("search_space").items())]
+    rows += [{"kind": "recipe", "name": name, "distribution": info.distribution,
+              "description": load_recipe(name).description}
+             for name, info in sorted(reg.items("study_recipe").items())]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
     table = Table(title="search spaces (--space) and study recipes (--recipe)")
     for col in ("kind", "name", "from", "description"):
         table.add_column(col, overflow="fold")
-    for name, info in sorted(reg.items("search_space").items()):
-        table.add_row("space", name, info.distribution, load_space(name).description)
-    for name, info in sorted(reg.items("study_recipe").items()):
-        table.add_row("recipe", name, info.distribution, load_recipe(name).description)
+    for row in rows:
+        table.add_row(row["kind"], row["name"], row["distribution"], row["description"])
     _console().print(table)
 
 
@@ -411,8 +419,9 @@ def _state_counts(st) -> dict[str, int]:
 
 
 @study.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
 @click.option("--storage", help=STORAGE_HELP)
-def study_list(storage):
+def study_list(as_json, storage):
     """List the studies in a storage with their trial counts and best val NLL.
 
     Example: loopsearch study list
@@ -425,14 +434,90 @@ def study_list(storage):
 
     from .search.storage import open_storage
 
+    rows = []
+    for s in optuna.get_all_study_summaries(open_storage(storage), include_best_trial=True):
+        multi = len(s.directions) > 1
+        best = None if multi or s.best_trial is None else s.best_trial.value
+        rows.append({"name": s.study_name, "trials": s.n_trials, "best_val_nll": best,
+                     "created": s.datetime_start.isoformat(timespec="seconds") if s.datetime_start else None})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
     table = Table(title="studies")
     for col in ("name", "trials", "best val NLL", "created"):
         table.add_column(col)
-    for s in optuna.get_all_study_summaries(open_storage(storage), include_best_trial=True):
-        best = f"{s.best_trial.value:.4f}" if s.best_trial is not None and s.best_trial.value is not None else ""
-        table.add_row(s.study_name, str(s.n_trials), best,
-                      f"{s.datetime_start:%Y-%m-%d %H:%M}" if s.datetime_start else "")
+    for row in rows:
+        best = "" if row["best_val_nll"] is None else f"{row['best_val_nll']:.4f}"
+        table.add_row(row["name"], str(row["trials"]), best, (row["created"] or "").replace("T", " ")[:16])
     _console().print(table)
+
+
+@study.command("enqueue")
+@click.argument("name")
+@click.option("--param", "params", multiple=True, metavar="K=V", required=True,
+              help="A parameter as the space names it (repeatable): strategy, STRATEGY.PARAM, block_length, "
+                   "loop_start, ...; see `loopsearch leaderboard --format json` for the names of earlier trials.")
+@click.option("--storage", help=STORAGE_HELP)
+def study_enqueue(name, params, storage):
+    """Queue a chosen configuration; the next `study run` trains it before any sampled trial.
+
+    The parameters are checked against the study's space now (a missing, unknown or out-of-range
+    one is a one-line error). Example: loopsearch study enqueue quickstart --param strategy=fixed
+    --param fixed.n_loops=3 --param fixed.train_loops=uniform --param block_length=2 --param loop_start=1
+    """
+    from .search.storage import require_existing
+
+    require_existing(storage)
+    from .eval.generation import parse_params
+    from .search.manage import enqueue, parse_value
+
+    checked = enqueue(name, {k: parse_value(v) for k, v in parse_params(params).items()}, storage)
+    click.echo(f"queued in {name}: " + ", ".join(f"{k}={v}" for k, v in checked.items())
+               + f"; it runs first on `loopsearch study run {name}`")
+
+
+@study.command("retry")
+@click.argument("name")
+@click.argument("trial", type=int)
+@click.option("--storage", help=STORAGE_HELP)
+def study_retry(name, trial, storage):
+    """Queue a failed trial again: same parameters, resumed from its last checkpoint.
+
+    Example: loopsearch study retry quickstart 3
+    """
+    from .search.storage import require_existing
+
+    require_existing(storage)
+    from .search.manage import retry
+
+    waiting = retry(name, trial, storage)
+    click.echo(f"trial {trial} of {name} queued again ({waiting} waiting); it resumes from its last checkpoint "
+               f"on `loopsearch study run {name}`")
+
+
+@study.command("delete")
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="Delete without asking (needed when stdin is not a terminal).")
+@click.option("--storage", help=STORAGE_HELP)
+def study_delete(name, yes, storage):
+    """Delete a study from the storage, and its checkpoints, after a confirmation.
+
+    Example: loopsearch study delete quickstart
+    """
+    from .search.storage import require_existing
+
+    require_existing(storage)
+    from .search.manage import delete, describe
+
+    n, root = describe(name, storage)
+    if not yes:
+        if not sys.stdin.isatty():
+            raise LoopsearchError(f"refusing to delete study {name!r} ({n} trials) without a confirmation: "
+                                  f"stdin is not a terminal; pass --yes")
+        where = f" and its checkpoints in {root}" if root.exists() else ""
+        click.confirm(f"delete study {name!r} ({n} trials){where}?", abort=True)
+    n, removed = delete(name, storage)
+    click.echo(f"deleted study {name} ({n} trials)" + (f" and {removed}" if removed else ""))
 
 
 @study.command("show")
