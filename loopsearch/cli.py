@@ -337,8 +337,9 @@ def study_run(name, n_trials, timeout, workers, study_budget, checkpoint_every, 
         try:
             codes = pool.spawn(name, storage, workers, n_trials=n_trials, timeout=timeout, say=say, **options)
         except KeyboardInterrupt:
-            click.echo(f"interrupted: finished trials of {name!r} are kept and the running ones are marked failed; "
-                       f"`loopsearch study run {name}` continues it", err=True)
+            click.echo(f"interrupted: finished trials of {name!r} are kept; the running ones saved their training "
+                       f"state and are marked interrupted; `loopsearch study run {name}` continues it, retrying "
+                       f"them first", err=True)
             sys.exit(130)
         st, _ = studies.load(name, storage)
         counts = _state_counts(st)
@@ -360,8 +361,9 @@ def study_run(name, n_trials, timeout, workers, study_budget, checkpoint_every, 
         ran = pool.run(name, storage, n_trials, timeout, progress=progress, callback=done, until=until,
                        worker=worker_id, say=say, **options)
     except KeyboardInterrupt:
-        click.echo(f"interrupted: finished trials of {name!r} are kept and the running one is marked failed; "
-                   f"`loopsearch study run {name}` continues it", err=True)
+        click.echo(f"interrupted: finished trials of {name!r} are kept; the running one saved its training state "
+                   f"and is marked interrupted; `loopsearch study run {name}` continues it, retrying it first",
+                   err=True)
         sys.exit(130)
     if worker_id or follower:
         say(f"ran {ran} trials")

@@ -3,9 +3,10 @@
 A SIGINT delivered in the middle of a storage call (a half-read cursor, a half-written heartbeat)
 leaves SQLAlchemy printing tracebacks and can leave a trial in an odd state. While a study runs,
 the first Ctrl-C only raises a flag; the trainer and the evaluator call :func:`check` between
-steps and raise ``KeyboardInterrupt`` there, so Optuna marks the running trial failed through a
-clean storage call. A second Ctrl-C interrupts at once. SIGTERM (what `timeout`, systemd, SLURM
-and Kubernetes send) is handled the same way.
+steps and raise ``Interrupted`` (a ``KeyboardInterrupt``) there: the trainer saves its state, and
+Optuna marks the running trial failed through a clean storage call, with the reason; the next
+`study run` retries it first, from that checkpoint. A second Ctrl-C interrupts at once. SIGTERM
+(what `timeout`, systemd, SLURM and Kubernetes send) is handled the same way.
 """
 
 from __future__ import annotations
@@ -18,12 +19,17 @@ from typing import Iterator
 _pending = False
 
 
+class Interrupted(KeyboardInterrupt):
+    """A Ctrl-C or SIGTERM taken at a safe point (:func:`check`): the trainer may save its state.
+    A second Ctrl-C raises a plain ``KeyboardInterrupt`` wherever the program is (no save)."""
+
+
 def check() -> None:
-    """Raise ``KeyboardInterrupt`` if a Ctrl-C arrived since the last check."""
+    """Raise :class:`Interrupted` if a Ctrl-C arrived since the last check."""
     global _pending
     if _pending:
         _pending = False
-        raise KeyboardInterrupt
+        raise Interrupted
 
 
 def _handler(signum, frame) -> None:

@@ -19,6 +19,7 @@ with the same global batch, up to floating-point reduction order.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -66,6 +67,19 @@ class TrainResult:
     validation: Validation | None = None  # the final validation's per-(window, draw) values
     eval_s: float = 0.0  # wall seconds this process spent validating (inside wall_s)
     speed: dict = field(default_factory=dict)  # precision / compile chosen and why (loopsearch/probe.py)
+
+
+@contextlib.contextmanager
+def saved_on_interrupt(checkpointer: Checkpointer | None, state, model, opt, gens):
+    """A Ctrl-C or SIGTERM taken at a safe point (``interrupt.Interrupted``: between steps or
+    between validation batches, never inside a step) saves the training state before it ends the
+    trial, so the trial's retry resumes there instead of starting over."""
+    try:
+        yield
+    except interrupt.Interrupted:
+        if checkpointer is not None and checkpointer.writer and state.steps > 0:
+            checkpointer.save(state, model, opt, gens)
+        raise
 
 
 def distributed() -> tuple[int, int]:
@@ -347,29 +361,30 @@ def train(model: LoopedMDM, data: PreparedData, cfg: TrainConfig, budget: float,
     model.train()
     start = time.perf_counter()
     start_spent, start_steps = state.spent, state.steps
-    with _progress(progress and rank == 0, description, budget) as bar:
-        while True:
-            interrupt.check()  # a Ctrl-C during a study stops here, not inside a storage call
-            n_loops = model.strategy.train_loops(gens["loops"])
-            step_flops = model.train_step_flops(cfg.seq_len, cfg.batch_size, n_loops,
-                                                model.strategy.extra_flops_bound(n_loops, cfg.seq_len))
-            if state.spent + step_flops > budget:
-                break
-            try:
-                step(n_loops, step_flops)
-            finally:
+    with saved_on_interrupt(checkpointer, state, model, opt, gens):
+        with _progress(progress and rank == 0, description, budget) as bar:
+            while True:
+                interrupt.check()  # a Ctrl-C during a study stops here, not inside a storage call
+                n_loops = model.strategy.train_loops(gens["loops"])
+                step_flops = model.train_step_flops(cfg.seq_len, cfg.batch_size, n_loops,
+                                                    model.strategy.extra_flops_bound(n_loops, cfg.seq_len))
+                if state.spent + step_flops > budget:
+                    break
+                try:
+                    step(n_loops, step_flops)
+                finally:
+                    if checkpointer is not None:
+                        checkpointer.track(state.spent, state.steps)  # what a pruned or failed trial used
+                elapsed = time.perf_counter() - start
+                tokens = (state.steps - start_steps) * cfg.batch_size * cfg.seq_len
+                bar.update(state.spent, state.loss, tokens / elapsed, (state.spent - start_spent) / elapsed)
+                while len(state.history) < len(checkpoints) - 1 and state.spent >= checkpoints[len(state.history)]:
+                    evaluate()
                 if checkpointer is not None:
-                    checkpointer.track(state.spent, state.steps)  # what a pruned or failed trial used
-            elapsed = time.perf_counter() - start
-            bar.update(state.spent, state.loss, (state.steps - start_steps) * cfg.batch_size * cfg.seq_len / elapsed,
-                       (state.spent - start_spent) / elapsed)
-            while len(state.history) < len(checkpoints) - 1 and state.spent >= checkpoints[len(state.history)]:
-                evaluate()
-            if checkpointer is not None:
-                checkpointer.after_step(state, worst_step, model, opt, gens)
-    if state.steps == 0:
-        raise BudgetError(f"budget {format_flops(budget)} did not pay for one step; raise --budget")
-    final = evaluate(final=True)
+                    checkpointer.after_step(state, worst_step, model, opt, gens)
+        if state.steps == 0:
+            raise BudgetError(f"budget {format_flops(budget)} did not pay for one step; raise --budget")
+        final = evaluate(final=True)
 
     # ---- the result ----
     wall = time.perf_counter() - start

@@ -114,6 +114,8 @@ def test_trials_too_expensive_for_min_steps_are_rejected_before_training(tiny_re
 
 
 def test_interrupted_study_keeps_trials_and_continues(tiny_recipe, tmp_path):
+    """Ctrl-C: finished trials are kept; the running one saves its training state, stores why it
+    stopped, and the next run retries it first, resuming from that state."""
     r = run_cli("study", "create", "--space", "early_middle", "--recipe", str(tiny_recipe), "--name", "stop",
                 "--n-trials", "4")
     assert r.returncode == 0, r.stderr
@@ -121,26 +123,37 @@ def test_interrupted_study_keeps_trials_and_continues(tiny_recipe, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "loopsearch", "study", "run", "stop", "--no-progress"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while time.time() < deadline:  # wait for a finished trial and a running one
+    while time.time() < deadline:  # wait for a finished trial and a running one past its first validation
         trials = optuna.load_study(study_name="stop", storage=storage).get_trials()
-        states = [t.state.name for t in trials]
-        if "COMPLETE" in states and "RUNNING" in states:
+        if (any(t.state.name == "COMPLETE" for t in trials)
+                and any(t.state.name == "RUNNING" and t.intermediate_values for t in trials)):
             break
-        time.sleep(0.1)
+        time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    assert "Traceback" not in err and "continues it" in err
+    assert "Traceback" not in err and "continues it" in err and "failed with value None" not in err
     trials = optuna.load_study(study_name="stop", storage=storage).get_trials()
     states = [t.state.name for t in trials]
     assert "RUNNING" not in states and states.count("COMPLETE") >= 1
     kept = {t.number for t in trials if t.state.name == "COMPLETE"}
+    stopped = [t for t in trials if t.state.name == "FAIL"]
+    if stopped:  # the signal can land after the trial finished: then there is nothing to retry
+        (cut,) = stopped
+        assert cut.user_attrs["loopsearch.interrupted"] is True
+        assert "interrupted (Ctrl-C or SIGTERM); training state saved at" in cut.user_attrs["failed"]
     r = run_cli("study", "run", "stop", "--no-progress")
     assert r.returncode == 0, r.stderr
     trials = optuna.load_study(study_name="stop", storage=storage).get_trials()
     assert sum(t.state.name == "COMPLETE" for t in trials) == 4
     assert kept <= {t.number for t in trials if t.state.name == "COMPLETE"}
     assert any(t.user_attrs.get(BASELINE_ATTR) and t.state.name == "COMPLETE" for t in trials)
+    if stopped:
+        assert f"retrying interrupted trial(s) {cut.number} first" in r.stdout + r.stderr
+        retry = trials[len(kept) + 1]  # the first trial of the second run
+        assert retry.system_attrs["retry_history"] == [cut.number] and retry.params == cut.params
+        assert retry.state.name == "COMPLETE" and retry.user_attrs["resumed_from_flops"] > 0
+        assert "failed" not in retry.user_attrs and "loopsearch.interrupted" not in retry.user_attrs
 
 
 def test_quickstart_commands_via_cli(tiny_recipe):

@@ -88,7 +88,7 @@ def enqueue(name: str, params: dict, storage: str | None = None) -> dict:
 def retry(name: str, number: int, storage: str | None = None) -> int:
     """Queue a failed trial again (same parameters; it resumes from the failed attempt's last
     checkpoint); return the number of trials waiting in the queue."""
-    from optuna.storages import RetryFailedTrialCallback
+    from .workers import requeue
 
     study, _ = load(name, storage)
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
@@ -99,7 +99,7 @@ def retry(name: str, number: int, storage: str | None = None) -> int:
     if trial.state != TrialState.FAIL:
         raise LoopsearchError(f"trial {number} of {name!r} is {trial.state.name.lower()}: only failed trials are "
                               f"retried (queue a configuration again with `loopsearch study enqueue`)")
-    RetryFailedTrialCallback(max_retry=None, inherit_intermediate_values=True)(study, trial)
+    requeue(study, trial)
     return sum(t.state == TrialState.WAITING for t in study.get_trials(deepcopy=False))
 
 

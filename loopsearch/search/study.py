@@ -23,7 +23,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 from pydantic import ValidationError
 
-from .. import checkpoint
+from .. import checkpoint, interrupt
 from ..data import prepare
 from ..errors import BudgetError, LoopsearchError, SpecError, StudyNotFoundError
 from ..eval import metrics
@@ -47,8 +47,12 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def _drop_interrupt_tracebacks(record) -> bool:
-    """Ctrl-C is not a failure worth a traceback: the CLI says what happened in one line."""
-    return not (record.exc_info and issubclass(record.exc_info[0], KeyboardInterrupt))
+    """Ctrl-C is not a failure worth a traceback: the CLI says what happened in one line. Optuna's
+    "Trial N failed with value None." follows every exception (the real ones are logged with their
+    error anyway) and would precede that line on an interrupt: it is dropped too."""
+    if record.exc_info and issubclass(record.exc_info[0], KeyboardInterrupt):
+        return False
+    return not str(record.getMessage()).endswith("failed with value None.")
 
 
 for _handler in optuna.logging.get_logger("optuna").handlers:  # filters on handlers see child loggers' records
@@ -350,6 +354,7 @@ def ensure_grid(study: optuna.Study, space) -> None:
 
 # ---- the objective ---------------------------------------------------------------------------------
 RESUME_ATTR = "loopsearch.resume_dir"  # the trial's training-state directory (written for people, never read)
+INTERRUPTED_ATTR = "loopsearch.interrupted"  # failed by a Ctrl-C or SIGTERM: the next run retries it first
 CONFIRM_OF_ATTR = "loopsearch.confirm_of"  # a confirmation trial: the trial whose configuration it retrains
 CONFIRM_SEEDS_ATTR = "loopsearch.confirm_seeds"  # ... and the seed offsets it trains
 
@@ -525,6 +530,17 @@ class Objective:
         except FloatingPointError as exc:
             stopped(trial, ckpt, "rejected", str(exc))
             raise optuna.TrialPruned(str(exc)) from None
+        except interrupt.Interrupted:
+            # the trainer saved its state: the reason is stored, and the next `study run` retries the
+            # trial first, resuming from that checkpoint (workers.requeue_interrupted)
+            saved = ckpt.saved_spent()
+            where = (f"training state saved at {format_flops(saved)} of {format_flops(config.budget)}; "
+                     if saved is not None else "no training state saved; ")
+            trial.set_user_attr("failed", f"interrupted (Ctrl-C or SIGTERM); {where}the next `study run` "
+                                          f"retries it first")
+            trial.set_user_attr(INTERRUPTED_ATTR, True)
+            trial.set_user_attr("train_flops", max(0.0, ckpt.spent - (saved or 0.0)))  # the retry counts the rest
+            raise
         except torch.cuda.OutOfMemoryError:
             model = None  # noqa: F841 - free its GPU memory now: the exception keeps this frame alive
             torch.cuda.empty_cache()

@@ -55,8 +55,8 @@ from ..spec import TrialConfig
 from ..train import train
 from .storage import journal_path, mask, open_storage, sqlite_path, storage_url
 from .space import BASELINE_ATTR
-from .study import (CONFIRM_OF_ATTR, FINISHED, SPEC_ATTR, Objective, counted, ensure_baseline, load, make_pruner,
-                    make_sampler, trial_budget, trial_line)
+from .study import (CONFIRM_OF_ATTR, FINISHED, INTERRUPTED_ATTR, SPEC_ATTR, Objective, counted, ensure_baseline, load,
+                    make_pruner, make_sampler, trial_budget, trial_line)
 
 LEASE_ATTR = "loopsearch.lease"
 # a trial a worker did not run: the study's limit was reached (results leave it out)
@@ -115,6 +115,35 @@ def retry_callback() -> RetryHeartbeatStaleTrialCallback:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY, inherit_intermediate_values=True)
+
+
+def requeue(study: optuna.Study, t: FrozenTrial) -> None:
+    """Queue a failed trial again as its retry: same parameters, user attributes (less the failure)
+    and intermediate values, and the retry history that points it at the first attempt's
+    training-state directory, so it resumes from the newest checkpoint there."""
+    history = [*t.system_attrs.get("retry_history", []), t.number]
+    user = {k: v for k, v in t.user_attrs.items() if k not in ("failed", "train_flops", INTERRUPTED_ATTR)}
+    system = {**t.system_attrs, "failed_trial": t.system_attrs.get("failed_trial", t.number), "retry_history": history}
+    study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING, params=t.params, distributions=t.distributions,
+                                              user_attrs=user, system_attrs=system,
+                                              intermediate_values=t.intermediate_values))
+
+
+def retried(trials: list[FrozenTrial]) -> set[int]:
+    """Numbers of the trials that already have a retry."""
+    return {int(n) for t in trials for n in t.system_attrs.get("retry_history", [])}
+
+
+def requeue_interrupted(study: optuna.Study) -> list[int]:
+    """Queue every trial that a Ctrl-C or SIGTERM ended (and that has no retry yet) again, ahead of
+    new samples; return their numbers."""
+    trials = study.get_trials(deepcopy=False)
+    done = retried(trials)
+    again = [t for t in trials if t.state == TrialState.FAIL and t.user_attrs.get(INTERRUPTED_ATTR)
+             and t.number not in done]
+    for t in again:
+        requeue(study, t)
+    return [t.number for t in again]
 
 
 # ---- dead workers ---------------------------------------------------------------------------------
@@ -288,6 +317,9 @@ def work(name: str, storage: str | None = None, *, n_trials: int | None = None, 
     study.sampler = make_sampler(spec, offset=sampler_offset(len(before), worker, os.getpid(), running))
     study.pruner = make_pruner(spec)
     if worker == 0:
+        again = requeue_interrupted(study)
+        if again:
+            say(f"retrying interrupted trial(s) {', '.join(map(str, again))} first, from their saved state")
         ensure_baseline(study)
     done = sum(counted(t) for t in before)
     target = until if until is not None else (done + n_trials if n_trials is not None else spec.n_trials)
@@ -514,6 +546,9 @@ def spawn(name: str, storage: str | None, workers: int, *, n_trials: int | None 
         say(f"SQLite is not safe for {workers} processes: running them on the journal file "
             f"{journal_path(run_url)} (copied back into {db} when they stop)")
     study, spec = load(name, run_url)
+    again = requeue_interrupted(study)
+    if again:
+        say(f"retrying interrupted trial(s) {', '.join(map(str, again))} first, from their saved state")
     ensure_baseline(study)
     done = sum(counted(t) for t in study.get_trials(deepcopy=False))
     until = done + n_trials if n_trials is not None else spec.n_trials
