@@ -1082,7 +1082,51 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the known fatal conditions become one line; the rest re-raise
+        line = fatal_line(exc, sys.argv[1:] if argv is None else argv)
+        if line is None:
+            raise
+        click.echo(f"error: {line}", err=True)
+        sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _chain(exc: BaseException):
+    """The exception and its causes, outermost first."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def fatal_line(exc: BaseException, argv: list[str]) -> str | None:
+    """One line for a disk that is full or a study database that cannot be read (naming the file
+    and what to do), or None for anything else."""
+    import errno
+
+    for e in _chain(exc):
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            where = f" writing {e.filename}" if e.filename else ""
+            return (f"no space left on the device{where}: free some space, or write elsewhere (the recipe's "
+                    f"artifacts_dir for checkpoints, --storage for the study database, --output for files)")
+    text = " ".join(str(e) for e in _chain(exc))
+    storage_failure = any(type(e).__name__ in ("StorageInternalError", "DatabaseError", "OperationalError")
+                          for e in _chain(exc))
+    damaged = ("malformed", "not a database", "file is encrypted", "disk i/o error")
+    if storage_failure and any(d in text.lower() for d in damaged):
+        from .search.storage import mask, storage_url
+
+        explicit = None
+        for i, arg in enumerate(argv):
+            if arg == "--storage" and i + 1 < len(argv):
+                explicit = argv[i + 1]
+            elif arg.startswith("--storage="):
+                explicit = arg.split("=", 1)[1]
+        why = next((d for d in damaged if d in text.lower()), "damaged")
+        return (f"the study database {mask(storage_url(explicit))} is damaged ({why}) and cannot be read: restore "
+                f"it from a copy, or start a new one with --storage (or LOOPSEARCH_STORAGE)")
+    return None
 
 
 if __name__ == "__main__":

@@ -79,18 +79,28 @@ class Checkpointer:
     def _write_progress(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.dir / "progress.json.tmp"
-        tmp.write_text(json.dumps({"spent": self.spent, "steps": self.steps}))
+        try:
+            tmp.write_text(json.dumps({"spent": self.spent, "steps": self.steps}))
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, self.dir / "progress.json")
 
     def save(self, state: TrainState, model, opt, gen) -> Path:
         name = f"ckpt-{state.steps:08d}"
         tmp = self.dir / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_model(model, str(tmp / "model.safetensors"))
-        tensors, meta = _pack(opt, gen)
-        meta.update(format=FORMAT, train=asdict(state))
-        save_file(tensors, str(tmp / "state.safetensors"), metadata={"loopsearch": json.dumps(meta)})
+        try:
+            tmp.mkdir(parents=True)
+            save_model(model, str(tmp / "model.safetensors"))
+            tensors, meta = _pack(opt, gen)
+            meta.update(format=FORMAT, train=asdict(state))
+            save_file(tensors, str(tmp / "state.safetensors"), metadata={"loopsearch": json.dumps(meta)})
+        except BaseException as exc:  # a full disk, an interrupt: no half-written checkpoint is left behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, OSError) and exc.filename is None:
+                exc.filename = str(tmp)
+            raise
         final = self.dir / name
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)

@@ -94,3 +94,51 @@ def test_reading_commands_do_not_create_a_stray_database(tmp_path, monkeypatch):
         r = run_cli(*args, env={"LOOPSEARCH_STORAGE": ""})
         assert r.returncode == 2 and "no study storage at" in r.stderr, (args, r.stderr)
     assert not (tmp_path / "loopsearch.db").exists()
+
+
+def test_a_full_disk_leaves_no_half_written_checkpoint_and_is_one_line(tmp_path, monkeypatch):
+    """A fake writer raises ENOSPC in the middle of a checkpoint: the previous checkpoint is intact,
+    no temporary directory is left, and the CLI turns the error into one line naming the file."""
+    import errno
+
+    import torch
+
+    from loopsearch import resume
+    from loopsearch.cli import fatal_line
+
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(model.parameters())
+    gens = {"data": torch.Generator().manual_seed(0)}
+    ckpt = resume.Checkpointer(tmp_path / "state", every=1.0)
+    first = ckpt.save(resume.TrainState(spent=1.0, steps=1), model, opt, gens)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(resume, "save_file", full)
+    with pytest.raises(OSError) as info:
+        ckpt.save(resume.TrainState(spent=2.0, steps=2), model, opt, gens)
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["ckpt-00000001", "latest"]
+    assert ckpt.latest() == first
+    line = fatal_line(info.value, [])
+    assert line.startswith("no space left on the device writing ") and ".ckpt-00000002.tmp" in line
+    assert "artifacts_dir" in line
+
+
+def test_a_damaged_database_is_one_line(tiny_recipe, tmp_path):
+    import os
+
+    db = tmp_path / "broken.db"
+    url = f"sqlite:///{db}"
+    assert run_cli("study", "create", "--space", "early_middle", "--recipe", str(tiny_recipe), "--name", "b",
+                   "--storage", url).returncode == 0
+    size = db.stat().st_size
+    with open(db, "r+b") as f:  # garbage in the middle of the file
+        f.seek(size // 2)
+        f.write(os.urandom(4096))
+    for args in (("study", "list"), ("leaderboard", "--study", "b"), ("study", "run", "b")):
+        r = run_cli(*args, "--storage", url)
+        lines = [line for line in r.stderr.splitlines() if line.strip()]
+        assert r.returncode == 1 and "Traceback" not in r.stderr, (args, r.stderr[-800:])
+        assert lines == [f"error: the study database {url} is damaged (malformed) and cannot be read: restore it "
+                         f"from a copy, or start a new one with --storage (or LOOPSEARCH_STORAGE)"], (args, lines)
