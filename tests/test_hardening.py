@@ -142,3 +142,26 @@ def test_a_damaged_database_is_one_line(tiny_recipe, tmp_path):
         assert r.returncode == 1 and "Traceback" not in r.stderr, (args, r.stderr[-800:])
         assert lines == [f"error: the study database {url} is damaged (malformed) and cannot be read: restore it "
                          f"from a copy, or start a new one with --storage (or LOOPSEARCH_STORAGE)"], (args, lines)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "is empty; give it text"),
+    (b"0123456789", "has only 10 bytes; a corpus needs at least 1,000 bytes"),
+    (bytes(range(256)) * 10, "is not UTF-8 text (binary data?)"),
+    ("é".encode() * 5000 + b"\xff", "is not UTF-8 text"),
+])
+def test_an_empty_tiny_or_binary_corpus_fails_at_create(tmp_path, content, message):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(content)
+    r = run_cli("study", "create", "--space", "early_middle", "--name", "c", "--corpus", str(corpus))
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode != 0 and len(lines) == 1 and message in lines[0], r.stderr
+    assert "c" not in studies.study_names()
+
+
+def test_a_text_corpus_with_a_character_cut_at_the_first_mib_is_accepted(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(b"a" + "é".encode() * (1 << 20))  # the 1 MiB boundary falls inside a character
+    text = {"name": "text", "params": {"train": str(corpus)}}
+    spec = studies.spec_from_options("t", "early_middle", None, None, text, None, None, None)
+    studies.check_text_corpus(spec)

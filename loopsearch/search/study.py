@@ -9,6 +9,7 @@ comparison), and differ only in what was searched.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import importlib.metadata as md
 import json
@@ -285,7 +286,39 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
+MIN_CORPUS_BYTES = 1000  # below this a text corpus cannot fill training windows and a validation split
+
+
+def check_text_corpus(spec: StudySpec) -> None:
+    """A text-file corpus (``--corpus FILE``, corpus ``text``) that is empty, binary or tiny fails
+    at create, in one line, not as failed trials later."""
+    if spec.corpus.name != "text":
+        return
+    for split in ("train", "valid"):
+        path = spec.corpus.params.get(split)
+        if not path:
+            continue
+        file = Path(path)
+        if not file.is_file():
+            raise LoopsearchError(f"corpus {split} file {file} not found; pass an existing text file")
+        head = file.read_bytes()[: 1 << 20]
+        size = file.stat().st_size
+        if size == 0:
+            raise LoopsearchError(f"corpus {split} file {file} is empty; give it text")
+        try:  # the first MiB, strictly (a character cut at its end is not an error)
+            if b"\0" in head:
+                raise UnicodeDecodeError("utf-8", head, 0, 1, "NUL byte")
+            codecs.getincrementaldecoder("utf-8")().decode(head, final=size <= len(head))
+        except UnicodeDecodeError:
+            raise LoopsearchError(f"corpus {split} file {file} is not UTF-8 text (binary data?); pass a text "
+                                  f"file") from None
+        if split == "train" and size < MIN_CORPUS_BYTES:
+            raise LoopsearchError(f"corpus {split} file {file} has only {size} bytes; a corpus needs at least "
+                                  f"{MIN_CORPUS_BYTES:,} bytes of text (training windows and a validation split)")
+
+
 def create(spec: StudySpec, storage: str | None = None) -> optuna.Study:
+    check_text_corpus(spec)
     store = open_storage(storage)
     if spec.name in [s.study_name for s in optuna.get_all_study_summaries(store, include_best_trial=False)]:
         raise LoopsearchError(f"study {spec.name!r} already exists in {mask(storage_url(storage))}; "
