@@ -45,7 +45,7 @@ def synthetic_frame(n_layer: int = 6, max_block: int = 3, loops=(2, 3), uniform=
         for n, start, end, train_loops in configs:
             mean = (3.0 + 0.05 * abs(start - 1) + 0.04 * abs(end - start - 2) + 0.03 * (3 - n)
                     + (0.0 if train_loops == "uniform" else 0.02))
-            wobble = 0.004 * (((start * 7 + end * 3 + n + seed * 5) % 5) - 2)
+            wobble = 0.004 * (((start * 7 + end * 3 + n + seed * 3 + (train_loops == "uniform")) % 5) - 2)
             final = mean + SEED_EFFECT[seed] + wobble
             spent = budget * (0.999 if n == 1 else 0.99 - 0.002 * (end - start))
             curve = [[spent * (i + 1) / eval_points / 1e9, final + 0.4 * (eval_points - 1 - i)]
@@ -183,3 +183,23 @@ def test_shipped_table_replays(se, tmp_path):
     for search in ("all", "looped"):
         table = se.load_table(path, looped_only=search == "looped")
         assert f"{table.grid_flops:.3g}" in text and len(table.seeds) >= 1
+
+
+def test_placement_summary_pairs_seeds_against_the_paper(tmp_path):
+    """benchmarks/placement_summary.py: paired t intervals against [1,3)x3 U and the baseline, the
+    signal-to-noise line and the Bonferroni count, on the synthetic table (the paper's cell is its best)."""
+    spec = importlib.util.spec_from_file_location("placement_summary", BENCH / "placement_summary.py")
+    ps = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ps)
+    path = tmp_path / "t.parquet"
+    synthetic_frame().write_parquet(path)
+    cells, seeds = ps.load(path)
+    assert seeds == [0, 1, 2] and ps.PAPER in cells and ps.BASELINE in cells
+    m, lo, hi = ps.paired(cells, (1, 3, 3, "constant"), ps.PAPER, seeds)
+    d = [cells[(1, 3, 3, "constant")][s] - cells[ps.PAPER][s] for s in seeds]
+    assert m == pytest.approx(sum(d) / 3) and lo < m < hi
+    text = ps.summary(path, top=5)
+    assert "Signal-to-noise of the 45 looped cells" in text
+    assert "Cells better than the paper's [1,3)x3 U beyond noise (95% paired t, 3 seeds): 0 of 45" in text
+    assert "The paper's placement ranks 1 of 46" in text
+    assert "| baseline |" in text and "| worse |" in text

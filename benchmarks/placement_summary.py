@@ -1,0 +1,129 @@
+"""What the placement table says: signal-to-noise, and which cells beat the paper's hand placement.
+
+Reads the table benchmarks/placement_table.py writes (one row per cell and seed) and prints, in
+Markdown:
+
+- the signal-to-noise of the looped cells: the spread of their means over seeds (standard
+  deviation) divided by the mean standard error of a cell mean (its seeds' sd / sqrt(seeds));
+  above 1, the cells differ from each other by more than their noise;
+- every cell against LoopMDM's hand placement (layers [1,3), S ~ U{1..3} in training, 3 loops at
+  inference: ``[1,3)x3 U``) and against the no-loop baseline: the paired difference over seeds
+  (same data order, initialisation and validation masks per seed) with a t interval on n - 1
+  degrees of freedom. "better" or "worse" only when the interval excludes 0, otherwise "tie".
+  With K cells compared, a few intervals exclude 0 by chance (5% each): the Bonferroni column
+  widens each interval to 1 - 0.05 / K, and only a cell that beats the paper there is a finding.
+
+Only seeds that every cell has are used (a partial table is compared on equal terms).
+
+    python benchmarks/placement_summary.py [--table benchmarks/placement_table.parquet] [--top 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+from pathlib import Path
+
+import polars as pl
+
+from loopsearch.stats import mean_interval, t_quantile
+
+HERE = Path(__file__).resolve().parent
+PAPER = (1, 3, 3, "uniform")
+BASELINE = (0, 0, 1, "constant")
+
+
+def label(key) -> str:
+    start, end, n, train_loops = key
+    if n == 1:
+        return "baseline"
+    return f"[{start},{end})x{n}" + (" U" if train_loops == "uniform" else "")
+
+
+def load(path: Path) -> tuple[dict, list[int]]:
+    """{cell key: {seed: val NLL}} over the seeds every cell has, and those seeds."""
+    frame = pl.read_parquet(path)
+    cells: dict = {}
+    for r in frame.iter_rows(named=True):
+        key = (r["loop_start"], r["loop_end"], r["n_loops"], r.get("train_loops", "constant"))
+        if r["n_loops"] == 1:
+            key = BASELINE
+        cells.setdefault(key, {})[r["seed"]] = r["val_nll"]
+    common = sorted(set.intersection(*(set(v) for v in cells.values())))
+    return {k: {s: v[s] for s in common} for k, v in cells.items()}, common
+
+
+def paired(cells: dict, a, b, seeds: list[int], level: float = 0.95):
+    """mean(a - b) over seeds with its t interval at ``level``: (mean, lo, hi)."""
+    d = [cells[a][s] - cells[b][s] for s in seeds]
+    ci = mean_interval(d)
+    if ci.se is None:
+        return ci.mean, math.nan, math.nan
+    half = t_quantile(1 - (1 - level) / 2, len(d) - 1) * ci.se
+    return ci.mean, ci.mean - half, ci.mean + half
+
+
+def words(lo: float, hi: float) -> str:
+    if math.isnan(lo):
+        return "-"
+    return "better" if hi < 0 else "worse" if lo > 0 else "tie"
+
+
+def summary(path: Path, top: int) -> str:
+    cells, seeds = load(path)
+    looped = [k for k in cells if k != BASELINE]
+    means = {k: statistics.fmean(cells[k].values()) for k in cells}
+    ses = {k: statistics.stdev(cells[k].values()) / math.sqrt(len(seeds)) for k in cells} if len(seeds) > 1 else {}
+    out = [f"Table {path.name}: {len(cells)} cells x {len(seeds)} seeds ({', '.join(map(str, seeds))})."]
+    if len(seeds) > 1:
+        spread = statistics.stdev(means[k] for k in looped)
+        noise = statistics.fmean(ses[k] for k in looped)
+        out.append(f"Signal-to-noise of the {len(looped)} looped cells: spread of cell means (sd) {spread:.3f} nats "
+                   f"/ mean SE of a cell mean {noise:.3f} = **{spread / noise:.1f}**.")
+    k = len(looped) - 1
+    strict = 1 - 0.05 / max(1, k)
+    ranked = sorted(cells, key=means.get)
+    shown = ranked[:top] + [c for c in (PAPER, BASELINE) if c in cells and c not in ranked[:top]]
+    out += ["", "| cell | val NLL, mean ± SE | Δ vs [1,3)x3 U (paper), 95% CI | verdict | Bonferroni "
+            f"({strict:.4f}) | Δ vs baseline, 95% CI | verdict |", "|---|---|---|---|---|---|---|"]
+    beats, beats_strict = [], []
+    for key in shown:
+        se = f" ± {ses[key]:.3f}" if ses else ""
+        row = f"| {label(key)} | {means[key]:.3f}{se} |"
+        for other in (PAPER, BASELINE):
+            if other not in cells or key == other:
+                row += " - | - |" if other == BASELINE else " - | - | - |"
+                continue
+            m, lo, hi = paired(cells, key, other, seeds)
+            interval = "" if math.isnan(lo) else f" [{lo:+.3f}, {hi:+.3f}]"
+            row += f" {m:+.3f}{interval} | {words(lo, hi)} |"
+            if other == PAPER:
+                _, slo, shi = paired(cells, key, other, seeds, strict)
+                row += f" {words(slo, shi)} |"
+        out.append(row)
+    if PAPER in cells and len(seeds) > 1:
+        for key in looped + [BASELINE]:
+            if key == PAPER:
+                continue
+            _, lo, hi = paired(cells, key, PAPER, seeds)
+            _, slo, shi = paired(cells, key, PAPER, seeds, strict)
+            beats += [key] if hi < 0 else []
+            beats_strict += [key] if shi < 0 else []
+        out += ["", f"Cells better than the paper's [1,3)x3 U beyond noise (95% paired t, {len(seeds)} seeds): "
+                f"{len(beats)} of {k + 1} ({', '.join(map(label, beats)) or 'none'}); after Bonferroni over "
+                f"{k + 1} comparisons: {len(beats_strict)} ({', '.join(map(label, beats_strict)) or 'none'}). "
+                f"The paper's placement ranks {ranked.index(PAPER) + 1} of {len(cells)} by mean."]
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--table", type=Path, default=HERE / "placement_table.parquet")
+    ap.add_argument("--top", type=int, default=12, help="best cells shown (the paper's and the baseline always)")
+    args = ap.parse_args()
+    print(summary(args.table, args.top))
+
+
+if __name__ == "__main__":
+    main()
