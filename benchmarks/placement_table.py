@@ -238,6 +238,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seeds (data order, init and validation masks); every configuration runs once per seed, "
                         "seed by seed, so a partial table holds whole seeds")
     p.add_argument("--limit", type=int, default=None, help="train only the first N configurations (baseline first)")
+    p.add_argument("--shard", default="0/1", help="I/N: train only every N-th row still to do, from the I-th "
+                   "(N processes, each with its own --output copied from the same partial table, then --merge)")
+    p.add_argument("--merge", type=Path, nargs="+", default=None,
+                   help="write the union of these tables (same settings; one row per cell and seed) to --output")
     p.add_argument("--fresh", action="store_true",
                    help="start over; by default rows already in --output (same settings) are kept and skipped")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
@@ -245,8 +249,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+ROW_KEY = ("loop_start", "loop_end", "n_loops", "train_loops", "seed")
+
+
+def merge(paths: list[Path], output: Path) -> pl.DataFrame:
+    """The union of tables written by shards of one run (their settings must agree): one row per
+    cell and seed (the first table's row where several have it); the parquet metadata of the first."""
+    frames = [pl.read_parquet(p) for p in paths]
+    for p, f in zip(paths[1:], frames[1:]):
+        differ = [k for k in SETTING_KEYS if f.height and frames[0].height and f[k][0] != frames[0][k][0]]
+        if differ:
+            raise SystemExit(f"{p} has other settings than {paths[0]} ({', '.join(differ)} differ)")
+    frame = pl.concat(frames, how="diagonal_relaxed").unique(subset=list(ROW_KEY), keep="first", maintain_order=True)
+    meta = json.loads(pl.read_parquet_metadata(paths[0]).get(METADATA_KEY, "{}"))
+    meta.update(rows=frame.height, total_wall_s=round(float(frame["wall_s"].sum()), 1), merged=[str(p) for p in paths])
+    output.parent.mkdir(parents=True, exist_ok=True)
+    frame.write_parquet(output, metadata={METADATA_KEY: json.dumps(meta)})
+    return frame
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.merge:
+        frame = merge(args.merge, args.output)
+        print(f"wrote {args.output}: {frame.height} rows from {len(args.merge)} tables")
+        return
     torch.set_num_threads(args.threads)
     data = load_data(args.vocab_size)
     meta = settings(args, data)
@@ -255,6 +282,8 @@ def main(argv: list[str] | None = None) -> None:
     done = {(row["loop_start"], row["loop_end"], row["n_loops"], row["train_loops"], row["seed"]) for row in rows}
     todo = [(seed, i, placement) for seed in args.seeds for i, placement in enumerate(grid)
             if (*placement.key, seed) not in done]
+    shard, shards = (int(x) for x in args.shard.split("/"))
+    todo = todo[shard::shards]
     print(f"{len(grid)} configurations x {len(args.seeds)} seeds, {format_flops(args.budget)} each; "
           f"{len(rows)} rows kept from {args.output}, {len(todo)} to train; unigram plateau "
           f"{meta['unigram_nll']:.3f} nats/token; settings {json.dumps(meta)}", flush=True)
