@@ -298,7 +298,7 @@ def replay(table: Table, sampler: str, pruner: str, seed: int, targets: set[Key]
     cap, steps = cap_grids * table.grid_flops, report_steps(table)
     study = None
     if sampler != "grid":
-        spec = study_spec(table, sampler, pruner, seed)
+        spec = study_spec(table, "tpe" if sampler == "tpe_mv" else sampler, pruner, seed)  # the pruner's spec
         study = optuna.create_study(sampler=make_optuna_sampler(table, sampler, seed), pruner=make_pruner(spec),
                                     direction="minimize")
     queue: list[Key] = []

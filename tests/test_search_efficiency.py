@@ -109,7 +109,7 @@ def incumbents(history):
     return out
 
 
-@pytest.mark.parametrize("method", ["shuffled grid", "random", "tpe", "tpe + median"])
+@pytest.mark.parametrize("method", ["shuffled grid", "random", "tpe", "tpe multivariate", "tpe + median"])
 def test_replay_stops_when_the_incumbent_is_a_target_and_not_before(se, method):
     table = se.table_from_frame(synthetic_frame())
     targets = table.targets("se")
