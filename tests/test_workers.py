@@ -511,3 +511,20 @@ def test_threads_follow_the_free_cores(monkeypatch):
     assert workers.worker_threads(2, load=0.0) == 1  # two workers share two cores
     monkeypatch.setattr(workers, "cores", lambda: 16)
     assert workers.worker_threads(1, load=4.0) == 12 and workers.worker_threads(4, load=4.0) == 3
+
+
+def test_the_stale_watcher_fails_a_dead_trial_while_this_worker_is_busy(tmp_path):
+    """A worker inside a long trial of its own still fails a dead worker's trial within about a
+    grace period (a watcher thread), not only between its own trials (issue 14)."""
+    store = studies.open_storage(f"journal:{tmp_path / 'watch.journal'}")
+    study = optuna.create_study(study_name="watch", storage=store)
+    dead = study.ask()  # RUNNING, and nobody renews its lease: its worker died
+    dead.suggest_int("x", 0, 3)
+    began = time.time()
+    with workers.stale_watcher(study, grace=1.0, interval=0.2):
+        trial = _wait_for(lambda: next((t for t in study.get_trials() if t.number == dead.number
+                                        and t.state == TrialState.FAIL), None), 15, "the dead trial failed")
+    assert time.time() - began < 10
+    retry = study.get_trials()[-1]
+    assert trial.state == TrialState.FAIL and retry.state == TrialState.WAITING
+    assert retry.params == {"x": dead.params["x"]} and retry.system_attrs["failed_trial"] == dead.number

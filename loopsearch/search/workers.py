@@ -171,6 +171,33 @@ def fail_stale(study: optuna.Study, grace: float) -> list[int]:
     return failed
 
 
+@contextlib.contextmanager
+def stale_watcher(study: optuna.Study, grace: float, interval: float | None = None):
+    """While the block runs, a daemon thread fails the trials of dead workers (``fail_stale``) every
+    ``interval`` seconds (default: grace / 2, at least 1 s), so a dead trial is failed and retried
+    within about a grace period even while this worker is inside a long trial of its own (before,
+    only between trials). The thread has its own storage handle; errors are logged, not raised."""
+    stop = threading.Event()
+    every = interval if interval is not None else max(1.0, grace / 2)
+
+    def watch() -> None:
+        while not stop.wait(every):
+            try:
+                failed = fail_stale(study, grace)
+                if failed:
+                    log.info("failed stale trial(s) %s of %s and queued their retries", failed, study.study_name)
+            except Exception as exc:  # noqa: BLE001 - a storage hiccup must not kill the watcher or the worker
+                log.warning("stale-trial watcher: %s", exc)
+
+    thread = threading.Thread(target=watch, name="loopsearch-stale-watcher", daemon=True)
+    thread.start()
+    try:
+        yield thread
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
 def _fail_and_retry(study: optuna.Study, t: FrozenTrial, retry) -> bool:
     """Fail a dead trial and enqueue its retry; False if another worker failed it first."""
     store = study._storage
@@ -337,7 +364,7 @@ def work(name: str, storage: str | None = None, *, n_trials: int | None = None, 
     last: list[FrozenTrial] = []
     callbacks = [lambda st, t: last.append(t)] + ([callback] if callback else [])
     deadline = time.monotonic() + timeout if timeout is not None else None
-    with interrupt.deferred():
+    with interrupt.deferred(), stale_watcher(study, grace):
         ran = _loop(study, guarded, callbacks, last, limits, grace, deadline, timeout, name, say)
     if world > 1:
         share(None)  # the followers stop
