@@ -26,12 +26,17 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_model, save_file, save_model
 
 from .errors import LoopsearchError
+
+class TrialTakenOver(LoopsearchError):
+    """This attempt's trial was failed and retried elsewhere (the process was stalled)."""
+
 
 FORMAT = 2  # 2: separate random streams (data order, masks and t, loop counts)
 
@@ -61,6 +66,9 @@ class Checkpointer:
         self.spent, self.steps = 0.0, 0  # after the newest step run in this process
         self.last_saved = 0.0
         self.resumed: TrainState | None = None
+        # set by a study's objective: False once the trial belongs to someone else (a retry started
+        # while this process was stalled); then nothing more is written into the shared directory
+        self.still_mine: Callable[[], bool] | None = None
 
     # ---- saving ---------------------------------------------------------------------------------
     def track(self, spent: float, steps: int) -> None:
@@ -87,6 +95,8 @@ class Checkpointer:
         os.replace(tmp, self.dir / "progress.json")
 
     def save(self, state: TrainState, model, opt, gen) -> Path:
+        if self.still_mine is not None and not self.still_mine():
+            raise TrialTakenOver(f"{self.dir} belongs to a retry of this trial now; this attempt stops")
         name = f"ckpt-{state.steps:08d}"
         tmp = self.dir / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)

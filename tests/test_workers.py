@@ -528,3 +528,35 @@ def test_the_stale_watcher_fails_a_dead_trial_while_this_worker_is_busy(tmp_path
     retry = study.get_trials()[-1]
     assert trial.state == TrialState.FAIL and retry.state == TrialState.WAITING
     assert retry.params == {"x": dead.params["x"]} and retry.system_attrs["failed_trial"] == dead.number
+
+
+@pytest.mark.slow
+def test_a_stalled_worker_abandons_its_trial_to_the_retry(tmp_path):
+    """A worker stopped (SIGSTOP) for longer than --grace has its trial failed and retried by
+    another worker; when it wakes up it abandons the trial cleanly (one line, exit 0) instead of
+    crashing on the finished trial or writing into the retry's directory (issue 14)."""
+    url = f"journal:{tmp_path / 'stall.journal'}"
+    path = recipe(tmp_path, budget="3e10", n_trials=1)
+    r = run_cli("study", "create", "--space", "early_middle", "--recipe", str(path), "--name", "stall",
+                "--storage", url)
+    assert r.returncode == 0, r.stderr
+    env = {**os.environ, **ENV1, "LOOPSEARCH_STORAGE": url}
+    run = [sys.executable, "-m", "loopsearch", "study", "run", "stall", "--no-progress", "--heartbeat", "1",
+           "--grace", "3", "--n-trials", "1"]
+    a = subprocess.Popen(run, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    st = optuna.load_study(study_name="stall", storage=studies.open_storage(url))
+    try:
+        _wait_for(lambda: any(t.state == TrialState.RUNNING for t in st.get_trials()), 120, "a running trial")
+        time.sleep(1.0)
+        a.send_signal(signal.SIGSTOP)
+        time.sleep(5.0)  # longer than --grace 3: the trial's lease is stale now
+        b = subprocess.run(run, env=env, capture_output=True, text=True, timeout=300)
+        assert b.returncode == 0, b.stderr
+    finally:
+        a.send_signal(signal.SIGCONT)
+    out, err = a.communicate(timeout=300)
+    assert a.returncode == 0, err[-2000:]
+    assert "Traceback" not in err and "abandoned a trial that another worker took over" in out + err
+    trials = st.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[1].system_attrs["retry_history"] == [0]

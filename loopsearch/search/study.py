@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import optuna
 import torch
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 from pydantic import ValidationError
 
@@ -30,7 +31,7 @@ from ..errors import BudgetError, LoopsearchError, SpecError, StudyNotFoundError
 from ..eval import metrics
 from ..eval.reference import ReferenceConfig
 from ..registry import get_registry
-from ..resume import Checkpointer
+from ..resume import Checkpointer, TrialTakenOver
 from ..sampling import get_sampler, parse_loop_schedule
 from ..spec import MULTI_OBJECTIVE_SAMPLERS, SearchSpace, StudyRecipe, StudySpec, TrialConfig, TrainConfig, validate
 from ..stats import mean_interval
@@ -48,11 +49,13 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def _drop_interrupt_tracebacks(record) -> bool:
-    """Ctrl-C is not a failure worth a traceback: the CLI says what happened in one line. Optuna's
+    """Ctrl-C is not a failure worth a traceback: the CLI says what happened in one line (so does a
+    worker that abandons a trial a retry took over). Optuna's
     "Trial N failed with value None." follows every exception (the real ones are logged with their
     error anyway) and would precede that line on an interrupt: it is dropped too."""
-    if record.exc_info and issubclass(record.exc_info[0], KeyboardInterrupt):
-        return False
+    quiet = (KeyboardInterrupt, UpdateFinishedTrialError, TrialTakenOver)
+    if record.exc_info and issubclass(record.exc_info[0], quiet):
+        return False  # an interrupt, or a trial a retry took over from a stalled worker: said in one line
     return not str(record.getMessage()).endswith("failed with value None.")
 
 
@@ -603,6 +606,8 @@ class Objective:
         if not suffix:
             trial.set_user_attr(RESUME_ATTR, directory)  # for people and the dashboard; never read back
         ckpt = Checkpointer(directory, config.train.checkpoint_every, writer=distributed()[0] == 0)
+        store, trial_id = trial.study._storage, trial._trial_id
+        ckpt.still_mine = lambda: store.get_trial(trial_id).state == TrialState.RUNNING
         saved = ckpt.saved_spent()
         if saved is not None:
             reached = (ckpt.progress() or {}).get("spent", saved)

@@ -394,6 +394,14 @@ def _loop(study, guarded, callbacks, last, limits, grace, deadline, timeout, nam
             study.optimize(guarded, n_trials=1, callbacks=callbacks, catch=(RuntimeError,))
         except StudyLimitReached:
             continue
+        except (UpdateFinishedTrialError, ValueError) as exc:
+            if isinstance(exc, ValueError) and not str(exc).startswith("Cannot tell a"):
+                raise
+            # this worker was stalled (stopped, swapped out) for longer than --grace: another worker
+            # failed its trial and retried it; the retry owns the trial now, so this attempt is dropped
+            say("abandoned a trial that another worker took over while this one was stalled longer than "
+                "--grace (its retry continues it)")
+            continue
         ran += 1
         failures = failures + 1 if last and last[-1].state == TrialState.FAIL else 0
         if failures >= MAX_FAILURES:
