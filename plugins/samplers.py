@@ -86,7 +86,8 @@ class ConfidenceParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     block_length: int | None = Field(None, ge=1, description="semi-autoregressive block size in tokens "
                                                               "(None: the whole sequence is one block)")
-    temperature: float = Field(1.0, ge=0, description="Gumbel temperature of the token draw (0: greedy argmax)")
+    temperature: float = Field(0.0, ge=0, description="Gumbel temperature of the token draw; 0 (the default, as "
+                                                       "LLaDA and Fast-dLLM decode): greedy argmax")
     remasking: Literal["low_confidence", "random"] = Field(
         "low_confidence", description="which predictions stay masked: the least confident, or random ones")
 
@@ -121,7 +122,8 @@ class ThresholdParams(BaseModel):
                                                           "(probability of its predicted token) exceeds this")
     block_length: int | None = Field(None, ge=1, description="semi-autoregressive block size in tokens "
                                                               "(None: the whole sequence is one block)")
-    temperature: float = Field(1.0, ge=0, description="Gumbel temperature of the token draw (0: greedy argmax)")
+    temperature: float = Field(0.0, ge=0, description="Gumbel temperature of the token draw; 0 (the default, as "
+                                                       "LLaDA and Fast-dLLM decode): greedy argmax")
 
 
 class Threshold(Sampler):

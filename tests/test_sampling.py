@@ -80,9 +80,10 @@ def test_committed_tokens_never_change(model, monkeypatch, name):
 @pytest.mark.parametrize("name", SAMPLERS)
 def test_same_seed_same_samples_other_seed_other_samples(model, name):
     init = make_init(4, T, model.backbone.mask_id)
-    a = generate(model, init, sampler=name, steps=8, seed=7).tokens
-    assert torch.equal(a, generate(model, init, sampler=name, steps=8, seed=7).tokens)
-    assert not torch.equal(a, generate(model, init, sampler=name, steps=8, seed=8).tokens)
+    params = {"temperature": 1.0} if name in ("confidence", "threshold") else None  # greedy by default
+    a = generate(model, init, sampler=name, steps=8, seed=7, params=params).tokens
+    assert torch.equal(a, generate(model, init, sampler=name, steps=8, seed=7, params=params).tokens)
+    assert not torch.equal(a, generate(model, init, sampler=name, steps=8, seed=8, params=params).tokens)
 
 
 @pytest.mark.parametrize("loops", [None, "decreasing:1-4", "middle:1-4@mask_rate"])
@@ -135,7 +136,7 @@ class ConstantModel(nn.Module):
 
 
 @pytest.mark.parametrize("name, params", [("ancestral", None), ("cached", None),
-                                          ("confidence", {"remasking": "random"})])
+                                          ("confidence", {"remasking": "random", "temperature": 1.0})])
 def test_samples_follow_the_model_distribution(name, params):
     """Under a constant p(x_0), samplers that reveal tokens as draws from p at random positions
     produce tokens with frequencies p."""
@@ -152,15 +153,21 @@ def test_low_confidence_remasking_favours_the_mode():
     over-represented (a known bias of confidence-ordered decoding, not a bug)."""
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64)
     m = ConstantModel(probs)
-    res = generate(m, make_init(64, 32, m.backbone.mask_id), sampler="confidence", steps=8, seed=0)
+    res = generate(m, make_init(64, 32, m.backbone.mask_id), sampler="confidence", steps=8, seed=0,
+                   params={"temperature": 1.0})
     assert (res.tokens == 0).double().mean() > 0.6
 
 
-def test_greedy_confidence_commits_the_argmax():
+@pytest.mark.parametrize("sampler", ["confidence", "threshold"])
+def test_greedy_is_the_default_of_confidence_and_threshold(sampler):
+    """LLaDA and Fast-dLLM decode greedily (temperature 0): the default commits the argmax."""
     probs = torch.tensor([0.1, 0.6, 0.3], dtype=torch.float64)
     m = ConstantModel(probs)
-    res = generate(m, make_init(2, 8, m.backbone.mask_id), sampler="confidence", params={"temperature": 0}, steps=4)
+    res = generate(m, make_init(2, 8, m.backbone.mask_id), sampler=sampler, steps=4, seed=0)
     assert (res.tokens == 1).all()
+    sampled = generate(m, make_init(2, 8, m.backbone.mask_id), sampler=sampler, steps=4, seed=0,
+                       params={"temperature": 1.0})
+    assert not (sampled.tokens == 1).all()
 
 
 def test_confidence_commits_a_fixed_number_per_step_and_fills_blocks_left_to_right(model, monkeypatch):
