@@ -86,7 +86,9 @@ def plugins_check(name, params, block):
     if not kinds:
         raise LoopsearchError(f"no installed plugin named {name!r}; see `loopsearch plugins list`")
     if "loop_strategy" not in kinds:
-        raise LoopsearchError(f"{name!r} is a {kinds[0].replace('_', ' ')}: only looping strategies have a "
+        kind = kinds[0].replace("_", " ")
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise LoopsearchError(f"{name!r} is {article} {kind}: only looping strategies have a "
                               f"conformance suite so far (loopsearch.testing.StrategyConformance)")
     from .eval.generation import parse_params
 

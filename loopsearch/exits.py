@@ -28,6 +28,13 @@ Builtins, in plugins/exits.py (the recurrent-depth criteria, Geiping et al. 2025
   ``readout_flops`` per check. It can stop at loop 2 at the earliest.
 - ``argmax``: the predicted token at every masked position unchanged for ``patience``
   consecutive loops; one readout per check, like ``kl``.
+- ``cosine``: 1 - cos(h_new, h_prev) per token below ``tol``; free, blind to a change of scale.
+- ``min_p_kl``: Huginn's min-p KL: probabilities below ``min_p`` x the largest floored to 1/V, then
+  KL(p_{k-1} || p_k) below ``tol``; one readout per check.
+- ``entropy``: the change of the predictive entropy |H_k - H_{k-1}| below ``tol``; one readout per check.
+- ``max_prob``: a confidence readout: the largest predictive probability at every masked position
+  (``reduce = max``) or on average (``mean``) at least ``threshold``; one readout per check, and it
+  can stop after the first loop.
 """
 
 from __future__ import annotations

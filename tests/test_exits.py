@@ -15,7 +15,7 @@ from loopsearch.exits import check_exits, exit_label, exit_params, make_exit, pa
 from loopsearch.looping import LoopContext, run_with_exit
 from loopsearch.registry import get_registry
 from loopsearch.results import leaderboard
-from loopsearch_builtins.exits import ArgmaxExit, HiddenDelta, KLExit
+from loopsearch_builtins.exits import ArgmaxExit, CosineExit, EntropyExit, HiddenDelta, KLExit, MaxProbExit, MinPKLExit
 
 B, T, D = 2, 6, 8
 RF = 1000.0  # readout FLOPs per sequence given to the criteria in the synthetic tests
@@ -133,6 +133,54 @@ def test_argmax_drops_the_mask_logit():
     assert run(ArgmaxExit(ArgmaxExit.Params(patience=1), RF), block).applications == 2
 
 
+def test_cosine_ignores_scale_and_is_free():
+    assert run(crit(CosineExit), settle).applications == 2
+    assert run(crit(CosineExit), lambda h: 2 * h).applications == 1  # hidden_delta would run to the cap
+    assert run(crit(CosineExit), roll).applications == 6
+    assert run(crit(CosineExit), settle).extra_flops == 0.0
+
+
+def test_entropy_and_min_p_kl_compare_successive_readouts():
+    for cls in (EntropyExit, MinPKLExit):
+        r = run(crit(cls), settle)
+        assert r.applications == 2 and r.extra_flops == 2 * RF, cls.name
+        assert run(crit(cls, min_loops=4), settle).applications == 4
+    # a roll permutes the logits: the entropy is unchanged although the prediction moved
+    assert run(crit(EntropyExit), roll).applications == 2
+    r = run(crit(MinPKLExit), roll)
+    assert r.applications == 6 and r.extra_flops == 5 * RF
+
+
+def test_min_p_kl_is_blind_to_the_tail():
+    """Only the tail (tokens far below min_p x the top probability) moves: KL sees it, min-p KL does not."""
+    top = torch.full((B, T, D), -20.0)
+    top[..., 0] = 10.0
+    calls = []
+
+    def tail_moves(h):
+        calls.append(1)
+        out = top.clone()
+        out[..., 1:] += 5.0 * torch.randn(B, T, D - 1, generator=torch.Generator().manual_seed(len(calls)))
+        return out
+
+    assert run(crit(MinPKLExit), tail_moves).applications == 2
+    assert run(crit(KLExit, tol=1e-30), tail_moves).applications == 6
+
+
+def test_max_prob_stops_once_confident():
+    sure = torch.zeros(B, T, D)
+    sure[..., 2] = 20.0  # p(top) ~ 1
+    r = run(crit(MaxProbExit), lambda h: sure.clone())
+    assert r.applications == 1 and r.extra_flops == RF  # one readout, after the first loop
+    flat = torch.zeros(B, T, D)  # uniform over D tokens: p(top) = 1/D
+    assert run(crit(MaxProbExit), lambda h: flat.clone()).applications == 6
+    assert run(crit(MaxProbExit, threshold=1.0 / D), lambda h: flat.clone()).applications == 1
+    one_sure = flat.clone()
+    one_sure[:, 0, 2] = 20.0  # one of T positions sure: mean doubt (T-1)/T x (1 - 1/D)
+    assert run(crit(MaxProbExit, threshold=0.5), lambda h: one_sure.clone()).applications == 6
+    assert run(crit(MaxProbExit, threshold=0.2, reduce="mean"), lambda h: one_sure.clone()).applications == 1
+
+
 # ---- on a real LoopedMDM ------------------------------------------------------------------------------
 def masked_input(seq_len=16, b=3, vocab=50):
     g = torch.Generator().manual_seed(3)
@@ -150,7 +198,9 @@ def identity_block_model():
 
 
 @pytest.mark.parametrize("name,params,loops", [("hidden_delta", {}, 1), ("kl", {}, 2), ("argmax", {}, 3),
-                                               ("argmax", {"patience": 1, "min_loops": 4}, 4)])
+                                               ("argmax", {"patience": 1, "min_loops": 4}, 4), ("cosine", {}, 1),
+                                               ("min_p_kl", {}, 2), ("entropy", {}, 2),
+                                               ("max_prob", {"threshold": 0.0}, 1)])
 def test_identity_block_exits_early_in_the_model(name, params, loops):
     model = identity_block_model()
     x = masked_input()
@@ -162,7 +212,9 @@ def test_identity_block_exits_early_in_the_model(name, params, loops):
 
 
 @pytest.mark.parametrize("name,params", [("hidden_delta", {"tol": 1e-6}), ("kl", {"tol": 1e-9}),
-                                         ("argmax", {"patience": 5})])  # 5 loops: at most 4 comparisons
+                                         ("argmax", {"patience": 5}),  # 5 loops: at most 4 comparisons
+                                         ("cosine", {"tol": 1e-9}), ("min_p_kl", {"tol": 1e-30}),
+                                         ("entropy", {"tol": 1e-9}), ("max_prob", {"threshold": 1.0})])
 def test_a_moving_block_runs_to_the_cap(name, params):
     model = tiny_model(loop=(1, 3, {"n_loops": 5})).eval()
     with torch.no_grad():
@@ -180,7 +232,9 @@ def measured(fn) -> int:
 
 
 @pytest.mark.parametrize("name,params", [("hidden_delta", {"tol": 10.0}), ("kl", {"tol": 1e9}), ("kl", {"tol": 1e-9}),
-                                         ("argmax", {"patience": 1}), ("argmax", {"patience": 9})])
+                                         ("argmax", {"patience": 1}), ("argmax", {"patience": 9}),
+                                         ("cosine", {"tol": 10.0}), ("min_p_kl", {"tol": 1e9}),
+                                         ("entropy", {"tol": 1e-12}), ("max_prob", {"threshold": 0.0})])
 @pytest.mark.parametrize("seq_len", [16, None])
 def test_exit_flops_match_flop_counter(name, params, seq_len):
     model = tiny_model(loop=(1, 3, {"n_loops": 4}), seq_len=16).eval()
@@ -194,7 +248,7 @@ def test_exit_flops_match_flop_counter(name, params, seq_len):
 
     counted = measured(fwd)
     out = res["out"]
-    per_check = 0.0 if name == "hidden_delta" else model.readout_flops(16)
+    per_check = 0.0 if name in ("hidden_delta", "cosine") else model.readout_flops(16)
     checks = out.applications if out.applications < 4 else 3  # no check after the cap's last loop
     assert out.extra_flops == pytest.approx(checks * per_check)
     analytic = model.inference_flops_per_token(16, out.applications, out.extra_flops) * 16 * x.shape[0]
@@ -204,9 +258,11 @@ def test_exit_flops_match_flop_counter(name, params, seq_len):
 # ---- lookup, specs, CLI ---------------------------------------------------------------------------------
 def test_registered_and_built_through_the_registry():
     reg = get_registry()
-    assert {"hidden_delta", "kl", "argmax"} <= set(reg.items("exit_criterion"))
+    assert {"hidden_delta", "cosine", "kl", "min_p_kl", "entropy", "argmax", "max_prob"} <= set(
+        reg.items("exit_criterion"))
     assert reg.get("exit_criterion", "kl") is KLExit
-    with pytest.raises(UnknownPluginError, match="available: argmax, hidden_delta, kl"):
+    with pytest.raises(UnknownPluginError,
+                       match="available: argmax, cosine, entropy, hidden_delta, kl, max_prob, min_p_kl"):
         exit_params("nope")
     with pytest.raises(LoopsearchError, match="bad parameters for exit criterion 'kl'.*tol.*accepted"):
         exit_params("kl", {"tol": "-1"})
@@ -236,7 +292,7 @@ def test_plugins_list_shows_the_criteria():
 
 
 @pytest.mark.parametrize("spec,message", [
-    ("nope", "unknown exit criterion 'nope'; available: argmax, hidden_delta, kl"),
+    ("nope", "unknown exit criterion 'nope'; available: argmax, cosine, entropy, hidden_delta, kl, max_prob, min_p_kl"),
     ("kl:tol=abc", "bad parameters for exit criterion 'kl'"),
     ("kl:tol", "NAME:key=value")])
 def test_bad_exit_is_a_one_line_error(spec, message):
