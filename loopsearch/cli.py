@@ -63,13 +63,16 @@ def plugins():
                                                                       "default: its Params defaults).")
 @click.option("--block", default="1,3", show_default=True, help="The looped layers start,end of the tiny test model.")
 def plugins_check(name, params, block):
-    """Run the conformance suite for an installed looping strategy, without writing a test file.
+    """Run the conformance suite of an installed looping strategy or exit criterion, without a test file.
 
     The suite (loopsearch.testing.StrategyConformance) checks, on a tiny model: unknown parameters
     are refused, training and inference FLOPs match torch's FlopCounterMode, one loop equals the
     plain model (when the params give one loop), runs are deterministic under a seed, gradients
     reach every parameter, loop counts are consistent (expected_train_loops() is the mean of what
-    training executes), and a 2-trial study runs. Needs pytest (pip install 'loopsearch[plugin-dev]').
+    training executes), and a 2-trial study runs. For an exit criterion (loopsearch.testing.ExitConformance):
+    one sticky decision per sequence, min_loops, an exit run equals the model at the loops it reports,
+    determinism, and FLOPs (readouts included) against FlopCounterMode. Needs pytest (pip install
+    'loopsearch[plugin-dev]').
 
     Example: loopsearch plugins check fixed --param n_loops=3 --param train_loops=uniform
     """
@@ -85,31 +88,35 @@ def plugins_check(name, params, block):
     kinds = [k for k in ("loop_strategy", "sampler", "exit_criterion", "backbone") if name in reg.items(k)]
     if not kinds:
         raise LoopsearchError(f"no installed plugin named {name!r}; see `loopsearch plugins list`")
-    if "loop_strategy" not in kinds:
+    if "loop_strategy" in kinds:
+        kind, suite, attr, label = "loop_strategy", "StrategyConformance", "strategy", "strategy"
+    elif "exit_criterion" in kinds:
+        kind, suite, attr, label = "exit_criterion", "ExitConformance", "criterion", "exit criterion"
+    else:
         kind = kinds[0].replace("_", " ")
-        article = "an" if kind[0] in "aeiou" else "a"
-        raise LoopsearchError(f"{name!r} is {article} {kind}: only looping strategies have a "
-                              f"conformance suite so far (loopsearch.testing.StrategyConformance)")
+        raise LoopsearchError(f"{name!r} is a {kind}: only looping strategies and exit criteria have a "
+                              f"conformance suite so far (loopsearch.testing)")
     from .eval.generation import parse_params
 
     raw = parse_params(params)
-    checked = reg.params("loop_strategy", name, raw, " (plugins check --param)")  # bad params: one line, now
+    checked = reg.params(kind, name, raw, " (plugins check --param)")  # bad params: one line, now
     parsed = {k: checked.model_dump(mode="json")[k] for k in raw}
     try:
         start, end = (int(x) for x in block.split(","))
     except ValueError:
         raise LoopsearchError(f"--block {block!r}: give start,end, e.g. 1,3") from None
-    test = (f"from loopsearch.testing import StrategyConformance\n\n\n"
-            f"class TestPluginCheck(StrategyConformance):\n"
-            f"    strategy = {name!r}\n    params = {parsed!r}\n    block = ({start}, {end})\n")
+    extra = f"    block = ({start}, {end})\n" if kind == "loop_strategy" else ""
+    test = (f"from loopsearch.testing import {suite}\n\n\n"
+            f"class TestPluginCheck({suite}):\n"
+            f"    {attr} = {name!r}\n    params = {parsed!r}\n{extra}")
     with tempfile.TemporaryDirectory(prefix="loopsearch-check-") as tmp:
         path = Path(tmp) / f"test_check_{re.sub(r'[^A-Za-z0-9_]', '_', name)}.py"
         path.write_text(test)
         code = subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", tmp,
                                 str(path)], cwd=tmp)
     if code:
-        raise LoopsearchError(f"strategy {name!r} failed its conformance suite (the failures are above)")
-    click.echo(f"strategy {name!r} passed its conformance suite")
+        raise LoopsearchError(f"{label} {name!r} failed its conformance suite (the failures are above)")
+    click.echo(f"{label} {name!r} passed its conformance suite")
 
 
 @plugins.command("list")

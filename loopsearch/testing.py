@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .diffusion import diffusion_loss, mask_tokens
 from .looping import LoopedMDM
 
-__all__ = ["StrategyConformance", "TINY_RECIPE", "measured_flops", "space_toml"]
+__all__ = ["ExitConformance", "StrategyConformance", "TINY_RECIPE", "measured_flops", "space_toml"]
 
 # A tiny study: 4 layers, d_model 32, a few dozen optimizer steps per trial (seconds on a CPU).
 TINY_RECIPE = """
@@ -344,3 +344,139 @@ class StrategyConformance:
             assert a["strategy"] == self.strategy
             assert math.isfinite(a["val_nll"]) and t.value == a["val_nll"]
             assert 0 < a["train_flops"] <= spec.budget, (a["train_flops"], spec.budget)
+
+
+class ExitConformance:
+    """The conformance suite of an exit criterion (``register_exit_criteria``). Inherit it in a
+    ``Test...`` class and set ``criterion`` (the registered name) and ``params`` (a valid
+    configuration)::
+
+        class TestMyExit(ExitConformance):
+            criterion = "my_exit"
+            params = {"tol": 0.01}
+
+    It checks, on a tiny LoopedMDM that loops layers 1-2 up to ``n_loops`` times (strategy
+    ``fixed``): unknown parameters are refused; every check returns one bool per sequence, a
+    finite non-negative FLOP charge, and stops that stay stopped; ``min_loops`` (when the criterion
+    has it) holds even on a block that does not move; a run with the exit gives exactly the model
+    run for the loops it reports; runs are deterministic; and the inference FLOPs, readouts
+    included, match FlopCounterMode. ``loopsearch plugins check NAME`` runs it without a test file.
+    """
+
+    criterion: ClassVar[str] = ""
+    params: ClassVar[dict[str, Any]] = {}
+    n_loops: ClassVar[int] = 4
+    n_layer: ClassVar[int] = 4
+    d_model: ClassVar[int] = 32
+    n_heads: ClassVar[int] = 2
+    vocab: ClassVar[int] = 50
+    seq_len: ClassVar[int] = 16
+    batch_size: ClassVar[int] = 3
+    seed: ClassVar[int] = 0
+
+    @classmethod
+    def criterion_class(cls):
+        if not cls.criterion:
+            raise TypeError(f"{cls.__name__}: set the class attribute `criterion` to the registered name")
+        from .registry import get_registry
+
+        return get_registry().get("exit_criterion", cls.criterion)
+
+    @classmethod
+    def make_model(cls, n_loops: int | None = None) -> LoopedMDM:
+        from .registry import get_registry
+
+        reg = get_registry()
+        torch.manual_seed(cls.seed)
+        backbone = reg.build("backbone", "transformer", {"n_layer": cls.n_layer, "d_model": cls.d_model,
+                                                         "n_heads": cls.n_heads}, cls.vocab, cls.seq_len)
+        strategy = reg.build("loop_strategy", "fixed", {"n_loops": n_loops or cls.n_loops}, backbone.d_model)
+        return LoopedMDM(backbone, strategy, 1, 3).eval()
+
+    @classmethod
+    def make(cls, model: LoopedMDM, params: dict[str, Any] | None = None):
+        from .exits import make_exit
+
+        return make_exit(cls.criterion, cls.params if params is None else params, model, None)
+
+    @classmethod
+    def inputs(cls, model: LoopedMDM) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(cls.seed + 3)
+        x0 = torch.randint(0, cls.vocab, (cls.batch_size, cls.seq_len), generator=gen)
+        t = torch.full((cls.batch_size,), 0.5)
+        xt, _ = mask_tokens(x0, t, model.backbone.mask_id, gen)
+        return xt
+
+    def _ctx(self, model: LoopedMDM, crit, x: torch.Tensor):
+        from .looping import LoopContext
+
+        return LoopContext(masked=x == model.backbone.mask_id, exit=crit, readout=model.readout)
+
+    def test_params_model_forbids_unknown_keys(self):
+        Params = self.criterion_class().Params
+        Params.model_validate(self.params)
+        with pytest.raises(ValidationError):
+            Params.model_validate({**self.params, "no_such_parameter_xyz": 1})
+
+    def test_checks_give_one_sticky_bool_per_sequence(self):
+        model = self.make_model()
+        x = self.inputs(model)
+        crit = self.make(model)
+        gen = torch.Generator().manual_seed(self.seed + 5)
+        h = torch.randn(self.batch_size, self.seq_len, self.d_model, generator=gen)
+        state, stopped = crit.init(h), torch.zeros(self.batch_size, dtype=torch.bool)
+        ctx = self._ctx(model, crit, x)
+        with torch.no_grad():
+            for k in range(6):
+                new = h if k % 2 else torch.randn(h.shape, generator=gen)  # alternately moving and still
+                stop, state, extra = crit.check(h, new, state, ctx)
+                assert isinstance(stop, torch.Tensor) and stop.dtype == torch.bool, f"check {k}: stop {stop!r}"
+                assert stop.shape == (self.batch_size,), f"check {k}: stop has shape {tuple(stop.shape)}, " \
+                                                         f"not one decision per sequence ({self.batch_size},)"
+                assert math.isfinite(float(extra)) and float(extra) >= 0, f"check {k}: extra FLOPs {extra!r}"
+                assert not (stopped & ~stop).any(), f"check {k}: a sequence that had stopped started again"
+                stopped, h = stop, new
+
+    def test_min_loops_holds_on_a_block_that_does_not_move(self):
+        if "min_loops" not in self.criterion_class().Params.model_fields:
+            pytest.skip(f"{self.criterion}: no min_loops parameter")
+        model = self.make_model()
+        x = self.inputs(model)
+        crit = self.make(model, {**self.params, "min_loops": 3})
+        h = torch.randn(self.batch_size, self.seq_len, self.d_model, generator=torch.Generator().manual_seed(1))
+        state, ctx = crit.init(h), self._ctx(model, crit, x)
+        with torch.no_grad():
+            for k in range(2):
+                stop, state, _ = crit.check(h, h.clone(), state, ctx)
+                assert not stop.any(), f"stopped after {k + 1} loop(s) with min_loops = 3"
+
+    def test_an_exit_run_equals_the_model_at_the_loops_it_reports(self):
+        model = self.make_model()
+        x = self.inputs(model)
+        with torch.no_grad():
+            out = model(x, exit=self.make(model))
+            again = model(x, exit=self.make(model))
+            n = out.applications
+            assert float(n).is_integer() and 1 <= n <= self.n_loops, f"applications {n}"
+            ref = model(x, n_loops=int(n))
+        assert torch.equal(out.logits, again.logits) and out.applications == again.applications, \
+            "the same input gave different exits"
+        assert torch.allclose(out.logits, ref.logits, atol=1e-5), (
+            f"the exit run reported {n} loops but its logits differ from {int(n)} fixed loops by "
+            f"{(out.logits - ref.logits).abs().max().item():.3g}")
+
+    @pytest.mark.parametrize("loops", [1, 2, 4])
+    def test_flops_match_flop_counter(self, loops):
+        model = self.make_model(loops)
+        x = self.inputs(model)
+        crit = self.make(model)
+        got = {}
+        with torch.no_grad():
+            counted = measured_flops(lambda: got.setdefault("out", model(x, exit=crit)))
+        out = got["out"]
+        analytic = model.inference_flops_per_token(self.seq_len, out.applications, out.extra_flops) \
+            * self.seq_len * self.batch_size
+        assert abs(analytic - counted) / counted < FLOP_TOLERANCE, (
+            f"{self.criterion} at up to {loops} loops: analytic {analytic:.6g} vs FlopCounterMode {counted:.6g} "
+            f"FLOPs (applications {out.applications}, extra_flops {out.extra_flops}): the readouts a check "
+            f"runs must be returned as its extra FLOPs")

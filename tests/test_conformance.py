@@ -1,5 +1,5 @@
-"""The builtin looping strategies, and the example plugin's third-party ``damped``, pass the
-conformance suite a strategy author inherits (loopsearch.testing)."""
+"""The builtin looping strategies and exit criteria, and the example plugin's third-party ``damped``,
+pass the conformance suites a plugin author inherits (loopsearch.testing)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 
 from conftest import run_cli
 
-from loopsearch.testing import StrategyConformance
+from loopsearch.testing import ExitConformance, StrategyConformance
 
 
 class TestFixed(StrategyConformance):
@@ -32,6 +32,19 @@ class TestHalting(StrategyConformance):
     strategy = "halting"
     params = {"n_loops": 3}
     one_loop_params = {"n_loops": 1}
+
+
+@pytest.mark.parametrize("name, params", [("hidden_delta", {"tol": 0.5}), ("cosine", {"tol": 0.05}), ("kl", {}),
+                                          ("min_p_kl", {"tol": 1e-3}), ("entropy", {"tol": 0.05}),
+                                          ("argmax", {"patience": 1}), ("max_prob", {"threshold": 0.05})])
+def test_builtin_exit_criteria_pass_their_suite(name, params):
+    suite = type(f"Test_{name}", (ExitConformance,), {"criterion": name, "params": params})()
+    for check in ("test_params_model_forbids_unknown_keys", "test_checks_give_one_sticky_bool_per_sequence",
+                  "test_min_loops_holds_on_a_block_that_does_not_move",
+                  "test_an_exit_run_equals_the_model_at_the_loops_it_reports"):
+        getattr(suite, check)()
+    for loops in (1, 2, 4):
+        suite.test_flops_match_flop_counter(loops)
 
 
 @pytest.fixture
@@ -87,6 +100,25 @@ class Undercharged(LoopStrategy):
 @loopsearch.hookimpl
 def register_loop_strategies():
     return [Undercharged]
+
+
+from loopsearch.exits import ExitCriterion, ExitParams
+
+
+class FreeReadout(ExitCriterion):
+    """Reads the predictions every loop but charges nothing for it: a planted FLOP error."""
+
+    name = "free_readout"
+    Params = ExitParams
+
+    def converged(self, h_prev, h_new, state, ctx):
+        confident = self.log_probs(ctx, h_new).amax(dim=-1).exp().amin(dim=-1) > 2.0  # never
+        return confident, state, 0.0
+
+
+@loopsearch.hookimpl
+def register_exit_criteria():
+    return [FreeReadout]
 '''
 
 
@@ -106,3 +138,8 @@ def test_plugins_check_runs_the_suite_and_catches_a_planted_flop_error(tmp_path)
     bad = run_cli("plugins", "check", "fixed", "--param", "n_loops=0", env=env)
     assert bad.returncode == 2 and "n_loops" in bad.stderr and "Traceback" not in bad.stderr
     assert run_cli("plugins", "check", "ancestral").returncode == 2  # a sampler: no suite yet, said in one line
+    r = run_cli("plugins", "check", "free_readout", env=env)  # an exit criterion that hides its readouts
+    assert r.returncode != 0
+    assert "exit criterion 'free_readout' failed" in r.stderr and "FlopCounterMode" in r.stdout
+    ok = run_cli("plugins", "check", "max_prob", "--param", "threshold=0.5", env=env)
+    assert ok.returncode == 0 and "exit criterion 'max_prob' passed" in ok.stdout
