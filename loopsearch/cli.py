@@ -51,6 +51,60 @@ def cli():
     """
 
 
+# ---- proxy ---------------------------------------------------------------------------------------
+@cli.group()
+def proxy():
+    """Optuna's gRPC storage proxy: many workers share one database through it."""
+
+
+@proxy.command("serve")
+@click.option("--storage", help="The database the proxy serves (default: $LOOPSEARCH_STORAGE): "
+                                "postgresql://user@host/db for hundreds of workers.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0: every interface; the proxy has no authentication).")
+@click.option("--port", default=13000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--threads", default=16, show_default=True, type=click.IntRange(1, 1024),
+              help="Request threads (each may hold one database connection).")
+def proxy_serve(storage, host, port, threads):
+    """Serve a study database to workers over gRPC (optuna.storages.run_grpc_proxy_server).
+
+    Workers then run with --storage grpc://HOST:PORT and talk to the proxy, which holds the only
+    database connections: the path past PostgreSQL's connection limit when hundreds of workers run
+    one study. Dead workers are found by loopsearch's lease (Optuna's heartbeat does not pass through
+    the proxy). Runs until Ctrl-C or SIGTERM. Needs grpcio (pip install 'loopsearch[grpc]').
+
+    Example: loopsearch proxy serve --storage postgresql://postgres@db/studies --host 0.0.0.0 --port 13000
+    """
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .search.storage import grpc_address, mask, open_storage, storage_url
+
+    url = storage_url(storage)
+    if grpc_address(url) is not None:
+        raise LoopsearchError(f"--storage {mask(url)} is itself a proxy; give the database it should serve, "
+                              f"e.g. postgresql://user@host/db")
+    try:
+        import grpc  # noqa: F401
+    except ImportError:
+        raise LoopsearchError("proxy serve needs grpcio: pip install 'loopsearch[grpc]'") from None
+    import optuna
+
+    backend = open_storage(url)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    click.echo(f"serving {mask(url)} at grpc://{host}:{port} ({threads} threads); run workers with "
+               f"--storage grpc://{host}:{port}; Ctrl-C stops", err=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        optuna.storages.run_grpc_proxy_server(backend, host=host, port=port,
+                                              thread_pool=ThreadPoolExecutor(max_workers=threads))
+    except KeyboardInterrupt:
+        click.echo("proxy stopped", err=True)
+    except RuntimeError as exc:
+        raise LoopsearchError(f"cannot serve at {host}:{port}: {exc}; is the port taken? pass another --port") \
+            from None
+
+
 # ---- plugins -----------------------------------------------------------------------------------
 @cli.group()
 def plugins():

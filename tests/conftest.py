@@ -82,14 +82,14 @@ def tiny_recipe(tmp_path) -> Path:
     return path
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd=None) -> subprocess.CompletedProcess:
     """Run the real console script in a subprocess (as a user would). The terminal width is
     not inherited (pytest-xdist workers set COLUMNS): tables are 80 columns wide, as in a pipe,
     unless the test passes COLUMNS."""
     inherited = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
     full_env = {**inherited, **(env or {})}
     return subprocess.run([sys.executable, "-m", "loopsearch", *args], capture_output=True, text=True,
-                          env=full_env, timeout=timeout)
+                          env=full_env, timeout=timeout, cwd=cwd)
 
 
 @pytest.fixture(scope="session")

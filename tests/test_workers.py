@@ -560,3 +560,101 @@ def test_a_stalled_worker_abandons_its_trial_to_the_retry(tmp_path):
     trials = st.get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
     assert trials[1].system_attrs["retry_history"] == [0]
+
+
+# ---- past one database: Optuna's gRPC storage proxy --------------------------------------------------
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_grpc_storage_url_errors_are_one_line(tmp_path):
+    pytest.importorskip("grpc")
+    r = run_cli("study", "list", "--storage", "grpc://127.0.0.1:notaport", cwd=tmp_path)
+    assert r.returncode != 0 and "grpc://HOST:PORT" in r.stderr and "Traceback" not in r.stderr
+    port = _free_port()  # nothing listens there
+    r = run_cli("study", "list", "--storage", f"grpc://127.0.0.1:{port}", cwd=tmp_path, timeout=60)
+    assert r.returncode != 0 and "no storage proxy answers" in r.stderr and "proxy serve" in r.stderr
+    r = run_cli("proxy", "serve", "--storage", f"grpc://127.0.0.1:{port}", cwd=tmp_path)
+    assert r.returncode != 0 and "itself a proxy" in r.stderr
+
+
+@pytest.mark.slow
+def test_eight_workers_through_the_grpc_proxy_survive_kill_9(pg, tmp_path):
+    """Issue 14 item 8: `loopsearch proxy serve` in front of PostgreSQL, 8 worker processes on
+    --storage grpc://, two of them killed with SIGKILL mid-trial. The lease (Optuna's heartbeat does
+    not pass through the proxy) fails their trials, the survivors retry them, and the study ends
+    with exactly n_trials finished, one baseline, nothing stuck and nothing run twice."""
+    pytest.importorskip("grpc")
+    port = _free_port()
+    url = f"grpc://127.0.0.1:{port}"
+    env = {**os.environ, **ENV1}
+    env.pop("LOOPSEARCH_STORAGE", None)
+    proxy = subprocess.Popen([sys.executable, "-m", "loopsearch", "proxy", "serve", "--storage", pg,
+                              "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+    name = f"grpc-{uuid.uuid4().hex[:8]}"
+    n_trials = 12
+    procs: list[subprocess.Popen] = []
+    try:
+        path = recipe(tmp_path, budget="6e9", n_trials=n_trials, extra="checkpoint_every = 1.5e9\n")
+        r = run_cli("study", "create", "--space", "early_middle", "--recipe", str(path), "--name", name,
+                    "--storage", url, cwd=tmp_path, timeout=120)
+        assert r.returncode == 0, r.stderr + proxy_output(proxy)
+        cmd = [sys.executable, "-m", "loopsearch", "study", "run", name, "--no-progress", "--heartbeat", "1",
+               "--grace", "4", "--storage", url]
+        procs = [subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True) for _ in range(8)]
+        pids = {p.pid for p in procs}
+        st = optuna.load_study(study_name=name, storage=pg)
+        killed: dict[int, int] = {}  # pid -> the trial it was running
+
+        def running_victim():
+            for t in st.get_trials(states=(TrialState.RUNNING,)):
+                pid = int(t.user_attrs.get("worker", "x:0").rsplit(":", 1)[1])
+                if pid in pids and pid not in killed and t.number not in killed.values():
+                    return pid, t.number
+            return None
+
+        for _ in range(2):
+            pid, number = _wait_for(running_victim, 240, "a running trial to kill")
+            os.kill(pid, signal.SIGKILL)
+            killed[pid] = number
+        outs = {p.pid: p.communicate(timeout=480)[0] for p in procs}
+        for p in procs:
+            if p.pid not in killed:
+                assert p.returncode == 0, outs[p.pid]
+        trials = st.get_trials()
+        done = finished(st)
+        assert len(done) == n_trials, [(t.number, t.state.name) for t in trials]
+        assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+        assert sum(bool(t.user_attrs.get(BASELINE_ATTR)) for t in done) == 1
+        for number in killed.values():
+            dead = trials[number]
+            assert dead.state == TrialState.FAIL
+            retries = [t for t in done if t.system_attrs.get("failed_trial") == number]
+            assert len(retries) == 1  # retried once, nothing duplicated
+            # the same configuration (a worker killed while its trial was still being sampled left only the
+            # first parameters: the retry keeps them and samples the rest)
+            assert dead.params.items() <= retries[0].params.items()
+        assert len({t.user_attrs["worker"] for t in done}) >= 4  # the work was shared
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        proxy.terminate()
+        proxy.wait(timeout=30)
+        try:
+            optuna.delete_study(study_name=name, storage=pg)
+        except KeyError:
+            pass
+
+
+def proxy_output(proxy: subprocess.Popen) -> str:
+    if proxy.poll() is None:
+        return ""
+    return "\nproxy: " + (proxy.stdout.read() if proxy.stdout else "")

@@ -2,7 +2,9 @@
 
 Default: a SQLite file ``loopsearch.db`` in the working directory. Override with ``--storage``
 or ``$LOOPSEARCH_STORAGE``. Any Optuna RDB URL works (``postgresql://user@host/db`` for many
-workers); ``journal:PATH`` opens Optuna's journal file store.
+workers); ``journal:PATH`` opens Optuna's journal file store; ``grpc://HOST:PORT`` connects to an
+Optuna gRPC storage proxy (``loopsearch proxy serve``, in front of PostgreSQL), the path past one
+database's connection limit for hundreds of workers.
 """
 
 from __future__ import annotations
@@ -65,6 +67,35 @@ def require_existing(url: str | None = None) -> None:
                            f"where you created the study, or pass --storage URL (or set {ENV})")
 
 
+def grpc_address(url: str) -> tuple[str, int] | None:
+    """(host, port) of a ``grpc://HOST:PORT`` URL, else None."""
+    if not url.startswith("grpc://"):
+        return None
+    host, _, port = url[len("grpc://"):].rstrip("/").rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise StorageError(f"cannot read storage {mask(url)}: write grpc://HOST:PORT, e.g. grpc://10.0.0.5:13000")
+    return host, int(port)
+
+
+def grpc_proxy(host: str, port: int, timeout: float = 10.0) -> optuna.storages.BaseStorage:
+    """A client of the gRPC storage proxy at host:port, checked to answer within ``timeout`` s."""
+    try:
+        import grpc  # noqa: F401  (optuna's proxy client needs grpcio)
+    except ImportError:
+        raise StorageError("grpc:// storage needs grpcio: pip install 'loopsearch[grpc]'") from None
+    from optuna.storages import GrpcStorageProxy
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        proxy = GrpcStorageProxy(host=host, port=port)
+    try:
+        proxy.wait_server_ready(timeout=timeout)
+    except Exception:
+        raise StorageError(f"no storage proxy answers at grpc://{host}:{port} within {timeout:g} s; start one with "
+                           f"`loopsearch proxy serve --storage postgresql://... --port {port}`") from None
+    return proxy
+
+
 def sqlite_path(url: str) -> Path | None:
     """The file of a ``sqlite:///PATH`` URL (None for other URLs and in-memory SQLite)."""
     if not url.startswith("sqlite:///") or url[len("sqlite:///"):] in ("", ":memory:"):
@@ -86,6 +117,9 @@ def open_storage(url: str | None = None, heartbeat: tuple[int, int] | None = Non
                 raise StorageError(f"cannot use storage {mask(url)}: directory {parent} is not writable; "
                                    f"pass another --storage")
             return optuna.storages.JournalStorage(JournalFileBackend(path))  # file lock: safe for many processes
+        address = grpc_address(url)
+        if address is not None:
+            return grpc_proxy(*address)  # no Optuna heartbeat through the proxy: workers use the lease
         _check_sqlite_path(url)
         if heartbeat is not None:
             with warnings.catch_warnings():
