@@ -117,7 +117,7 @@ def plugins():
                                                                       "default: its Params defaults).")
 @click.option("--block", default="1,3", show_default=True, help="The looped layers start,end of the tiny test model.")
 def plugins_check(name, params, block):
-    """Run the conformance suite of an installed looping strategy or exit criterion, without a test file.
+    """Run the conformance suite of an installed looping strategy, exit criterion or sampler.
 
     The suite (loopsearch.testing.StrategyConformance) checks, on a tiny model: unknown parameters
     are refused, training and inference FLOPs match torch's FlopCounterMode, one loop equals the
@@ -125,7 +125,10 @@ def plugins_check(name, params, block):
     reach every parameter, loop counts are consistent (expected_train_loops() is the mean of what
     training executes), and a 2-trial study runs. For an exit criterion (loopsearch.testing.ExitConformance):
     one sticky decision per sequence, min_loops, an exit run equals the model at the loops it reports,
-    determinism, and FLOPs (readouts included) against FlopCounterMode. Needs pytest (pip install
+    determinism, and FLOPs (readouts included) against FlopCounterMode. For a sampler
+    (loopsearch.testing.SamplerConformance): every MASK filled, the prompt kept, committed tokens
+    never change, at most `steps` calls, determinism, and its reported cost against FlopCounterMode.
+    No test file is written by you; needs pytest (pip install
     'loopsearch[plugin-dev]').
 
     Example: loopsearch plugins check fixed --param n_loops=3 --param train_loops=uniform
@@ -146,10 +149,11 @@ def plugins_check(name, params, block):
         kind, suite, attr, label = "loop_strategy", "StrategyConformance", "strategy", "strategy"
     elif "exit_criterion" in kinds:
         kind, suite, attr, label = "exit_criterion", "ExitConformance", "criterion", "exit criterion"
+    elif "sampler" in kinds:
+        kind, suite, attr, label = "sampler", "SamplerConformance", "sampler", "sampler"
     else:
-        kind = kinds[0].replace("_", " ")
-        raise LoopsearchError(f"{name!r} is a {kind}: only looping strategies and exit criteria have a "
-                              f"conformance suite so far (loopsearch.testing)")
+        raise LoopsearchError(f"{name!r} is a backbone: only looping strategies, exit criteria and samplers "
+                              f"have a conformance suite so far (loopsearch.testing)")
     from .eval.generation import parse_params
 
     raw = parse_params(params)

@@ -1,4 +1,6 @@
-"""A conformance suite for looping strategies (builtin or third-party).
+"""Conformance suites for plugins (builtin or third-party): looping strategies
+(:class:`StrategyConformance`), exit criteria (:class:`ExitConformance`) and samplers
+(:class:`SamplerConformance`); the last two are documented in their classes.
 
 A strategy author subclasses :class:`StrategyConformance` in a pytest test module::
 
@@ -35,7 +37,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from .diffusion import diffusion_loss, mask_tokens
 from .looping import LoopedMDM
 
-__all__ = ["ExitConformance", "StrategyConformance", "TINY_RECIPE", "measured_flops", "space_toml"]
+__all__ = ["ExitConformance", "SamplerConformance", "StrategyConformance", "TINY_RECIPE", "measured_flops",
+           "space_toml"]
 
 # A tiny study: 4 layers, d_model 32, a few dozen optimizer steps per trial (seconds on a CPU).
 TINY_RECIPE = """
@@ -480,3 +483,114 @@ class ExitConformance:
             f"{self.criterion} at up to {loops} loops: analytic {analytic:.6g} vs FlopCounterMode {counted:.6g} "
             f"FLOPs (applications {out.applications}, extra_flops {out.extra_flops}): the readouts a check "
             f"runs must be returned as its extra FLOPs")
+
+
+class SamplerConformance:
+    """The conformance suite of a sampler (``register_samplers``). Inherit it in a ``Test...``
+    class and set ``sampler`` (the registered name) and ``params``::
+
+        class TestMySampler(SamplerConformance):
+            sampler = "my_sampler"
+            params = {}
+
+    On a tiny looped model it checks: unknown parameters are refused (when the sampler has a Params
+    model); every MASK is filled with a real token and the prompt (prefix and suffix) is kept; a
+    committed token never changes between calls; at most ``steps`` network calls; the same seed
+    gives the same samples; and the FLOPs the sampler's cost reports are the FLOPs that ran
+    (FlopCounterMode). ``loopsearch plugins check NAME`` runs it without a test file.
+    """
+
+    sampler: ClassVar[str] = ""
+    params: ClassVar[dict[str, Any]] = {}
+    steps: ClassVar[int] = 8
+    vocab: ClassVar[int] = 50
+    seq_len: ClassVar[int] = 16
+    batch_size: ClassVar[int] = 3
+    seed: ClassVar[int] = 0
+
+    @classmethod
+    def sampler_class(cls):
+        if not cls.sampler:
+            raise TypeError(f"{cls.__name__}: set the class attribute `sampler` to the registered name")
+        from .registry import get_registry
+
+        return get_registry().get("sampler", cls.sampler)
+
+    @classmethod
+    def make_model(cls) -> LoopedMDM:
+        from .registry import get_registry
+
+        reg = get_registry()
+        torch.manual_seed(cls.seed)
+        backbone = reg.build("backbone", "transformer", {"n_layer": 4, "d_model": 32, "n_heads": 2}, cls.vocab,
+                             cls.seq_len)
+        strategy = reg.build("loop_strategy", "fixed", {"n_loops": 2}, backbone.d_model)
+        return LoopedMDM(backbone, strategy, 1, 3).eval()
+
+    def _generate(self, model, init, seed=None):
+        from .sampling import generate
+
+        return generate(model, init, sampler=self.sampler, steps=self.steps, seed=self.seed if seed is None else seed,
+                        params=self.params or None)
+
+    def _init(self, model):
+        from .sampling import make_init
+
+        return make_init(self.batch_size, self.seq_len, model.backbone.mask_id, prefix=[5, 6, 7], suffix=[8, 9])
+
+    def test_params_model_forbids_unknown_keys(self):
+        Params = getattr(self.sampler_class(), "Params", None)
+        if Params is None:
+            pytest.skip(f"{self.sampler}: no Params model")
+        Params.model_validate(self.params)
+        with pytest.raises(ValidationError):
+            Params.model_validate({**self.params, "no_such_parameter_xyz": 1})
+
+    def test_fills_every_mask_and_keeps_the_prompt(self):
+        model = self.make_model()
+        mask = model.backbone.mask_id
+        res = self._generate(model, self._init(model))
+        tokens = res.tokens
+        assert tokens.shape == (self.batch_size, self.seq_len), f"samples of shape {tuple(tokens.shape)}"
+        assert not (tokens == mask).any(), "MASK left in the samples"
+        assert int(tokens.min()) >= 0 and int(tokens.max()) < mask, "a token outside the vocabulary"
+        assert tokens[:, :3].tolist() == [[5, 6, 7]] * self.batch_size, "the prefix changed"
+        assert tokens[:, -2:].tolist() == [[8, 9]] * self.batch_size, "the suffix changed"
+        assert 1 <= res.cost.network_calls <= self.steps, (
+            f"{res.cost.network_calls} network calls for steps = {self.steps}")
+
+    def test_committed_tokens_never_change(self, monkeypatch):
+        from .sampling import Denoiser
+
+        model = self.make_model()
+        mask = model.backbone.mask_id
+        seen, original = [], Denoiser.__call__
+
+        def spy(den, x, step, steps, rows=None):
+            seen.append(x.clone())
+            return original(den, x, step, steps, rows)
+
+        monkeypatch.setattr(Denoiser, "__call__", spy)
+        res = self._generate(model, self._init(model))
+        states = [*seen, res.tokens]
+        for k, (before, after) in enumerate(zip(states, states[1:])):
+            done = before != mask
+            assert torch.equal(after[done], before[done]), f"call {k + 1}: a committed token changed"
+
+    def test_same_seed_same_samples(self):
+        model = self.make_model()
+        init = self._init(model)
+        a, b = self._generate(model, init), self._generate(model, init)
+        assert torch.equal(a.tokens, b.tokens), "the same seed gave different samples: draw from `generator`"
+        assert a.cost.network_calls == b.cost.network_calls
+
+    def test_cost_matches_flop_counter(self):
+        model = self.make_model()
+        init = self._init(model)
+        got = {}
+        counted = measured_flops(lambda: got.setdefault("res", self._generate(model, init)))
+        cost = got["res"].cost
+        assert counted > 0
+        assert abs(cost.flops - counted) / counted < FLOP_TOLERANCE, (
+            f"{self.sampler}: its cost says {cost.flops:.6g} FLOPs, FlopCounterMode counted {counted:.6g}: "
+            f"call the model through the Denoiser it is given, which charges every call")

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import run_cli
 
-from loopsearch.testing import ExitConformance, StrategyConformance
+from loopsearch.testing import ExitConformance, SamplerConformance, StrategyConformance
 
 
 class TestFixed(StrategyConformance):
@@ -45,6 +45,17 @@ def test_builtin_exit_criteria_pass_their_suite(name, params):
         getattr(suite, check)()
     for loops in (1, 2, 4):
         suite.test_flops_match_flop_counter(loops)
+
+
+@pytest.mark.parametrize("name, params", [("ancestral", {}), ("cached", {}), ("confidence", {"block_length": 4}),
+                                          ("threshold", {"threshold": 0.5})])
+def test_builtin_samplers_pass_their_suite(name, params, monkeypatch):
+    suite = type(f"Test_{name}", (SamplerConformance,), {"sampler": name, "params": params})()
+    suite.test_params_model_forbids_unknown_keys()
+    suite.test_fills_every_mask_and_keeps_the_prompt()
+    suite.test_committed_tokens_never_change(monkeypatch)
+    suite.test_same_seed_same_samples()
+    suite.test_cost_matches_flop_counter()
 
 
 @pytest.fixture
@@ -119,6 +130,27 @@ class FreeReadout(ExitCriterion):
 @loopsearch.hookimpl
 def register_exit_criteria():
     return [FreeReadout]
+
+
+from loopsearch.sampling import Sampler
+
+
+class Sneaky(Sampler):
+    """Calls the model behind the Denoiser's back once per step: a planted cost error."""
+
+    name = "sneaky"
+
+    def sample(self, x, den, steps, generator):
+        den(x, 0, steps)  # charged
+        mask = x == den.mask_id
+        logits = den.model(x).logits  # not charged
+        x[mask] = logits[..., :den.mask_id].argmax(-1)[mask]
+        return x
+
+
+@loopsearch.hookimpl
+def register_samplers():
+    return [Sneaky]
 '''
 
 
@@ -137,7 +169,10 @@ def test_plugins_check_runs_the_suite_and_catches_a_planted_flop_error(tmp_path)
     assert "failed its conformance suite" in r.stderr and "FlopCounterMode" in r.stdout
     bad = run_cli("plugins", "check", "fixed", "--param", "n_loops=0", env=env)
     assert bad.returncode == 2 and "n_loops" in bad.stderr and "Traceback" not in bad.stderr
-    assert run_cli("plugins", "check", "ancestral").returncode == 2  # a sampler: no suite yet, said in one line
+    r = run_cli("plugins", "check", "transformer")  # a backbone: no suite yet, said in one line
+    assert r.returncode == 2 and "backbone" in r.stderr
+    r = run_cli("plugins", "check", "sneaky", env=env)  # a sampler that calls the model behind the Denoiser
+    assert r.returncode != 0 and "sampler 'sneaky' failed" in r.stderr and "FlopCounterMode" in r.stdout
     r = run_cli("plugins", "check", "free_readout", env=env)  # an exit criterion that hides its readouts
     assert r.returncode != 0
     assert "exit criterion 'free_readout' failed" in r.stderr and "FlopCounterMode" in r.stdout
