@@ -282,7 +282,8 @@ def corpus_option(value: str | None) -> dict | None:
 @study.command("create")
 @click.option("--space", help="Search space: a name (see `loopsearch spaces list`) or a .toml path.")
 @click.option("--recipe",
-              help="Study recipe (name or .toml path) giving budget, corpus, model; default: built-in defaults.")
+              help="Study recipe (name or .toml path) giving budget, corpus, model; default: the quickstart recipe "
+                   "(6 layers, d_model 48, vocabulary 260, 1 TFLOP).")
 @click.option("--name", help="Study name (default: SPACE-YYYYmmdd-HHMMSS).")
 @click.option("--budget", help="Training FLOPs per trial: 3e13, '30 TFLOP', '2 PFLOP' or GPU time 'h100:2h@0.4'.")
 @click.option("--corpus", help="Corpus plugin name, text file, directory (train/valid files) or hf:DATASET[/CONFIG].")

@@ -737,12 +737,25 @@ def trial_line(trial: optuna.trial.FrozenTrial) -> str:
     return f"trial {trial.number} {trial.state.name.lower()}: {what} {nll}{resumed}"
 
 
+DEFAULT_RECIPE = "quickstart"  # what `study create --space NAME` trains without --recipe
+
+
 def spec_from_options(name: str, space: str | None, recipe: str | None, budget: str | None,
                       corpus: dict | None, seed: int | None, sampler: str | None, n_trials: int | None,
                       pruner: str | None = None, seeds: int | None = None) -> StudySpec:
-    """Merge a recipe (or the defaults) with command-line overrides and resolve it."""
-    base = load_recipe(recipe) if recipe else StudyRecipe()
+    """Merge a recipe with command-line overrides and resolve it. Without ``--recipe`` the model,
+    corpus, budget and training settings are the ``quickstart`` recipe's (a 6-layer d_model 48 model,
+    vocabulary 260, that visibly learns within 1 TFLOP); ``--space`` then picks the search space."""
+    if recipe:
+        base = load_recipe(recipe)
+    else:
+        try:
+            base = load_recipe(DEFAULT_RECIPE)
+        except SpecError:  # the builtin recipes are not installed: fall back to the bare defaults
+            base = StudyRecipe()
     data = base.model_dump()
+    if not recipe:
+        data["description"] = ""
     for key, value in (("budget", budget), ("corpus", corpus), ("seed", seed), ("optuna_sampler", sampler),
                        ("n_trials", n_trials), ("pruner", pruner), ("seeds", seeds)):
         if value is not None:
