@@ -135,6 +135,11 @@ class LoopStrategy(nn.Module):
         truncated backprop): planning charges them 1x, so the planned step count is right."""
         return 0.0
 
+    def expected_extra_flops(self, seq_len: int) -> float:
+        """Mean of ``LoopResult.extra_flops`` per sequence over training steps: planning uses it to
+        buy the right number of steps. Default: the bound at the expected loop count."""
+        return self.extra_flops_bound(int(round(self.expected_train_loops())), seq_len)
+
     def extra_flops_bound(self, n_loops: int, seq_len: int) -> float:
         """Upper bound of ``LoopResult.extra_flops`` per sequence for a step run with n_loops."""
         return 0.0

@@ -212,11 +212,13 @@ class StrategyConformance:
 
         counted = measured_flops(step)
         out = got["out"]
-        analytic = model.train_step_flops(self.seq_len, self.batch_size, out.applications, out.extra_flops)
+        analytic = model.train_step_flops(self.seq_len, self.batch_size, out.applications, out.extra_flops,
+                                          forward_only=out.forward_only)
         assert counted > 0
         assert abs(analytic - counted) / counted < FLOP_TOLERANCE, (
             f"training step: analytic {analytic:.6g} vs FlopCounterMode {counted:.6g} FLOPs "
-            f"(applications {out.applications}, extra_flops {out.extra_flops})")
+            f"(applications {out.applications}, forward_only {out.forward_only}, extra_flops {out.extra_flops}): "
+            f"report loops run under no_grad as forward_only")
 
     def test_inference_flops_match_flop_counter(self):
         model = self.make_model()
@@ -300,20 +302,33 @@ class StrategyConformance:
         model = self.make_model().train()
         st = model.strategy
         gen = torch.Generator().manual_seed(self.seed + 1)
-        applications = []
+        applications, forward_only, extra = [], [], []
         with torch.no_grad():
             for _ in range(200):
                 n = st.train_loops(gen)
                 x0 = torch.randint(0, self.vocab, (self.batch_size, self.seq_len), generator=gen)
                 t = sample_t(self.batch_size, gen)
                 xt, _ = mask_tokens(x0, t, model.backbone.mask_id, gen)
-                applications.append(float(model(xt, n, t, generator=gen).applications))
-        draws = torch.tensor(applications, dtype=torch.float64)
+                out = model(xt, n, t, generator=gen)
+                applications.append(float(out.applications))
+                forward_only.append(float(out.forward_only))
+                extra.append(float(out.extra_flops))
+        for what, values, expected in (
+                ("expected_train_loops()", applications, st.expected_train_loops()),
+                ("expected_forward_only()", forward_only, st.expected_forward_only())):
+            draws = torch.tensor(values, dtype=torch.float64)
+            mean, se = float(draws.mean()), float(draws.std()) / math.sqrt(len(draws))
+            assert abs(mean - expected) <= 5 * se + 0.02, (
+                f"{what} = {expected:.4f} but 200 training steps executed {mean:.4f} (± {se:.4f}) on average; "
+                f"planning would buy the wrong number of steps")
+        draws = torch.tensor(extra, dtype=torch.float64)
         mean, se = float(draws.mean()), float(draws.std()) / math.sqrt(len(draws))
-        expected = st.expected_train_loops()
-        assert abs(mean - expected) <= 5 * se + 0.02, (
-            f"expected_train_loops() = {expected:.4f} but 200 training steps executed {mean:.4f} (± {se:.4f}) "
-            f"block applications on average; planning would buy the wrong number of steps")
+        expected = st.expected_extra_flops(self.seq_len)
+        step = model.forward_flops(st.expected_train_loops(), self.seq_len)  # what 1% of a step's cost is
+        assert abs(mean - expected) <= 5 * se + 0.01 * step, (
+            f"expected_extra_flops() = {expected:.6g} but 200 training steps reported {mean:.6g} (± {se:.3g}) extra "
+            f"FLOPs per sequence on average (a forward pass: {step:.6g}); planning would buy the wrong number of "
+            f"steps")
 
     def test_runs_in_a_study(self, tmp_path, monkeypatch):
         import optuna

@@ -244,7 +244,7 @@ def plan_steps(model: LoopedMDM, cfg: TrainConfig, budget: float) -> int:
         )
     expected = model.strategy.expected_train_loops()
     mean = model.train_step_flops(cfg.seq_len, cfg.batch_size, expected,
-                                  model.strategy.extra_flops_bound(int(round(expected)), cfg.seq_len),
+                                  model.strategy.expected_extra_flops(cfg.seq_len),
                                   EXPECTED_MASKED_SHARE if model.supports_positions else 1.0,
                                   model.strategy.expected_forward_only())
     return int(budget // mean)

@@ -23,6 +23,16 @@ from loopsearch import hookimpl
 from loopsearch.looping import BlockFn, LoopContext, LoopResult, LoopStrategy, run_with_exit
 
 
+def lognormal_poisson(mean_loops: float, sigma: float, cap: int, generator: torch.Generator,
+                      n: int = 1) -> torch.Tensor:
+    """``n`` draws of min(1 + Poisson(lambda), cap), lambda ~ LogNormal with mean ``mean_loops - 1``
+    and log-standard-deviation ``sigma`` (Huginn's loop-count draw, capped)."""
+    mean = max(mean_loops - 1.0, 1e-6)  # E[lambda]; LogNormal(mu, sigma) has mean exp(mu + sigma^2 / 2)
+    mu = math.log(mean) - sigma ** 2 / 2
+    lam = torch.exp(mu + sigma * torch.randn(n, generator=generator, dtype=torch.float64))
+    return (1 + torch.poisson(lam, generator=generator)).clamp(max=cap).long()
+
+
 class NoLoop(LoopStrategy):
     """The non-looped model: every layer runs once."""
 
@@ -60,10 +70,7 @@ class FixedLoops(LoopStrategy):
 
     def _lognormal_poisson(self, generator: torch.Generator, n: int = 1) -> torch.Tensor:
         p = self.params
-        mean = max(p.mean_loops - 1.0, 1e-6)  # E[lambda]; LogNormal(mu, sigma) has mean exp(mu + sigma^2 / 2)
-        mu = math.log(mean) - p.sigma ** 2 / 2
-        lam = torch.exp(mu + p.sigma * torch.randn(n, generator=generator, dtype=torch.float64))
-        return (1 + torch.poisson(lam, generator=generator)).clamp(max=p.n_loops).long()
+        return lognormal_poisson(p.mean_loops, p.sigma, p.n_loops, generator, n)
 
     def train_loops(self, generator: torch.Generator) -> int:
         p = self.params

@@ -178,3 +178,24 @@ def test_plugins_check_runs_the_suite_and_catches_a_planted_flop_error(tmp_path)
     assert "exit criterion 'free_readout' failed" in r.stderr and "FlopCounterMode" in r.stdout
     ok = run_cli("plugins", "check", "max_prob", "--param", "threshold=0.5", env=env)
     assert ok.returncode == 0 and "exit criterion 'max_prob' passed" in ok.stdout
+
+
+class TestRecurrentTruncated(StrategyConformance):
+    """Huginn-style recurrent depth, backprop through the last loop only: the first two of three
+    loops run without backward and are charged once."""
+
+    strategy = "recurrent"
+    params = {"n_loops": 3, "train_loops": "constant", "backprop_loops": 1}
+    one_loop_params = {"n_loops": 1, "train_loops": "constant", "injection": "add", "init_std": 0.0}
+
+
+class TestRecurrentFullBackprop(StrategyConformance):
+    strategy = "recurrent"
+    params = {"n_loops": 3, "train_loops": "constant", "backprop_loops": 8}
+
+
+class TestRecurrentLognormal(StrategyConformance):
+    """Log-normal-Poisson loop counts with truncation: applications and forward-only loops vary per step."""
+
+    strategy = "recurrent"
+    params = {"n_loops": 6, "mean_loops": 3.0, "backprop_loops": 2, "injection": "add"}
