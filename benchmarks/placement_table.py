@@ -1,20 +1,26 @@
-"""Tabular benchmark: train every loop placement of a small looped MDLM at one training-FLOP budget.
+"""Tabular benchmark: train every loop placement of a small looped MDLM at one training-FLOP budget, 3 seeds each.
 
-The grid (31 configurations by default): a 6-layer transformer backbone; every block
-[loop_start, loop_end) of 1-3 layers (15 blocks) looped 2 or 3 times (strategy ``fixed``, the
-same loop count in training and at inference), plus the non-looped baseline (strategy ``none``,
-written as n_loops 1 with an empty block). Every configuration trains on the same data order and
-is validated on the same masks (one seed, as the trials of a loopsearch study): rows differ only
-in the placement. Each row also keeps the learning curve (val NLL at ``--eval-points`` equal
-fractions of the budget), so pruners can be replayed against the table without training
-(benchmarks/search_efficiency.py).
+The grid (46 configurations by default): a 6-layer transformer backbone; every block
+[loop_start, loop_end) of 1-3 layers (15 blocks) looped 2 or 3 times with a constant loop count
+(strategy ``fixed``), every block looped with S ~ U{1..3} in training and 3 loops at inference
+(LoopMDM's recipe, ``--uniform-loops 3``), plus the non-looped baseline (strategy ``none``, written as
+n_loops 1 with an empty block). Each configuration (a "cell") is trained once per seed (``--seeds``,
+default 0 1 2). A seed fixes the data order, the initialisation and the validation masks, and is the
+same for every cell: rows of one seed differ only in the placement, so differences between cells are
+paired by seed. Each row also keeps the learning curve (val NLL at ``--eval-points`` equal fractions
+of the budget), so pruners can be replayed against the table without training
+(benchmarks/search_efficiency.py); benchmarks/placement_summary.py reports its signal-to-noise and
+which cells beat the paper's placement.
 
-Output: a parquet table (polars), one row per configuration:
+Output: a parquet table (polars), one row per (configuration, seed):
 
-- ``loop_start``, ``loop_end``, ``block_length``, ``n_loops``, ``strategy``: the placement
-  (the baseline: 0, 0, 0, 1, "none");
-- ``val_nll``: final validation ELBO, nats/token; ``train_flops``: FLOPs spent (<= budget);
-  ``steps``: optimizer steps; ``inference_flops_per_token``; ``n_params``;
+- ``loop_start``, ``loop_end``, ``block_length``, ``n_loops``, ``train_loops``, ``strategy``: the
+  placement (the baseline: 0, 0, 0, 1, "none");
+- ``label``: e.g. ``[1,3)x3 U``; ``val_nll`` and ``val_se``: final validation ELBO, nats/token, and
+  its standard error over the validation windows; ``val_values`` and ``val_draws``: the validation per
+  (window, draw), so two rows of one seed can be differenced pairwise; ``train_flops``: FLOPs spent
+  (<= budget); ``steps``: optimizer steps;
+  ``inference_flops_per_token``; ``n_params``;
 - ``curve``: [[gflops, val_nll], ...] at every evaluation (GFLOPs = 1e9 training FLOPs spent
   when it ran; the last point is the final ``val_nll``);
 - ``wall_s``: training wall time, seconds; ``seed``;
@@ -25,25 +31,22 @@ Output: a parquet table (polars), one row per configuration:
 
 ``unigram_nll`` is the plateau: the cross-entropy (nats/token) of the validation split under the
 training split's unigram distribution. An MDLM that has learned nothing but token frequencies
-sits there; a useful table needs the baseline clearly below it.
+sits there; a useful table needs the baseline clearly below it. The model (d_model 48, 4 heads,
+seq 32, batch 16, lr 1e-2, vocabulary 260: almost bytes) was chosen because it leaves the plateau
+(3.53) within 1 TFLOP; at vocabulary 512 every setting tried stayed on it (2026-11-24).
 
-Why these defaults (the plateau check, baseline only, 1 TFLOP, one CPU thread, 2026-11-24): at
-vocab 512 every setting tried sat on the unigram plateau (d48 seq64 batch32 lr 2e-2 at 1.5 TFLOP:
-val NLL 5.212 against a plateau of 5.178; d48 seq32 batch16 lr 2e-2: 5.105, only 0.07 below). At
-vocab 260 (almost bytes) the model leaves it: d_model 48, 4 heads, seq 32, batch 16, lr 1e-2 goes
-from 3.392 at the first evaluation to 2.810 at the end (plateau 3.533, 1,653 steps, 29 s); lr 2e-2
-reached only 3.191, batch 32 3.175, seq 64 3.064. Seed noise of the baseline (seed 1): 2.857.
+The shipped table's date, machine, figures and summary are in docs/results.md ("Where to loop").
+The training head runs only at masked positions and is charged so: rows are comparable only with
+tables from the same code version (the 2026-11-24 one-seed table charged the full head and used the
+old validation estimator).
 
-The shipped table (benchmarks/placement_table.parquet, 2026-11-24, torch 2.13.0+cpu, one thread on
-a shared 2-core machine, 952 s for the 31 rows): baseline 2.810 (the best: at equal training FLOPs a
-looped model runs fewer steps), best looped [4,5)x3 2.855, worst [0,3)x3 3.321. It is one seed, and
-the looped rows differ by about as much as the baseline's seed-to-seed change (0.047), so read it as
-a fixed landscape to benchmark search methods on, not as evidence of where to loop.
+Run (138 trainings of 60-100 s on one thread; resumable: rows already in ``--output`` with the same
+settings are kept unless ``--fresh``), on two cores as two shards, then merged::
 
-Run (about 16 minutes for the 31 configurations on one thread; one process at a time)::
-
-    OMP_NUM_THREADS=1 python benchmarks/placement_table.py
-    OMP_NUM_THREADS=1 python benchmarks/placement_table.py --limit 1 --output /tmp/baseline.parquet  # baseline only
+    OMP_NUM_THREADS=1 python benchmarks/placement_table.py --shard 0/2 --output /tmp/pt_s0.parquet &
+    OMP_NUM_THREADS=1 python benchmarks/placement_table.py --shard 1/2 --output /tmp/pt_s1.parquet
+    python benchmarks/placement_table.py --merge /tmp/pt_s0.parquet /tmp/pt_s1.parquet
+    OMP_NUM_THREADS=1 python benchmarks/placement_table.py --limit 1 --seeds 0 --output /tmp/b.parquet  # baseline only
 """
 
 from __future__ import annotations
