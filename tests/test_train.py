@@ -113,6 +113,7 @@ def test_non_finite_loss_stops_before_the_update(data, monkeypatch):
 
     monkeypatch.setattr(trainer, "diffusion_loss", poisoned)
     model = model_for(data)
+    fixed = CFG.model_copy(update={"precision": "fp32", "compile": False})  # no speed probe: it calls the loss too
     with pytest.raises(FloatingPointError, match="non-finite training loss nan at step 3"):
-        train(model, data, CFG, 1e9, seed=0, progress=False)
+        train(model, data, fixed, 1e9, seed=0, progress=False)
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
