@@ -300,7 +300,8 @@ class StudyRecipe(Strict):
                             "`sampler` is read as this one; `sampler` means the diffusion sampler elsewhere)")
     pruner: Literal[PRUNERS] = Field(  # type: ignore[valid-type]
         "none", description="prune on val NLL at equal training FLOPs: none, median, successive_halving, hyperband")
-    artifacts_dir: str = Field("loopsearch_runs", description="where trial checkpoints are written")
+    artifacts_dir: str = Field("loopsearch_runs", description="where trial checkpoints are written (a relative "
+                               "path is resolved where the study is created and stored absolute)")
     objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec, description="what the study optimises")
 
     @field_validator("budget", mode="before")

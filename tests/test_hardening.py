@@ -4,6 +4,8 @@ Markdown report is not raw HTML."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from conftest import run_cli
@@ -165,3 +167,20 @@ def test_a_text_corpus_with_a_character_cut_at_the_first_mib_is_accepted(tmp_pat
     text = {"name": "text", "params": {"train": str(corpus)}}
     spec = studies.spec_from_options("t", "early_middle", None, None, text, None, None, None)
     studies.check_text_corpus(spec)
+
+
+def test_a_study_finds_its_files_from_another_directory(tmp_path, monkeypatch):
+    """Issue 15: paths stored in a study are resolved where it was created, not where a later
+    command runs (evaluate --metric genppl from elsewhere silently retrained the reference LM)."""
+    from loopsearch.eval.metrics import reference_path
+
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    here.mkdir(), elsewhere.mkdir()
+    storage = f"sqlite:///{tmp_path / 'studies.db'}"
+    monkeypatch.chdir(here)
+    r = run_cli("study", "create", "--space", "early_middle", "--name", "home", "--storage", storage, cwd=here)
+    assert r.returncode == 0, r.stderr
+    monkeypatch.chdir(elsewhere)
+    _, spec = studies.load("home", storage)
+    assert Path(spec.artifacts_dir) == (here / "loopsearch_runs").resolve()
+    assert reference_path(spec).is_relative_to(here.resolve())

@@ -102,6 +102,9 @@ def make_spec(recipe: StudyRecipe, name: str, space: str | SearchSpace | None = 
     data = recipe.model_dump()
     data.update(name=name, space=resolved.model_dump(), versions={})
     spec = validate(StudySpec, data, f"study {name!r}")
+    # a relative checkpoint folder is resolved where the study is created and stored absolute: later
+    # commands run from another directory (evaluate, the reference LM, resumes) find the same files
+    spec.artifacts_dir = str(Path(spec.artifacts_dir).expanduser().resolve())
     # store every parameter explicitly: the spec then says exactly what was trained
     spec.backbone.params = reg.params("backbone", spec.backbone.name, spec.backbone.params,
                                       f"study {name!r}").model_dump()
