@@ -129,3 +129,44 @@ def test_lognormal_poisson_draws_are_capped_and_match_their_expectation():
     assert abs(float(draws.double().mean()) - s.expected_train_loops()) < 0.05
     assert 2.5 < s.expected_train_loops() < 3.0  # the cap at 6 trims the mean of 3 a little
     assert s.max_train_loops() == 6 and FixedParams(train_loops="lognormal_poisson").sigma == 0.5
+
+
+def test_the_plugin_guide_v2_example_runs_as_printed():
+    """docs/plugins.md's complete v2 strategy, exactly as printed: truncated loops are charged once
+    (FlopCounterMode agrees), planning predicts the steps, and a seed reproduces its noise."""
+    from pathlib import Path
+
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "plugins.md").read_text()
+    start = guide.rindex("```python\n", 0, guide.index("class NoisyRecurrenceParams")) + len("```python\n")
+    ns: dict = {}
+    exec(guide[start:guide.index("```", start)], ns)
+    cls = ns["NoisyRecurrence"]
+    assert ns["register_loop_strategies"]() == [cls]
+    bb = tiny_model(seed=0, seq_len=16).backbone
+    model = LoopedMDM(bb, cls(cls.Params(), bb.d_model), 1, 3).train()
+    x = torch.randint(0, 49, (3, 16))
+    got = {}
+
+    def step():
+        out = model(x, 4, generator=torch.Generator().manual_seed(0))
+        got["out"] = out
+        out.logits.float().logsumexp(-1).sum().backward()
+
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        step()
+    out = got["out"]
+    assert out.applications == 4.0 and out.forward_only == 2.0
+    analytic = model.train_step_flops(16, 3, out.applications, out.extra_flops, forward_only=out.forward_only)
+    assert abs(analytic - counter.get_total_flops()) / counter.get_total_flops() < 0.02
+    ids = torch.randint(0, 49, (4000,))
+    data = PreparedData(ids, ids[:600].clone(), "", 49, "random")
+    cfg = TrainConfig(batch_size=4, seq_len=16, min_steps=1, eval_sequences=8, eval_curve_sequences=8,
+                      eval_points=1, precision="fp32", compile=False)
+    planned = plan_steps(model, cfg, 3e8)
+    runs = []
+    for seed in (5, 5):
+        fresh = tiny_model(seed=0, seq_len=16).backbone
+        runs.append(train(LoopedMDM(fresh, cls(cls.Params(), fresh.d_model), 1, 3), data, cfg, 3e8, seed=seed,
+                          progress=False))
+    assert abs(runs[0].steps - planned) <= 1 and runs[0].mean_train_loops == 4.0
+    assert runs[0].final_loss == runs[1].final_loss
