@@ -114,6 +114,18 @@ def summary(path: Path, top: int) -> str:
                 f"{len(beats)} of {k + 1} ({', '.join(map(label, beats)) or 'none'}); after Bonferroni over "
                 f"{k + 1} comparisons: {len(beats_strict)} ({', '.join(map(label, beats_strict)) or 'none'}). "
                 f"The paper's placement ranks {ranked.index(PAPER) + 1} of {len(cells)} by mean."]
+    if BASELINE in cells and len(seeds) > 1:
+        verdicts = {"better": [], "worse": [], "tie": []}
+        strict_better = []
+        for key in looped:
+            _, lo, hi = paired(cells, key, BASELINE, seeds)
+            verdicts[words(lo, hi)].append(key)
+            _, slo, shi = paired(cells, key, BASELINE, seeds, strict)
+            strict_better += [key] if shi < 0 else []
+        out.append(f"Looped cells against the no-loop baseline (95% paired t): {len(verdicts['better'])} better "
+                   f"({', '.join(map(label, verdicts['better'])) or 'none'}), {len(verdicts['worse'])} worse, "
+                   f"{len(verdicts['tie'])} tie; better after Bonferroni: {len(strict_better)} "
+                   f"({', '.join(map(label, strict_better)) or 'none'}).")
     return "\n".join(out)
 
 
