@@ -1050,6 +1050,10 @@ def evaluate_cmd(study_name, trial, metric, loop_counts, data_paths, sequences, 
     elif metric == "zeroshot_bpb":
         rows = [metrics.zeroshot_metric(loaded, path, sequences=sequences or None, seed=seed) for path in data_paths]
     else:
+        if spec.corpus.name != task:
+            click.echo(f"warning: study {study_name!r} trained on corpus {spec.corpus.name!r}, not on task {task!r}: "
+                       f"this accuracy is of a model that never saw the task (train on it with [corpus] name = "
+                       f"{task!r} where a corpus of that name exists)", err=True)
         rows = [metrics.task_metric(loaded, task, generation.parse_params(task_params), n=n_problems, **sampling)]
     for row in rows:
         metrics.store(st, trial, row)

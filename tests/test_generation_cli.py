@@ -95,6 +95,8 @@ def test_evaluate_task_on_addition(trained):
     assert r.returncode == 0, r.stderr
     (row,) = json.loads(r.stdout)
     assert row["n"] + row["n_skipped"] == 6 and 0 <= row["accuracy"] <= 1 and row["network_calls"] > 0
+    warning = [line for line in r.stderr.splitlines() if line.startswith("warning:")]  # trained on Shakespeare
+    assert len(warning) == 1 and "'shakespeare'" in warning[0] and "never saw the task" in warning[0], r.stderr
     bad = run_cli("evaluate", "scale", "1", "--metric", "task_accuracy", "--task", "chess")
     assert bad.returncode == 2 and "addition" in bad.stderr and "gsm8k" in bad.stderr
 
