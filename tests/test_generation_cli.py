@@ -171,3 +171,6 @@ def test_the_leaderboard_fits_80_columns_with_evaluate_metrics(trained, tmp_path
     assert "Not shown at this width" in flat and "--wide shows every column" in flat
     wide = run_cli("leaderboard", "--study", "scale", "--wide", env={"COLUMNS": "250"})
     assert wide.returncode == 0 and "0-shot" in wide.stdout and "task acc" in wide.stdout
+    named = " ".join(wide.stdout.split())  # the caption names what the metric columns measured
+    assert "task acc: addition" in named and "0-shot bits/B: held_out.txt" in named, wide.stdout
+    assert set(df["task"].drop_nulls()) == {"addition"} and set(df["zeroshot_data"].drop_nulls()) == {str(path)}

@@ -48,6 +48,7 @@ SCHEMA = {
     "confirmed": pl.Boolean, "steps": pl.Int64, "n_params": pl.Int64, "wall_s": pl.Float64,
     # generation metrics (study objectives, or the latest `loopsearch evaluate` of the trial)
     "gen_ppl": pl.Float64, "sample_entropy": pl.Float64, "task_accuracy": pl.Float64, "zeroshot_bpb": pl.Float64,
+    "task": pl.String, "zeroshot_data": pl.String,  # what task_accuracy and zeroshot_bpb were measured on
     "note": pl.String,
 }
 
@@ -56,15 +57,27 @@ def _metric_values(a: dict, evaluated: list[dict]) -> dict:
     """gen-PPL, entropy, task accuracy and zero-shot bits/byte of a trial: its objective values if
     the study optimised them, else the latest ``loopsearch evaluate`` row of each metric."""
     out = {"gen_ppl": a.get("gen_ppl"), "sample_entropy": a.get("sample_entropy"),
-           "task_accuracy": a.get("task_accuracy"), "zeroshot_bpb": a.get("zeroshot_bpb", a.get("zeroshot_nll"))}
+           "task_accuracy": a.get("task_accuracy"), "zeroshot_bpb": a.get("zeroshot_bpb", a.get("zeroshot_nll")),
+           "task": a.get("task"), "zeroshot_data": a.get("zeroshot_data")}
     for r in evaluated:  # in the order they were stored: later rows win
         if r.get("metric") == "genppl" and a.get("gen_ppl") is None:
             out.update(gen_ppl=r.get("gen_ppl"), sample_entropy=r.get("sample_entropy"))
         elif r.get("metric") == "task" and a.get("task_accuracy") is None:
-            out["task_accuracy"] = r.get("accuracy")
+            out.update(task_accuracy=r.get("accuracy"), task=r.get("task"))
         elif r.get("metric") == "zeroshot" and a.get("zeroshot_bpb", a.get("zeroshot_nll")) is None:
-            out["zeroshot_bpb"] = r.get("bits_per_byte")
+            out.update(zeroshot_bpb=r.get("bits_per_byte"), zeroshot_data=r.get("data"))
+    for key in ("task", "zeroshot_data"):
+        out[key] = None if out[key] is None else str(out[key])
     return out
+
+
+def _measured_on(df: pl.DataFrame, column: str, shown: str) -> str:
+    """'task acc: addition' for the caption: what a metric column was measured on (file names
+    without their folders; several values are all named)."""
+    if column not in df.columns or shown not in df.columns:
+        return ""
+    values = sorted({Path(v).name for v in df[column].drop_nulls().to_list()})
+    return f"{shown}: {', '.join(values)}" if values else ""
 
 
 def _note(t: optuna.trial.FrozenTrial, retried_as: dict[int, int]) -> str:
@@ -441,6 +454,11 @@ def rich_table(df: pl.DataFrame, title: str | None = None, width: int | None = N
               "its 95% interval, a tie when the interval contains 0"
     if not wide:
         caption += "; config: layers looped, xN loops, U = S~U{1..N} in training"
+    measured = [m for m in (_measured_on(df, "task", "task_accuracy") if "task_accuracy" in cols else "",
+                            _measured_on(df, "zeroshot_data", "zeroshot_bpb") if "zeroshot_bpb" in cols else "") if m]
+    if measured:
+        caption += "; " + "; ".join(m.replace("task_accuracy", HEADERS["task_accuracy"])
+                                    .replace("zeroshot_bpb", HEADERS["zeroshot_bpb"]) for m in measured)
     if dropped:
         caption += f". Not shown at this width: {', '.join(dropped)} (--wide shows every column)"
     table = Table(title=title or "loopsearch leaderboard", caption=caption, title_justify="left",
