@@ -298,8 +298,12 @@ def corpus_option(value: str | None) -> dict | None:
               "space's, else 1): every trial trains each and its value is their mean (arms: one trial per seed).")
 @click.option("--n-trials", type=click.IntRange(min=1),
               help="Finished trials the study is run to (all workers together).")
+@click.option("--estimate/--no-estimate", default=None,
+              help="Measure a few training steps of the baseline here and print the time a trial will take "
+                   "(default: when the output is a terminal).")
 @click.option("--storage", help=STORAGE_HELP)
-def study_create(space, recipe, name, budget, corpus, sampler, old_sampler, pruner, seed, seeds, n_trials, storage):
+def study_create(space, recipe, name, budget, corpus, sampler, old_sampler, pruner, seed, seeds, n_trials, estimate,
+                 storage):
     """Create a study and store its whole spec in Optuna storage.
 
     Example: loopsearch study create --space early_middle --name quick --budget '1 TFLOP'
@@ -319,7 +323,26 @@ def study_create(space, recipe, name, budget, corpus, sampler, old_sampler, prun
     click.echo(f"created study {name!r} in {mask(storage_url(storage))}: space {spec.space.name}, "
                f"budget {format_flops(spec.budget)} per trial{per}, corpus {spec.corpus.name}, {spec.n_trials} trials, "
                f"baseline enqueued")
+    if estimate if estimate is not None else sys.stdout.isatty():
+        seconds, rate = studies.estimate_trial_seconds(spec)
+        total = seconds * spec.n_trials * (spec.space.seeds if not spec.space.arms else 1)
+        click.echo(f"estimate: about {_duration(seconds)} of training per trial on this machine "
+                   f"({rate / 1e9:.3g} GFLOP/s measured on the baseline; looped trials spend the same FLOPs), "
+                   f"about {_duration(total)} for the study's {spec.n_trials} trials, validation not included")
     click.echo(f"next: loopsearch study run {name}")
+
+
+def _duration(seconds: float) -> str:
+    """'45 s', '12 min', '3.5 h', '2.1 days', '3.3e+02 years'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    if seconds < 730 * 86400:
+        return f"{seconds / 86400:.1f} days"
+    return f"{seconds / (365.25 * 86400):.3g} years"
 
 
 def _flops_option(ctx, param, value):

@@ -219,3 +219,18 @@ def test_the_dashboard_sees_metric_names(tiny_recipe):
     from loopsearch.search import study as studies
 
     assert studies.load("m")[0].metric_names == ["val_nll"]
+
+
+def test_study_create_estimates_the_time_of_a_trial(tmp_path):
+    """Issue 15 item 5: create measures a few steps of the baseline here and says how long a trial
+    and the study will take (a 1e20 budget is not accepted without a word)."""
+    db = f"sqlite:///{tmp_path / 'e.db'}"
+    r = run_cli("study", "create", "--space", "early_middle", "--name", "e", "--estimate", "--storage", db)
+    assert r.returncode == 0, r.stderr
+    (line,) = [line for line in r.stdout.splitlines() if line.startswith("estimate:")]
+    assert "per trial on this machine" in line and "GFLOP/s" in line and "for the study's 5 trials" in line
+    huge = run_cli("study", "create", "--space", "early_middle", "--name", "h", "--budget", "1e20", "--estimate",
+                   "--storage", db)
+    assert huge.returncode == 0 and "years" in huge.stdout, huge.stdout
+    quiet = run_cli("study", "create", "--space", "early_middle", "--name", "q", "--storage", db)  # not a terminal
+    assert quiet.returncode == 0 and "estimate:" not in quiet.stdout

@@ -15,6 +15,7 @@ import importlib.metadata as md
 import json
 import math
 import re
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -767,3 +768,38 @@ def spec_from_options(name: str, space: str | None, recipe: str | None, budget: 
     if space is None and recipe is None:
         raise SpecError("give --space NAME|PATH (e.g. --space early_middle) or --recipe NAME|PATH")
     return make_spec(merged, name, space)
+
+
+def estimate_trial_seconds(spec: StudySpec, steps: int = 4) -> tuple[float, float]:
+    """(seconds per trial, FLOP/s): a short probe of the study's baseline model on this machine:
+    ``steps`` fp32 training steps on random tokens (the first is a warm-up and not timed), with
+    the torch threads ``study run`` would use. Every trial spends the same training FLOPs, so a
+    trial takes about budget / FLOP/s, plus its validations (not included)."""
+    from ..diffusion import diffusion_loss
+    from ..train import make_optimizer
+    from .workers import worker_threads
+
+    config = trial_config(spec, 0, BASELINE)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(worker_threads(1))
+    try:
+        torch.manual_seed(0)
+        model = checkpoint.build_model(config, spec.vocab_size).train()
+        opt = make_optimizer(model, config.train)
+        gen = torch.Generator().manual_seed(0)
+        cfg = config.train
+        step_flops = model.train_step_flops(cfg.seq_len, cfg.batch_size, 0.0)
+        elapsed = 0.0
+        for k in range(max(2, steps)):
+            x0 = torch.randint(0, model.backbone.mask_id, (cfg.batch_size, cfg.seq_len), generator=gen)
+            start = time.perf_counter()
+            loss, _ = diffusion_loss(model, x0, model.backbone.mask_id, gen, 1, cfg.antithetic)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if k:
+                elapsed += time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
+    rate = step_flops * (max(2, steps) - 1) / max(elapsed, 1e-9)
+    return spec.budget / rate, rate
