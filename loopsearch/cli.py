@@ -9,6 +9,7 @@ import json
 import os
 import re
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -332,6 +333,23 @@ def study_create(space, recipe, name, budget, corpus, sampler, old_sampler, prun
     click.echo(f"next: loopsearch study run {name}")
 
 
+def _study_progress(study, spec, n_trials: int | None, ran: int, elapsed: float) -> str:
+    """' (3 of 5 finished; 4 min elapsed, about 3 min to go)': where the study stands after a trial.
+    The target is this run's --n-trials, else the study's n_trials; the time to go extrapolates
+    this run's mean time per trial."""
+    import optuna
+
+    finished = sum(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+                   for t in study.get_trials(deepcopy=False))
+    if n_trials:
+        target, have = n_trials, ran
+    else:
+        target, have = spec.n_trials, finished
+    left = max(0, target - have)
+    to_go = f", about {_duration(elapsed / ran * left)} to go" if left and ran else ""
+    return f" ({have} of {target} finished; {_duration(elapsed)} elapsed{to_go})"
+
+
 def _duration(seconds: float) -> str:
     """'45 s', '12 min', '3.5 h', '2.1 days', '3.3e+02 years'."""
     if seconds < 90:
@@ -445,8 +463,12 @@ def study_run(name, n_trials, timeout, workers, study_budget, checkpoint_every, 
     else:
         say(f"running study {name}" + (f" with {threads} torch thread(s)" if threads else ""))
 
+    started, ran_here = time.monotonic(), []
+
     def done(study, trial):
-        say(studies.trial_line(trial))
+        ran_here.append(trial.number)
+        say(studies.trial_line(trial) + _study_progress(study, loaded, n_trials, len(ran_here),
+                                                        time.monotonic() - started))
 
     try:
         ran = pool.run(name, storage, n_trials, timeout, progress=progress, callback=done, until=until,

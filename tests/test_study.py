@@ -161,6 +161,10 @@ def test_quickstart_commands_via_cli(tiny_recipe):
     assert run_cli("study", "create", "--space", "early_middle", "--recipe", str(tiny_recipe)).returncode == 0
     r = run_cli("study", "run", "--no-progress")  # no name: the most recent study
     assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stdout.splitlines() if line.startswith("trial ") and " complete: " in line]
+    n = len(lines)
+    assert n >= 2 and f"({n} of {n} finished;" in lines[-1] and "elapsed)" in lines[-1], r.stdout  # study progress
+    assert "(1 of " in lines[0] and "to go)" in lines[0]
     r = run_cli("leaderboard")
     assert r.returncode == 0 and "★" in r.stdout and "baseline" in r.stdout and " x" in r.stdout  # e.g. L1-2 x3 U
     r = run_cli("study", "list")
