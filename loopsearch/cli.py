@@ -325,7 +325,9 @@ def study_create(space, recipe, name, budget, corpus, sampler, old_sampler, prun
                f"budget {format_flops(spec.budget)} per trial{per}, corpus {spec.corpus.name}, {spec.n_trials} trials, "
                f"baseline enqueued")
     if estimate if estimate is not None else sys.stdout.isatty():
-        seconds, rate = studies.estimate_trial_seconds(spec)
+        from .search.workers import worker_threads
+
+        seconds, rate = studies.estimate_trial_seconds(spec, threads=worker_threads(1))
         total = seconds * spec.n_trials * (spec.space.seeds if not spec.space.arms else 1)
         click.echo(f"estimate: about {_duration(seconds)} of training per trial on this machine "
                    f"({rate / 1e9:.3g} GFLOP/s measured on the baseline; looped trials spend the same FLOPs), "

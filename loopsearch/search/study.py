@@ -770,18 +770,16 @@ def spec_from_options(name: str, space: str | None, recipe: str | None, budget: 
     return make_spec(merged, name, space)
 
 
-def estimate_trial_seconds(spec: StudySpec, steps: int = 4) -> tuple[float, float]:
+def estimate_trial_seconds(spec: StudySpec, steps: int = 4, threads: int | None = None) -> tuple[float, float]:
     """(seconds per trial, FLOP/s): a short probe of the study's baseline model on this machine:
     ``steps`` fp32 training steps on random tokens (the first is a warm-up and not timed), with
-    the torch threads ``study run`` would use. Every trial spends the same training FLOPs, so a
+    ``threads`` torch threads (pass what ``study run`` would use). Every trial spends the same training FLOPs, so a
     trial takes about budget / FLOP/s, plus its validations (not included)."""
     from ..diffusion import diffusion_loss
     from ..train import make_optimizer
-    from .workers import worker_threads
-
     config = trial_config(spec, 0, BASELINE)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(worker_threads(1))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
     try:
         torch.manual_seed(0)
         model = checkpoint.build_model(config, spec.vocab_size).train()
@@ -800,6 +798,6 @@ def estimate_trial_seconds(spec: StudySpec, steps: int = 4) -> tuple[float, floa
             if k:
                 elapsed += time.perf_counter() - start
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
     rate = step_flops * (max(2, steps) - 1) / max(elapsed, 1e-9)
     return spec.budget / rate, rate
