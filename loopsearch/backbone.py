@@ -33,6 +33,10 @@ class Backbone(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:  # (B, T) ids -> (B, T, C)
         raise NotImplementedError
 
+    # True when ``run_block(i, h, index=...)`` runs a subset of each sequence's tokens: ``index``
+    # (B, T') long holds their positions (token-level routing, the ``router`` strategy, needs it)
+    supports_token_index: bool = False
+
     def run_block(self, i: int, h: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
         raise NotImplementedError
 

@@ -114,11 +114,11 @@ def plugins():
 
 @plugins.command("check")
 @click.argument("name")
-@click.option("--param", "params", multiple=True, metavar="K=V", help="A parameter of the strategy (repeatable; "
+@click.option("--param", "params", multiple=True, metavar="K=V", help="A parameter of the plugin (repeatable; "
                                                                       "default: its Params defaults).")
 @click.option("--block", default="1,3", show_default=True, help="The looped layers start,end of the tiny test model.")
 def plugins_check(name, params, block):
-    """Run the conformance suite of an installed looping strategy, exit criterion or sampler.
+    """Run the conformance suite of an installed looping strategy, exit criterion, sampler or backbone.
 
     The suite (loopsearch.testing.StrategyConformance) checks, on a tiny model: unknown parameters
     are refused, training and inference FLOPs match torch's FlopCounterMode, one loop equals the
@@ -129,8 +129,10 @@ def plugins_check(name, params, block):
     determinism, and FLOPs (readouts included) against FlopCounterMode. For a sampler
     (loopsearch.testing.SamplerConformance): every MASK filled, the prompt kept, committed tokens
     never change, at most `steps` calls, determinism, and its reported cost against FlopCounterMode.
-    No test file is written by you; needs pytest (pip install
-    'loopsearch[plugin-dev]').
+    For a backbone (loopsearch.testing.BackboneConformance): MASK is the last id, shapes, the flop
+    profile against FlopCounterMode (forward and training), gradients, determinism, bidirectional
+    attention, token-index support and attention probabilities where offered. No test file is written
+    by you; needs pytest (pip install 'loopsearch[plugin-dev]').
 
     Example: loopsearch plugins check fixed --param n_loops=3 --param train_loops=uniform
     """
@@ -153,8 +155,7 @@ def plugins_check(name, params, block):
     elif "sampler" in kinds:
         kind, suite, attr, label = "sampler", "SamplerConformance", "sampler", "sampler"
     else:
-        raise LoopsearchError(f"{name!r} is a backbone: only looping strategies, exit criteria and samplers "
-                              f"have a conformance suite so far (loopsearch.testing)")
+        kind, suite, attr, label = "backbone", "BackboneConformance", "backbone", "backbone"
     from .eval.generation import parse_params
 
     raw = parse_params(params)

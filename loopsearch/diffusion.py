@@ -86,7 +86,8 @@ def elbo(nll: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 def diffusion_loss(model: Model, x0: torch.Tensor, mask_id: int, generator: torch.Generator,
                    n_loops: int | None = None, antithetic: bool = True,
                    shard: tuple[int, int] | None = None, positions: bool | None = None,
-                   loop_generator: torch.Generator | None = None) -> tuple[torch.Tensor, Any]:
+                   loop_generator: torch.Generator | None = None,
+                   targets: bool | None = None) -> tuple[torch.Tensor, Any]:
     """One MDLM training loss (nats/token, plus the strategy's auxiliary loss if any) and the
     model's output (what the loop block executed).
 
@@ -94,6 +95,9 @@ def diffusion_loss(model: Model, x0: torch.Tensor, mask_id: int, generator: torc
     loss), the model's ``forward(..., positions=)``; default: when the model says it supports it
     (a wrapper such as DDP hides the attribute: the trainer passes it). The loss is the same.
     ``loop_generator``: the stream a strategy draws from inside the loop (``LoopContext.generator``).
+    ``targets``: pass the clean tokens to the model (strategies with ``uses_targets`` score readouts of
+    intermediate loops); default: when the model's strategy asks (a wrapper hides it: the trainer passes it).
+    A per-token ``loss_weight`` in the model's output scales its tokens' losses (a loss over exits).
 
     ``shard=(rank, world)`` (data parallel): mask rates and masks are drawn for the whole batch,
     as in one process, and only rows [rank*B/world, (rank+1)*B/world) run through the model; the
@@ -107,12 +111,19 @@ def diffusion_loss(model: Model, x0: torch.Tensor, mask_id: int, generator: torc
     if positions is None:
         positions = getattr(model, "supports_positions", False)
     extra = {} if loop_generator is None else {"generator": loop_generator}
+    if targets is None:
+        targets = bool(getattr(getattr(model, "strategy", None), "uses_targets", False))
+    if targets:
+        extra["targets"] = x0
     if positions:
         out = model(xt, n_loops, t.to(x0.device), positions=masked, **extra)
         nll = positions_nll(out.logits, x0, masked, mask_id)
     else:
         out = model(xt, n_loops, t.to(x0.device), **extra)
         nll = masked_nll(out.logits, x0, masked, mask_id)
+    weight = getattr(out, "loss_weight", None)
+    if weight is not None:
+        nll = nll * weight.to(nll.dtype)
     loss = elbo(nll, t)
     if getattr(out, "aux_loss", None) is not None:
         loss = loss + out.aux_loss

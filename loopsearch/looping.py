@@ -62,6 +62,11 @@ class LoopContext:
     # the trainer's loop stream in training and by a fixed key in validation, so runs are reproducible;
     # never draw from torch's global generator
     generator: torch.Generator | None = None
+    readout_flops: float = 0.0  # forward FLOPs per sequence of one ``readout`` at this batch's length
+    # training only, for strategies with ``uses_targets`` (a loss over exits): the clean tokens x0 (B, T)
+    # and the MASK id, so the strategy can score a readout with the same per-token loss as the trainer
+    targets: torch.Tensor | None = None
+    mask_id: int | None = None
 
 
 @dataclass
@@ -78,6 +83,9 @@ class LoopResult:
     forward_only: float = 0.0
     aux_loss: torch.Tensor | None = None  # added to the training loss (e.g. a ponder cost)
     stats: dict[str, float] = field(default_factory=dict)  # e.g. mean loops per token
+    # (B, T) weight of each token's loss on the model's own output (None: 1): a strategy that trains an
+    # expectation over exits puts the other exits' terms in aux_loss and the last exit's share here
+    loss_weight: torch.Tensor | None = None
 
 
 @dataclass
@@ -89,6 +97,7 @@ class ModelOutput:
     stats: dict[str, float] = field(default_factory=dict)
     head_share: float = 1.0  # share of the positions the head ran on (forward(..., positions=))
     forward_only: float = 0.0  # of the applications, those run without backward (charged 1x in training)
+    loss_weight: torch.Tensor | None = None  # (B, T) weight of each token's loss (LoopResult.loss_weight)
 
 
 class LoopStrategy(nn.Module):
@@ -104,6 +113,9 @@ class LoopStrategy(nn.Module):
     name: ClassVar[str]
     Params: ClassVar[type[BaseModel]] = NoParams
     loops_block: ClassVar[bool] = True
+    # True: training passes the clean tokens (``ctx.targets``, ``ctx.mask_id``) so ``run`` can score
+    # readouts of intermediate loops with the trainer's loss (a loss over exits, as Ouro's gate)
+    uses_targets: ClassVar[bool] = False
 
     def __init__(self, params: BaseModel, d_model: int):
         super().__init__()
@@ -196,13 +208,15 @@ class LoopedMDM(nn.Module):
         self.loop_start, self.loop_end = loop_start, loop_end
         strategy.attach(self)
 
-    def run_range(self, h: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    def run_range(self, h: torch.Tensor, start: int, end: int, index: torch.Tensor | None = None) -> torch.Tensor:
         for i in range(start, end):
-            h = self.backbone.run_block(i, h)
+            h = self.backbone.run_block(i, h) if index is None else self.backbone.run_block(i, h, index=index)
         return h
 
-    def _block(self, h: torch.Tensor) -> torch.Tensor:
-        return self.run_range(h, self.loop_start, self.loop_end)
+    def _block(self, h: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """The loop block. ``index`` (B, T') long: ``h`` holds only these positions of each sequence
+        (token-level routing); the backbone must say ``supports_token_index``."""
+        return self.run_range(h, self.loop_start, self.loop_end, index)
 
     def readout(self, h: torch.Tensor) -> torch.Tensor:
         """Logits from the loop block's output (runs the coda and the head)."""
@@ -217,11 +231,12 @@ class LoopedMDM(nn.Module):
 
     def forward(self, x: torch.Tensor, n_loops: int | None = None, t: torch.Tensor | None = None,
                 exit=None, positions: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> ModelOutput:
+                generator: torch.Generator | None = None, targets: torch.Tensor | None = None) -> ModelOutput:
         """x: (B, T) token ids; t: (B,) mask rates if known; exit: an inference-time exit
         criterion. Returns logits (B, T, n_tokens) and what the loop block executed; with
         ``positions`` (a (B, T) bool mask) the head runs only there and logits are (N, n_tokens),
-        in row-major order of the True positions (the validation loss needs only masked ones)."""
+        in row-major order of the True positions (the validation loss needs only masked ones).
+        ``targets``: the clean tokens, in training, for strategies with ``uses_targets``."""
         b = self.backbone
         n = self.strategy.eval_loops() if n_loops is None else n_loops
         h = b.embed(x)
@@ -231,15 +246,17 @@ class LoopedMDM(nn.Module):
             if generator is None:  # a caller without a stream of its own: a fixed one, so a call is reproducible
                 generator = torch.Generator().manual_seed(0)
             ctx = LoopContext(t=t, masked=x == b.mask_id, training=self.training, exit=exit, readout=self.readout,
-                              generator=generator)
+                              generator=generator, readout_flops=self.readout_flops(x.shape[1]),
+                              targets=targets if self.strategy.uses_targets else None, mask_id=b.mask_id)
             result = self.strategy.run(h, self._block, n, ctx)
         h = self.run_range(result.h, self.loop_end, b.n_layer)
         if positions is None:
             return ModelOutput(b.head(h), result.applications, result.extra_flops, result.aux_loss, result.stats,
-                               forward_only=result.forward_only)
+                               forward_only=result.forward_only, loss_weight=result.loss_weight)
         share = float(positions.sum()) / max(positions.numel(), 1)
         return ModelOutput(b.head(h[positions][None])[0], result.applications, result.extra_flops, result.aux_loss,
-                           result.stats, head_share=share, forward_only=result.forward_only)
+                           result.stats, head_share=share, forward_only=result.forward_only,
+                           loss_weight=result.loss_weight)
 
     # ---- FLOPs of what runs (see flops.py) ---------------------------------------------------
     def forward_flops(self, n_loops: float, seq_len: int | None = None) -> float:

@@ -1,6 +1,7 @@
 """Conformance suites for plugins (builtin or third-party): looping strategies
-(:class:`StrategyConformance`), exit criteria (:class:`ExitConformance`) and samplers
-(:class:`SamplerConformance`); the last two are documented in their classes.
+(:class:`StrategyConformance`), exit criteria (:class:`ExitConformance`), samplers
+(:class:`SamplerConformance`) and backbones (:class:`BackboneConformance`); the last three are
+documented in their classes.
 
 A strategy author subclasses :class:`StrategyConformance` in a pytest test module::
 
@@ -37,8 +38,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from .diffusion import diffusion_loss, mask_tokens
 from .looping import LoopedMDM
 
-__all__ = ["ExitConformance", "SamplerConformance", "StrategyConformance", "TINY_RECIPE", "measured_flops",
-           "space_toml"]
+__all__ = ["BackboneConformance", "ExitConformance", "SamplerConformance", "StrategyConformance", "TINY_RECIPE",
+           "measured_flops", "space_toml"]
 
 # A tiny study: 4 layers, d_model 32, a few dozen optimizer steps per trial (seconds on a CPU).
 TINY_RECIPE = """
@@ -198,12 +199,13 @@ class StrategyConformance:
     def test_training_flops_match_flop_counter(self):
         model = self.make_model()
         model.train()
-        _, xt, t = self.batch(model)
+        x0, xt, t = self.batch(model)
         n = model.strategy.train_loops(torch.Generator().manual_seed(self.seed))
         got = {}
+        targets = {"targets": x0} if model.strategy.uses_targets else {}  # a loss over exits scores readouts
 
         def step():
-            out = model(xt, n, t)
+            out = model(xt, n, t, **targets)
             loss = out.logits.float().logsumexp(-1).sum()
             if out.aux_loss is not None:
                 loss = loss + out.aux_loss
@@ -309,7 +311,8 @@ class StrategyConformance:
                 x0 = torch.randint(0, self.vocab, (self.batch_size, self.seq_len), generator=gen)
                 t = sample_t(self.batch_size, gen)
                 xt, _ = mask_tokens(x0, t, model.backbone.mask_id, gen)
-                out = model(xt, n, t, generator=gen)
+                targets = {"targets": x0} if st.uses_targets else {}
+                out = model(xt, n, t, generator=gen, **targets)
                 applications.append(float(out.applications))
                 forward_only.append(float(out.forward_only))
                 extra.append(float(out.extra_flops))
@@ -609,3 +612,140 @@ class SamplerConformance:
         assert abs(cost.flops - counted) / counted < FLOP_TOLERANCE, (
             f"{self.sampler}: its cost says {cost.flops:.6g} FLOPs, FlopCounterMode counted {counted:.6g}: "
             f"call the model through the Denoiser it is given, which charges every call")
+
+
+class BackboneConformance:
+    """Conformance suite for a backbone (a ``Backbone`` registered with ``register_backbones``).
+
+    Subclass it in a pytest module with the registered name and a small configuration::
+
+        class TestMyBackbone(BackboneConformance):
+            backbone = "my_backbone"
+            params = {"n_layer": 3, "d_model": 32}
+
+    It checks: the Params model refuses unknown keys; the MASK token is the last id (``mask_id ==
+    vocab``, ``n_tokens == vocab + 1``); ``embed`` / ``run_block`` / ``head`` keep the shapes the core
+    relies on; the flop profile has one entry per layer and matches FlopCounterMode within 2% for a
+    forward pass and for a training step (3x); every parameter gets a gradient; construction is
+    deterministic under ``torch.manual_seed``; attention is bidirectional unless the params ask for a
+    causal model (an MDM denoises every position from both sides); a backbone that says
+    ``supports_token_index`` runs ``run_block(i, h, index=arange(T))`` exactly as without the index;
+    and ``attention_probs``, where implemented, gives rows that sum to 1.
+    """
+
+    backbone: ClassVar[str] = ""
+    params: ClassVar[dict[str, Any]] = {}
+    vocab: ClassVar[int] = 50
+    seq_len: ClassVar[int] = 16
+    batch_size: ClassVar[int] = 3
+    seed: ClassVar[int] = 0
+
+    @classmethod
+    def make(cls, seed: int | None = None):
+        if not cls.backbone:
+            raise TypeError(f"{cls.__name__}: set the class attribute `backbone` to the registered name")
+        from .registry import get_registry
+
+        torch.manual_seed(cls.seed if seed is None else seed)
+        return get_registry().build("backbone", cls.backbone, cls.params, cls.vocab, cls.seq_len)
+
+    def _x(self, bb) -> torch.Tensor:
+        x = torch.randint(0, self.vocab, (self.batch_size, self.seq_len), generator=torch.Generator().manual_seed(1))
+        x[:, ::3] = bb.mask_id
+        return x
+
+    def _forward(self, bb, x):
+        h = bb.embed(x)
+        for i in range(bb.n_layer):
+            h = bb.run_block(i, h)
+        return bb.head(h)
+
+    def test_params_model_forbids_unknown_keys(self):
+        from .registry import get_registry
+
+        Params = get_registry().get("backbone", self.backbone).Params
+        Params.model_validate(self.params)
+        with pytest.raises(ValidationError):
+            Params.model_validate({**self.params, "no_such_parameter_xyz": 1})
+
+    def test_mask_token_and_shapes(self):
+        bb = self.make()
+        assert bb.mask_id == self.vocab and bb.n_tokens == self.vocab + 1, (
+            f"MASK must be the last id: mask_id {bb.mask_id}, n_tokens {bb.n_tokens} for vocab {self.vocab}")
+        assert isinstance(bb.n_layer, int) and bb.n_layer >= 1 and isinstance(bb.d_model, int)
+        x = self._x(bb)
+        h = bb.embed(x)
+        assert tuple(h.shape) == (self.batch_size, self.seq_len, bb.d_model), f"embed gave {tuple(h.shape)}"
+        for i in range(bb.n_layer):
+            h2 = bb.run_block(i, h)
+            assert h2.shape == h.shape, f"run_block({i}) changed the shape {tuple(h.shape)} -> {tuple(h2.shape)}"
+            h = h2
+        logits = bb.head(h)
+        assert tuple(logits.shape) == (self.batch_size, self.seq_len, bb.n_tokens), f"head gave {tuple(logits.shape)}"
+        assert torch.isfinite(logits).all(), "non-finite logits at initialisation"
+
+    def test_flop_profile_matches_flop_counter(self):
+        bb = self.make()
+        profile = bb.flop_profile(self.seq_len)
+        assert len(profile.layers) == bb.n_layer, (
+            f"flop_profile has {len(profile.layers)} layers, the model {bb.n_layer}")
+        x = self._x(bb)
+        with torch.no_grad():
+            counted = measured_flops(lambda: self._forward(bb, x))
+        analytic = self.batch_size * (sum(profile.layers) + profile.head)
+        assert counted > 0 and abs(analytic - counted) / counted < FLOP_TOLERANCE, (
+            f"forward: flop_profile gives {analytic:.6g} FLOPs, FlopCounterMode counted {counted:.6g}")
+        from .flops import TRAIN_MULTIPLIER
+
+        trained = measured_flops(lambda: self._forward(bb, x).float().logsumexp(-1).sum().backward())
+        assert abs(TRAIN_MULTIPLIER * analytic - trained) / trained < FLOP_TOLERANCE, (
+            f"training step: {TRAIN_MULTIPLIER} x flop_profile = {TRAIN_MULTIPLIER * analytic:.6g} FLOPs, "
+            f"FlopCounterMode counted {trained:.6g}")
+
+    def test_gradients_reach_every_parameter(self):
+        bb = self.make()
+        self._forward(bb, self._x(bb)).float().logsumexp(-1).sum().backward()
+        missing = [n for n, p in bb.named_parameters()
+                   if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+        assert not missing, f"parameters without a gradient: {missing}"
+
+    def test_deterministic_under_seed(self):
+        a, b, c = self.make(seed=3), self.make(seed=3), self.make(seed=4)
+        x = self._x(a)
+        with torch.no_grad():
+            ya, yb, yc = self._forward(a, x), self._forward(b, x), self._forward(c, x)
+        assert torch.equal(ya, yb), "the same seed built different models (draw initial weights from torch's generator)"
+        assert not torch.equal(ya, yc), "the seed has no effect on the initial weights"
+
+    def test_attention_is_bidirectional(self):
+        if self.params.get("causal"):
+            pytest.skip(f"{self.backbone}: causal by its params")
+        bb = self.make()
+        x = self._x(bb)
+        y = x.clone()
+        y[:, -1] = (x[:, -1] + 1) % self.vocab  # change only the last position
+        with torch.no_grad():
+            first_x, first_y = self._forward(bb, x)[:, 0], self._forward(bb, y)[:, 0]
+        assert not torch.equal(first_x, first_y), (
+            "the first position's logits ignore the last token: a masked diffusion model needs bidirectional attention")
+
+    def test_token_index_covering_every_position_is_the_plain_block(self):
+        bb = self.make()
+        if not getattr(bb, "supports_token_index", False):
+            pytest.skip(f"{self.backbone}: supports_token_index is False (the router strategy is not available)")
+        h = bb.embed(self._x(bb))
+        index = torch.arange(self.seq_len).expand(self.batch_size, self.seq_len)
+        with torch.no_grad():
+            assert torch.allclose(bb.run_block(0, h, index=index), bb.run_block(0, h), atol=1e-6), (
+                "run_block(i, h, index=arange(T)) differs from run_block(i, h)")
+
+    def test_attention_probs_rows_sum_to_one(self):
+        bb = self.make()
+        h = bb.embed(self._x(bb))
+        try:
+            with torch.no_grad():
+                probs = bb.attention_probs(0, h)
+        except NotImplementedError:
+            pytest.skip(f"{self.backbone}: attention_probs is not implemented (optional)")
+        assert probs.dim() == 4 and probs.shape[0] == self.batch_size and probs.shape[-2:] == (self.seq_len,) * 2
+        assert torch.allclose(probs.float().sum(-1), torch.ones(()), atol=1e-4), "attention rows do not sum to 1"

@@ -211,7 +211,8 @@ def choose_speed(model: LoopedMDM, cfg: TrainConfig, device: torch.device, train
     def probe_step(forward, opt) -> None:
         gen = torch.Generator().manual_seed(0)  # the probe's own stream: the trial's are untouched
         x0 = random_batch(train_ids, cfg.batch_size, cfg.seq_len, gen).to(device)
-        loss, _ = diffusion_loss(forward, x0, mask_id, gen, loops, cfg.antithetic, positions=model.supports_positions)
+        loss, _ = diffusion_loss(forward, x0, mask_id, gen, loops, cfg.antithetic, positions=model.supports_positions,
+                                 targets=model.strategy.uses_targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -331,7 +332,8 @@ def train(model: LoopedMDM, data: PreparedData, cfg: TrainConfig, budget: float,
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss, out = diffusion_loss(step_forward, x0, mask_id, gens["masks"], n_loops, cfg.antithetic, shard=shard,
                                        positions=model.supports_positions,  # the head only where the loss is
-                                       loop_generator=gens["loops"])  # what a strategy draws inside the loop
+                                       loop_generator=gens["loops"],  # what a strategy draws inside the loop
+                                       targets=model.strategy.uses_targets)  # a loss over exits needs x0
         keys = sorted(out.stats)
         loss_val, applications, extra, head_share, forward_only, *stat_values = _agree(
             [loss.item(), float(out.applications), float(out.extra_flops), float(getattr(out, "head_share", 1.0)),

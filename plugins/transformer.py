@@ -138,9 +138,15 @@ class Transformer(Backbone):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.wte(x)
 
-    def run_block(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        T = h.shape[1]
-        return self.blocks[i](h, self.cos[:T], self.sin[:T])
+    supports_token_index = True  # run_block(i, h, index=): a subset of each sequence's tokens (router)
+
+    def run_block(self, i: int, h: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Layer i on h (B, T, C). ``index`` (B, T') long: h holds only these positions of each
+        sequence, which attend to one another at their own rotary positions."""
+        if index is None:
+            T = h.shape[1]
+            return self.blocks[i](h, self.cos[:T], self.sin[:T])
+        return self.blocks[i](h, self.cos[index][:, None], self.sin[index][:, None])
 
     def attention_probs(self, i: int, h: torch.Tensor) -> torch.Tensor:
         T = h.shape[1]

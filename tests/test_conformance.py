@@ -1,5 +1,5 @@
-"""The builtin looping strategies and exit criteria, and the example plugin's third-party ``damped``,
-pass the conformance suites a plugin author inherits (loopsearch.testing)."""
+"""The builtin looping strategies, exit criteria, samplers and backbone, and the example plugin's
+third-party ``damped``, pass the conformance suites a plugin author inherits (loopsearch.testing)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 
 from conftest import run_cli
 
-from loopsearch.testing import ExitConformance, SamplerConformance, StrategyConformance
+from loopsearch.testing import BackboneConformance, ExitConformance, SamplerConformance, StrategyConformance
 
 
 class TestFixed(StrategyConformance):
@@ -151,6 +151,28 @@ class Sneaky(Sampler):
 @loopsearch.hookimpl
 def register_samplers():
     return [Sneaky]
+
+
+from loopsearch_builtins.transformer import Transformer, TransformerParams
+from loopsearch.flops import FlopProfile, head_flops, transformer_layer_flops
+
+
+class NoAttentionCount(Transformer):
+    """A transformer whose flop profile leaves out attention's T x T matmuls: a planted FLOP error."""
+
+    name = "no_attention_count"
+    Params = TransformerParams
+
+    def flop_profile(self, seq_len):
+        p = self.params
+        layer = transformer_layer_flops(seq_len, p.d_model, p.d_ff, gated_mlp=p.mlp == "swiglu")
+        layer -= 4 * seq_len * seq_len * p.d_model
+        return FlopProfile(seq_len, (layer,) * p.n_layer, head_flops(seq_len, p.d_model, self.n_tokens))
+
+
+@loopsearch.hookimpl
+def register_backbones():
+    return [NoAttentionCount]
 '''
 
 
@@ -169,8 +191,8 @@ def test_plugins_check_runs_the_suite_and_catches_a_planted_flop_error(tmp_path)
     assert "failed its conformance suite" in r.stderr and "FlopCounterMode" in r.stdout
     bad = run_cli("plugins", "check", "fixed", "--param", "n_loops=0", env=env)
     assert bad.returncode == 2 and "n_loops" in bad.stderr and "Traceback" not in bad.stderr
-    r = run_cli("plugins", "check", "transformer")  # a backbone: no suite yet, said in one line
-    assert r.returncode == 2 and "backbone" in r.stderr
+    r = run_cli("plugins", "check", "no_attention_count", env=env)  # a backbone that forgets attention's FLOPs
+    assert r.returncode != 0 and "backbone 'no_attention_count' failed" in r.stderr and "FlopCounterMode" in r.stdout
     r = run_cli("plugins", "check", "sneaky", env=env)  # a sampler that calls the model behind the Denoiser
     assert r.returncode != 0 and "sampler 'sneaky' failed" in r.stderr and "FlopCounterMode" in r.stdout
     r = run_cli("plugins", "check", "free_readout", env=env)  # an exit criterion that hides its readouts
@@ -199,3 +221,41 @@ class TestRecurrentLognormal(StrategyConformance):
 
     strategy = "recurrent"
     params = {"n_loops": 6, "mean_loops": 3.0, "backprop_loops": 2, "injection": "add"}
+
+
+class TestExitGate(StrategyConformance):
+    """Ouro-style learned exit gate: readouts of the loops before the cap are charged (3x in training)."""
+
+    strategy = "exit_gate"
+    params = {"n_loops": 3}
+    one_loop_params = {"n_loops": 1}
+
+
+class TestExitGateEarlyExit(StrategyConformance):
+    """A gate that starts wanting to exit: inference stops before the cap, and is charged what ran."""
+
+    strategy = "exit_gate"
+    params = {"n_loops": 4, "init_bias": 3.0, "threshold": 0.9}
+
+
+class TestRouter(StrategyConformance):
+    """Mixture-of-Recursions routing: later loops run only the kept tokens, charged at their length."""
+
+    strategy = "router"
+    params = {"n_loops": 3}
+    one_loop_params = {"n_loops": 1}
+
+
+class TestRouterGeometric(StrategyConformance):
+    strategy = "router"
+    params = {"n_loops": 4, "capacity": "geometric", "keep": 0.5}
+
+
+class TestTransformerBackbone(BackboneConformance):
+    backbone = "transformer"
+    params = {"n_layer": 3, "d_model": 32, "n_heads": 2}
+
+
+class TestTransformerBackboneGelu(BackboneConformance):
+    backbone = "transformer"
+    params = {"n_layer": 2, "d_model": 32, "n_heads": 4, "mlp": "gelu", "tie_embeddings": False}

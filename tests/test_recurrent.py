@@ -88,4 +88,4 @@ def test_the_state_starts_from_noise_drawn_from_the_context_generator():
 
 def test_the_strategies_v2_space_searches_every_strategy():
     space = load_space("strategies_v2")
-    assert set(space.strategies) == {"none", "fixed", "halting", "timestep", "recurrent"}
+    assert set(space.strategies) == {"none", "fixed", "halting", "timestep", "recurrent", "exit_gate", "router"}
