@@ -15,6 +15,10 @@ Rules:
 - a setting wins only if it beats the simpler one (fp32 before bf16, eager before compiled) by more
   than ``MARGIN``: timing noise must not flip the choice.
 - one candidate (fp32 eager): nothing is probed.
+- the probe stays small against the trial: an eager setting gets one warm-up step and
+  ``probe_steps(steps, n)`` timed ones (at most ``PROBE_SHARE`` of the trial's steps over all n
+  candidates, at least 1, at most ``TIMED_STEPS``). A trial of few, long steps times one step per
+  setting (one long step times well); a trial of many short steps times five.
 
 Probes are cached per machine, torch version, thread count and model shape in
 ``$LOOPSEARCH_CACHE/probe.json`` (default ``~/.cache/loopsearch``), so the studies' next trial of the
@@ -39,7 +43,8 @@ import torch
 
 COMPILE_MIN_S = 300.0  # probe compilation only for trials expected to run at least this long eager
 MARGIN = 0.05  # a more complex setting must be this much faster (whole trial) to be chosen
-WARMUP_STEPS, TIMED_STEPS = 2, 5
+WARMUP_STEPS, TIMED_STEPS = 2, 5  # warm-up steps (1 for an eager setting) and at most this many timed ones
+PROBE_SHARE = 0.02  # timed probe steps of all eager settings together: at most this share of the trial's steps
 
 
 @dataclass(frozen=True)
@@ -123,9 +128,15 @@ def decide(step_s: dict[Setting, float], compile_s: dict[Setting, float], steps:
 
 
 # ---- measuring ------------------------------------------------------------------------------------
+def probe_steps(steps: int, n_settings: int) -> int:
+    """Timed steps per eager setting for a trial of ``steps`` steps with ``n_settings`` candidates."""
+    return max(1, min(TIMED_STEPS, int(PROBE_SHARE * steps / max(n_settings, 1))))
+
+
 def _time_steps(model, step_fn: Callable[[torch.nn.Module, torch.optim.Optimizer], None], setting: Setting,
-                device: torch.device) -> tuple[float, float]:
-    """(seconds per step after warm-up, seconds of the warm-up beyond steady steps: compilation)."""
+                device: torch.device, timed: int = TIMED_STEPS) -> tuple[float, float]:
+    """(seconds per step after warm-up, seconds of the warm-up beyond steady steps: compilation).
+    Eager settings warm up with one step, compiled ones with ``WARMUP_STEPS``; ``timed`` steps are timed."""
     probe_model = copy.deepcopy(model).to(device).train()
     opt = torch.optim.AdamW([p for p in probe_model.parameters() if p.requires_grad], lr=1e-4)
     forward = torch.compile(probe_model) if setting.compile else probe_model
@@ -136,15 +147,16 @@ def _time_steps(model, step_fn: Callable[[torch.nn.Module, torch.optim.Optimizer
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    warmup = WARMUP_STEPS if setting.compile else 1
     began = time.perf_counter()
-    for _ in range(WARMUP_STEPS):
+    for _ in range(warmup):
         one()
     warm = time.perf_counter() - began
     began = time.perf_counter()
-    for _ in range(TIMED_STEPS):
+    for _ in range(timed):
         one()
-    per_step = (time.perf_counter() - began) / TIMED_STEPS
-    return per_step, max(0.0, warm - WARMUP_STEPS * per_step)
+    per_step = (time.perf_counter() - began) / timed
+    return per_step, max(0.0, warm - warmup * per_step)
 
 
 def _cache_path() -> Path:
@@ -206,8 +218,9 @@ def choose(model, step_fn, precision: str, compile_: bool | str, device: torch.d
     if hit:
         step_s.update({Setting(**json.loads(k)): v for k, v in hit["step_s"].items()})
     else:
+        timed = probe_steps(steps, len(eager))
         for s in eager:
-            step_s[s], _ = _time_steps(model, step_fn, s, device)
+            step_s[s], _ = _time_steps(model, step_fn, s, device, timed=timed)
     best_eager = min(step_s.values())
     settings = candidates(precision, compile_, device, best_eager * steps)
     compiled = [s for s in settings if s.compile]

@@ -48,7 +48,7 @@ def test_candidates_follow_the_hardware_and_the_trial_length(monkeypatch):
 
 
 def _stub(monkeypatch, timings: dict, calls: list):
-    def fake(model, step_fn, setting, device):
+    def fake(model, step_fn, setting, device, timed=probe.TIMED_STEPS):
         calls.append(setting)
         return timings[setting]
     monkeypatch.setattr(probe, "_time_steps", fake)
@@ -133,3 +133,12 @@ def test_the_gpu_check_script_lists_its_steps_in_a_dry_run():
         assert f"would run ({name}," in r.stdout
     assert "--shape 12,768,12,1024,8,50257" in r.stdout and "torchrun" in r.stdout
     assert "dry run: nothing ran" in r.stdout
+
+
+def test_the_probe_stays_small_against_the_trial():
+    """At most PROBE_SHARE of a trial's steps are timed over all eager candidates, at least one each:
+    a 144-step trial of 1-2 s steps (8L/d256 on one CPU core) times one step per setting, not five."""
+    assert probe.probe_steps(144, 2) == 1
+    assert probe.probe_steps(1700, 2) == probe.TIMED_STEPS
+    assert probe.probe_steps(400, 2) == 4
+    assert probe.probe_steps(10, 1) == 1
