@@ -25,7 +25,7 @@ from .backbone import Backbone
 from .errors import SpecError
 from .flops import TRAIN_MULTIPLIER, FlopProfile, inference_flops_per_token, train_step_flops
 
-BlockFn = Callable[[torch.Tensor], torch.Tensor]
+BlockFn = Callable[..., torch.Tensor]  # block(h) -> h; block(h, index=idx) on a token subset (router)
 
 
 class NoParams(BaseModel):
@@ -156,6 +156,16 @@ class LoopStrategy(nn.Module):
         """Upper bound of ``LoopResult.extra_flops`` per sequence for a step run with n_loops."""
         return 0.0
 
+    def inference_extra_flops_bound(self, n_loops: int, seq_len: int) -> float:
+        """Upper bound of ``extra_flops`` per sequence of an inference call at n_loops (what a sampler's
+        cost plans with). Default: ``extra_flops_bound``; lower it when training runs more (readouts)."""
+        return self.extra_flops_bound(n_loops, seq_len)
+
+    def inference_applications(self, n_loops: int, seq_len: int) -> float:
+        """Full-block applications an inference call at n_loops costs. Default: n_loops; less for a
+        strategy that runs later loops on fewer tokens (``router``)."""
+        return float(n_loops)
+
     def reinjects(self) -> bool:
         """True when ``run`` adds the block's input to the hidden state before every loop after
         the first (what a plain repetition of the block would miss: the attention analysis,
@@ -246,8 +256,9 @@ class LoopedMDM(nn.Module):
             if generator is None:  # a caller without a stream of its own: a fixed one, so a call is reproducible
                 generator = torch.Generator().manual_seed(0)
             ctx = LoopContext(t=t, masked=x == b.mask_id, training=self.training, exit=exit, readout=self.readout,
-                              generator=generator, readout_flops=self.readout_flops(x.shape[1]),
-                              targets=targets if self.strategy.uses_targets else None, mask_id=b.mask_id)
+                              generator=generator, mask_id=b.mask_id,
+                              readout_flops=self.readout_flops(x.shape[1]) if self.strategy.uses_targets else 0.0,
+                              targets=targets if self.strategy.uses_targets else None)
             result = self.strategy.run(h, self._block, n, ctx)
         h = self.run_range(result.h, self.loop_end, b.n_layer)
         if positions is None:
@@ -283,9 +294,12 @@ class LoopedMDM(nn.Module):
                                   extra_flops: float | None = None) -> float:
         """Forward FLOPs per token of one network call. Defaults: the strategy's inference loop
         count and the upper bound of its extra FLOPs at that count (what a call may cost)."""
-        a = float(self.strategy.eval_loops()) if applications is None else applications
+        st = self.strategy
+        n = st.eval_loops()
+        a = (st.inference_applications(n, seq_len) if st.loops_block else float(n)) if applications is None \
+            else applications
         if extra_flops is None:
-            extra_flops = self.strategy.extra_flops_bound(int(round(a)), seq_len) if self.strategy.loops_block else 0.0
+            extra_flops = st.inference_extra_flops_bound(n, seq_len) if st.loops_block else 0.0
         profile = self.flop_profile(seq_len)
         return inference_flops_per_token(profile, self.loop_start, self.loop_end, a) + extra_flops / seq_len
 

@@ -729,15 +729,22 @@ class BackboneConformance:
         assert not torch.equal(first_x, first_y), (
             "the first position's logits ignore the last token: a masked diffusion model needs bidirectional attention")
 
-    def test_token_index_covering_every_position_is_the_plain_block(self):
+    def test_token_index_gives_each_token_its_position(self):
+        """``run_block(i, h, index=)``: the identity index is the plain block, and permuting the tokens
+        together with their index permutes the output (positions come from the index, not the order)."""
         bb = self.make()
         if not getattr(bb, "supports_token_index", False):
             pytest.skip(f"{self.backbone}: supports_token_index is False (the router strategy is not available)")
-        h = bb.embed(self._x(bb))
+        h = bb.embed(self._x(bb)) * 10.0  # large states: attention is sharp, so positions matter visibly
         index = torch.arange(self.seq_len).expand(self.batch_size, self.seq_len)
+        perm = torch.randperm(self.seq_len, generator=torch.Generator().manual_seed(2))
         with torch.no_grad():
-            assert torch.allclose(bb.run_block(0, h, index=index), bb.run_block(0, h), atol=1e-6), (
+            plain = bb.run_block(0, h)
+            assert torch.allclose(bb.run_block(0, h, index=index), plain, atol=1e-5), (
                 "run_block(i, h, index=arange(T)) differs from run_block(i, h)")
+            permuted = bb.run_block(0, h[:, perm], index=index[:, perm])
+            assert torch.allclose(permuted, plain[:, perm], atol=1e-4, rtol=1e-4), (
+                "permuting tokens with their index does not permute the output: run_block ignores `index`")
 
     def test_attention_probs_rows_sum_to_one(self):
         bb = self.make()

@@ -8,7 +8,8 @@ at the cap K (no gate runs there), so it sums to 1 for every token.
 **Training** runs all K loops and trains the model and the gate on Ouro's objective, the expected
 loss over exits minus an entropy bonus:
 
-    L = sum_k p_k * L_k  -  beta * H(p),      H(p) = -sum_k p_k log p_k  (per masked token, averaged)
+    L = sum_k p_k * L_k  -  beta * H(p),      H(p) = -sum_k p_k log p_k  (per masked token; averaged
+                                                                     over all B x T positions, as the ELBO)
 
 where ``L_k`` is the trainer's own MDLM loss (SUBS, nll / t at masked positions) of a readout at loop
 k: the coda and the output head run on ``h_k`` (``ctx.readout``). The strategy computes the terms of
@@ -29,7 +30,9 @@ train/inference gap Ouro has.
 (``2 T d_model`` forward FLOPs per sequence each) and K - 1 readouts (``ctx.readout_flops``: the coda
 and the head on all T positions); gates and readouts are ``extra_flops``, charged 3x in training like
 everything that is differentiated. Inference executes the loops it ran and one gate per loop before
-the cap; no readouts. ``extra_flops_bound(n, T)`` is the training cost, an upper bound at inference.
+the cap; no readouts. ``extra_flops_bound(n, T)`` is the training cost, ``inference_extra_flops_bound``
+the inference one (gates only). Each readout keeps a (B, T, V) log-softmax for backward: memory grows
+with ``n_loops`` times the vocabulary, the price of Ouro's objective.
 Sigmoids, logs and products are elementwise: 0 FLOPs by flops.py's convention.
 
 With an inference-time exit criterion (``ctx.exit``) the gate is not used and the loop stops by the
@@ -44,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from loopsearch import hookimpl
-from loopsearch.diffusion import masked_nll
+from loopsearch.diffusion import subs_log_probs
 from loopsearch.errors import SpecError
 from loopsearch.looping import BlockFn, LoopContext, LoopResult, LoopStrategy, run_with_exit
 
@@ -107,6 +110,10 @@ class ExitGate(LoopStrategy):
         """A training step's gates and readouts (one each per loop before the cap)."""
         return max(n_loops - 1, 0) * (self.gate_flops(seq_len) + self.readout_cost(seq_len))
 
+    def inference_extra_flops_bound(self, n_loops: int, seq_len: int) -> float:
+        """Inference runs the gates only (no readouts)."""
+        return max(n_loops - 1, 0) * self.gate_flops(seq_len)
+
     # ---- the loop -------------------------------------------------------------------------------
     def exit_prob(self, h: torch.Tensor) -> torch.Tensor:
         """lambda = sigmoid(gate(rms_norm(h))), float32 of shape h.shape[:-1]."""
@@ -141,15 +148,19 @@ class ExitGate(LoopStrategy):
             else:
                 lam = self.exit_prob(h)
                 p, survive = survive * lam, survive * (1.0 - lam)
-                nll = masked_nll(ctx.readout(h), ctx.targets, masked, ctx.mask_id)  # (B, T), 0 where unmasked
+                # (B, T), 0 where unmasked; dense (no data-dependent shapes: torch.compile-friendly)
+                lp = subs_log_probs(ctx.readout(h), ctx.mask_id)
+                nll = -lp.gather(-1, ctx.targets[..., None]).squeeze(-1) * masked
                 expected = expected + (p * nll / t).mean()  # the trainer's ELBO units: mean over (B, T) of nll / t
             entropy = entropy - p * torch.log(p + EPS)
             weights.append(p.detach())
         n_masked = masked.sum().clamp(min=1)
-        bonus = (entropy * masked).sum() / n_masked
+        # a mean over all (B, T) positions (unmasked ones add 0), like the ELBO: additive over DDP shards
+        bonus = (entropy * masked).mean()
         w = torch.stack(weights)  # (K, B, T)
         k_mean = (w * torch.arange(1, n_loops + 1, device=h.device, dtype=w.dtype)[:, None, None]).sum(0)
-        stats = {"mean_exit_loop": float((k_mean * masked).sum() / n_masked), "exit_entropy": float(bonus.detach())}
+        stats = {"mean_exit_loop": float((k_mean * masked).sum() / n_masked),
+                 "exit_entropy": float((entropy.detach() * masked).sum() / n_masked)}
         extra = (n_loops - 1) * (self.gate_flops(T) + float(ctx.readout_flops))
         return LoopResult(h, float(n_loops), extra_flops=extra, aux_loss=expected - self.params.beta * bonus,
                           stats=stats, loss_weight=p)

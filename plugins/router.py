@@ -115,12 +115,16 @@ class Router(LoopStrategy):
     def extra_flops_bound(self, n_loops: int, seq_len: int) -> float:
         return self.router_flops(seq_len, n_loops)
 
+    def inference_applications(self, n_loops: int, seq_len: int) -> float:
+        return self.equivalent_applications(seq_len, n_loops)
+
     def expected_extra_flops(self, seq_len: int) -> float:
         return self.router_flops(seq_len, self.params.n_loops)
 
     # ---- the loop -------------------------------------------------------------------------------
     def score(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.router(F.rms_norm(h, (h.shape[-1],))).squeeze(-1))
+        # float32: bf16 scores tie often (25 distinct of 32 tokens seen), and top-k then picks arbitrarily
+        return torch.sigmoid(self.router(F.rms_norm(h, (h.shape[-1],))).squeeze(-1).float())
 
     def run(self, h: torch.Tensor, block: BlockFn, n_loops: int, ctx: LoopContext) -> LoopResult:
         if ctx.exit is not None:
@@ -138,6 +142,7 @@ class Router(LoopStrategy):
             active = active.gather(1, top)
             sub, g = sub.gather(1, top[..., None].expand(-1, -1, C)), g.gather(1, top)
             new = sub + g[..., None].to(sub.dtype) * (block(sub, index=active) - sub)
+            new = new.to(h.dtype)
             h = h.scatter(1, active[..., None].expand(-1, -1, C), new)
         stats = {"mean_token_loops": float(sum(caps)) / T, "loops_run": float(n_loops)}
         return LoopResult(h, self.equivalent_applications(T, n_loops), extra_flops=self.router_flops(T, n_loops),

@@ -34,14 +34,19 @@ CFG = TrainConfig(batch_size=4, seq_len=16, min_steps=1, eval_sequences=8, eval_
 
 
 # ---- exit_gate ---------------------------------------------------------------------------------
-def test_exit_gate_trains_the_expected_loss_over_exits_minus_the_entropy_bonus():
-    """diffusion_loss of the strategy equals sum_k p_k L_k - beta H(p), written out here loop by loop."""
+@pytest.mark.parametrize("positions", [False, True])
+def test_exit_gate_trains_the_expected_loss_over_exits_minus_the_entropy_bonus(positions):
+    """diffusion_loss of the strategy equals sum_k p_k L_k - beta H(p), written out here loop by loop,
+    in value and in the gate's gradient (the last exit's weight carries it too), with the head on
+    every position or only where the loss is (as the trainer runs it)."""
     model = looped(ExitGate, ExitGateParams, n_loops=3, beta=0.2, init_bias=0.3).train()
     with torch.no_grad():  # a gate that depends on the state, so the p_k differ between tokens
         model.strategy.gate.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
     x0 = torch.randint(0, 49, (4, 16), generator=torch.Generator().manual_seed(1))
     loss, out = diffusion_loss(model, x0, model.backbone.mask_id, torch.Generator().manual_seed(2), n_loops=3,
-                               positions=False)
+                               positions=positions)
+    gate = model.strategy.gate.weight
+    (got,) = torch.autograd.grad(loss, gate)
 
     gen = torch.Generator().manual_seed(2)  # the same draws diffusion_loss made
     t = sample_t(4, gen)
@@ -59,8 +64,10 @@ def test_exit_gate_trains_the_expected_loss_over_exits_minus_the_entropy_bonus()
         nll = masked_nll(model.readout(h), x0, masked, b.mask_id)
         total = total + elbo(p * nll, t)
         entropy = entropy - p * torch.log(p + 1e-9)
-    want = total - 0.2 * (entropy * masked).sum() / masked.sum()
+    want = total - 0.2 * (entropy * masked).mean()
     assert torch.allclose(loss, want, atol=1e-5), (loss.item(), want.item())
+    (expected,) = torch.autograd.grad(want, gate)
+    assert got.abs().sum() > 0 and torch.allclose(got, expected, atol=1e-6, rtol=1e-4)
     assert out.applications == 3.0 and 1.0 <= out.stats["mean_exit_loop"] <= 3.0
 
 
@@ -79,6 +86,29 @@ def test_exit_gate_exits_by_the_cdf_threshold_at_inference():
     assert (m.applications, m.stats["mean_token_loops"]) == (2.0, 2.0)
     with torch.no_grad():  # every token exited after loop 1: the same as running one loop
         assert torch.equal(e.logits, eager(x, n_loops=1).logits)
+
+
+def test_exited_tokens_keep_their_state_while_the_others_loop():
+    model = looped(ExitGate, ExitGateParams, n_loops=3, init_bias=0.0, threshold=0.5).eval()
+    st, b = model.strategy, model.backbone
+    with torch.no_grad():
+        st.gate.weight.normal_(0, 3.0, generator=torch.Generator().manual_seed(7))  # lambda spread around 0.5
+        x = torch.randint(0, 49, (2, 16), generator=torch.Generator().manual_seed(8))
+        x[:, 1::2] = b.mask_id
+        h0 = model.run_range(b.embed(x), 0, 1)
+        h1 = model._block(h0)
+        masked = x == b.mask_id
+        logit = st.gate(torch.nn.functional.rms_norm(h1, (h1.shape[-1],))).squeeze(-1)
+        st.gate.bias.fill_(-float(logit[masked].median()) + 1e-4)  # about half the masked tokens: lambda >= 0.5
+        first = masked & (st.exit_prob(h1) >= 0.5)  # exit after loop 1
+        assert 0 < int(first.sum()) < int(masked.sum())  # some exit, some loop on
+        from loopsearch.looping import LoopContext
+        out = st.run(h0, model._block, 3, LoopContext(masked=masked, generator=torch.Generator()))
+    assert torch.equal(out.h[first], h1[first])
+    assert not torch.allclose(out.h[masked & ~first], h1[masked & ~first])
+    assert out.applications >= 2.0 and 1.0 < out.stats["mean_token_loops"] < out.applications
+    # a gate after every loop that ran, but none on the cap loop
+    assert out.extra_flops == (out.applications if out.applications < 3 else 2) * st.gate_flops(16)
 
 
 def test_exit_gate_plans_its_readouts_and_trains_within_one_step_of_the_plan():

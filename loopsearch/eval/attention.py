@@ -13,8 +13,9 @@ The walk follows the model's forward: ``backbone.embed``, then ``backbone.run_bl
 the looped order, with ``backbone.attention_probs(i, h)`` read before each application. The loop
 block is applied ``n_loops`` times as a plain repetition; a strategy that adds the block's input
 before every loop after the first (``LoopStrategy.reinjects()``: the ``fixed`` strategy with
-``reinject``) is reproduced, but other strategy-specific execution (e.g. halting's per-token
-freezing) is not: for such strategies the shares describe the plainly repeated block.
+``reinject``) is reproduced, but other strategy-specific execution (e.g. the router's token subsets,
+halting's and exit_gate's per-token freezing) is not: for such strategies the shares describe the
+plainly repeated block.
 """
 
 from __future__ import annotations
