@@ -122,7 +122,9 @@ def _row(study: str, t: optuna.trial.FrozenTrial, evaluated: list[dict] | None =
 def placement_label(strategy: str | None, params: dict | None, loop_start: int | None, loop_end: int | None,
                     n_loops: int | None, n_layer: int | None, baseline: bool) -> str:
     """A short name for a trial's configuration: "baseline", "L1-2 x3 U" (layers 1-2 looped 3 times,
-    S ~ U{1..3} in training; R: re-injection), "L1 ACT<=4" (halting), "L0-1 t:middle 1-4" (timestep)."""
+    S ~ U{1..3} in training; F: p(S) ~ 1/FLOPs(S); LN: log-normal-Poisson S; R: re-injection), "L1 ACT<=4"
+    (halting), "L0-1 t:middle 1-4" (timestep), "L1-2 rec x4" (recurrent), "L1-2 gate<=3" (exit_gate),
+    "L1-2 MoR x3" (router)."""
     if baseline:
         return "baseline"
     if strategy in (None, "none") or not loop_end:
@@ -130,11 +132,18 @@ def placement_label(strategy: str | None, params: dict | None, loop_start: int |
     p = params or {}
     block = f"L{loop_start}" if loop_end - (loop_start or 0) == 1 else f"L{loop_start}-{loop_end - 1}"
     if strategy == "fixed":
-        tag = f"x{n_loops}" + (" U" if p.get("train_loops") == "uniform" else "") + (" R" if p.get("reinject") else "")
+        draw = {"uniform": " U", "flop_proportional": " F", "lognormal_poisson": " LN"}.get(p.get("train_loops"), "")
+        tag = f"x{n_loops}{draw}" + (" R" if p.get("reinject") else "")
     elif strategy == "halting":
         tag = f"ACT<={n_loops}"
     elif strategy == "timestep":
         tag = f"t:{p.get('schedule', '?')} {p.get('min_loops', 1)}-{n_loops}"
+    elif strategy == "recurrent":
+        tag = f"rec x{n_loops}"
+    elif strategy == "exit_gate":
+        tag = f"gate<={n_loops}"
+    elif strategy == "router":
+        tag = f"MoR x{n_loops}"
     else:
         tag = f"{strategy} x{n_loops}"
     return f"{block} {tag}"
@@ -453,7 +462,7 @@ def rich_table(df: pl.DataFrame, title: str | None = None, width: int | None = N
     caption = "val NLL in nats/token (lower is better), ★ = no-loop baseline; Δ: paired difference from it with " \
               "its 95% interval, a tie when the interval contains 0"
     if not wide:
-        caption += "; config: layers looped, xN loops, U = S~U{1..N} in training"
+        caption += "; config: layers looped, xN loops, U = S~U{1..N} in training (F: p(S)~1/FLOPs, LN: log-normal)"
     measured = [m for m in (_measured_on(df, "task", "task_accuracy") if "task_accuracy" in cols else "",
                             _measured_on(df, "zeroshot_data", "zeroshot_bpb") if "zeroshot_bpb" in cols else "") if m]
     if measured:
