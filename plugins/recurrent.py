@@ -127,7 +127,9 @@ class RecurrentDepth(LoopStrategy):
     def _inject(self, s: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         if self.adapter is None:
             return s + e
-        return self.adapter(torch.cat([s, e], dim=-1))
+        # back to the state's dtype: under bf16 autocast the matmul returns bf16, which would make the
+        # residual stream bf16 from here on (precision lost, and RMSNorm's fused kernel refused)
+        return self.adapter(torch.cat([s, e], dim=-1)).to(s.dtype)
 
     def _noise(self, e: torch.Tensor, ctx: LoopContext) -> torch.Tensor:
         std = self.params.init_std

@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from helpers import tiny_model
 from loopsearch.data import PreparedData
-from loopsearch.looping import LoopedMDM
+from loopsearch.looping import LoopContext, LoopedMDM
 from loopsearch.search.space import load_space
 from loopsearch.spec import TrainConfig
 from loopsearch.train import plan_steps, train
@@ -89,3 +89,15 @@ def test_the_state_starts_from_noise_drawn_from_the_context_generator():
 def test_the_strategies_v2_space_searches_every_strategy():
     space = load_space("strategies_v2")
     assert set(space.strategies) == {"none", "fixed", "halting", "timestep", "recurrent", "exit_gate", "router"}
+
+
+def test_the_adapter_keeps_the_residual_stream_in_its_dtype_under_bf16_autocast():
+    """A bf16 matmul output fed back as the state would turn the residual stream bf16 (precision lost,
+    RMSNorm's fused kernel refused with a warning): the adapter's output is cast back."""
+    model = recurrent_model(n_loops=3, init_std=0.5).train()
+    h = torch.randn(2, 16, model.backbone.d_model)
+    seen = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.strategy.run(h, lambda s: seen.append(s.dtype) or s * 1.0, 3,
+                                 LoopContext(generator=torch.Generator().manual_seed(0)))
+    assert seen == [torch.float32] * 3 and out.h.dtype == torch.float32
