@@ -9,8 +9,9 @@ kills target whichever worker runs the **baseline** (the trial that every other 
 including its retries; the rest hit a random running trial. At the end it counts, from storage:
 
 - **finished**: trials COMPLETE or PRUNED (should be exactly ``--trials``);
-- **lost**: killed trials with no finished retry (0 expected);
-- **duplicated**: killed trials retried more than once, or more finished trials than asked (0);
+- **lost**: killed trials whose chain of retries never finished (0 expected; a retry names its
+  original trial, ``failed_trial``, so the chain is the original and all its retries);
+- **duplicated**: chains that finished more than once, or more finished trials than asked (0);
 - **stuck**: trials still RUNNING or WAITING when every worker has exited (0);
 - **baseline**: finished baseline trials (exactly 1), and how many times the baseline was killed;
 - **resumed**: retries that resumed from their dead trial's checkpoint, and the FLOPs lost.
@@ -123,20 +124,15 @@ def main() -> int:
     trials = st.get_trials()
     done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     stuck = [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
-    retries: dict[int, list] = {}
-    for t in trials:
-        if "failed_trial" in t.system_attrs:
-            retries.setdefault(t.system_attrs["failed_trial"], []).append(t)
-
-    def finished_descendant(number: int, depth: int = 0) -> bool:
-        for r in retries.get(number, []):
-            if r.state in (TrialState.COMPLETE, TrialState.PRUNED) or (depth < 50 and finished_descendant(r.number,
-                                                                                                        depth + 1)):
-                return True
-        return False
-
-    lost = [k["trial"] for k in killed if not finished_descendant(k["trial"])]
-    duplicated = [n for n, rs in retries.items() if len(rs) > 1]
+    # a retry names the original trial (system attribute failed_trial; retry_history lists the chain), so
+    # every trial belongs to the chain of its original: lost = a killed trial's chain never finished;
+    # duplicated = a chain that finished more than once (the same configuration trained twice)
+    root = {t.number: t.system_attrs.get("failed_trial", t.number) for t in trials}
+    finished_per_root: dict[int, int] = {}
+    for t in done:
+        finished_per_root[root[t.number]] = finished_per_root.get(root[t.number], 0) + 1
+    lost = sorted({root[k["trial"]] for k in killed if not finished_per_root.get(root[k["trial"]])})
+    duplicated = [r for r, n in finished_per_root.items() if n > 1]
     resumed = [t for t in done if "resumed_from_flops" in t.user_attrs]
     baselines = [t for t in done if t.user_attrs.get(BASELINE_ATTR)]
     result = {
@@ -144,6 +140,7 @@ def main() -> int:
         "workers": args.workers, "trials_asked": args.trials, "kills": len(killed),
         "baseline_kills": sum(k["baseline"] for k in killed), "finished": len(done),
         "lost": len(lost), "duplicated": len(duplicated) + max(0, len(done) - args.trials), "stuck": len(stuck),
+        "retries": sum(1 for t in trials if "failed_trial" in t.system_attrs),
         "baseline_finished": len(baselines), "resumed_from_checkpoint": len(resumed),
         "flops_lost_max": max((t.user_attrs.get("flops_lost", 0.0) for t in resumed), default=0.0),
         "checkpoint_every": every, "wall_s": round(wall, 1), "killed": killed,
@@ -152,7 +149,7 @@ def main() -> int:
           and len(baselines) == 1)
     print(f"\n{args.workers} workers on PostgreSQL, {args.trials} trials, {len(killed)} x SIGKILL "
           f"({result['baseline_kills']} of them the baseline), {wall:.0f} s:")
-    for key in ("finished", "lost", "duplicated", "stuck", "baseline_finished", "resumed_from_checkpoint"):
+    for key in ("finished", "lost", "duplicated", "stuck", "retries", "baseline_finished", "resumed_from_checkpoint"):
         print(f"  {key:<24} {result[key]}")
     print(f"  {'flops_lost (max)':<24} {result['flops_lost_max']:.3g} (checkpoint every {every:.3g})")
     print("verdict: " + ("OK: nothing lost, duplicated or stuck, one baseline" if ok else "FAILED"))

@@ -673,7 +673,9 @@ def study_show(name, as_json, storage):
 @cli.command()
 @click.option("--study", "studies_", multiple=True, help="Study to include (repeat for several; default: all).")
 @click.option("--top", type=click.IntRange(min=1), help="Show the K best trials of each study.")
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "markdown", "parquet"]), default="table")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "markdown", "parquet"]), default=None,
+              help="Output format (default: table on the terminal; with --output, from the file's extension: "
+                   ".csv, .json, .parquet, .md, else markdown).")
 @click.option("--output", type=click.Path(dir_okay=False), help="Write to this file instead of the terminal.")
 @click.option("--scaling", is_flag=True, help="Show inference loop scaling (from `loopsearch eval`) instead.")
 @click.option("--pareto", is_flag=True, help="Only the Pareto-optimal trials of each study (its best trial if "
@@ -707,6 +709,9 @@ def leaderboard(studies_, top, fmt, output, scaling, pareto, wide, storage):
         df = lb.top(lb.pareto(df, storage) if pareto else df, top)
         title = "Pareto-optimal trials of each study (no trial is better in every objective)" if pareto else None
         table = lambda: lb.rich_table(df, title, width=_console().size.width, wide=wide)  # noqa: E731
+    if fmt is None:
+        suffix = Path(output).suffix.lower() if output else ""
+        fmt = {".csv": "csv", ".json": "json", ".parquet": "parquet", ".md": "markdown"}.get(suffix, "table")
     if fmt == "table" and not output:
         _console().print(table())
         return

@@ -95,7 +95,8 @@ class ModelOutput:
     extra_flops: float = 0.0  # other forward FLOPs per sequence beyond the profile's layers and head
     aux_loss: torch.Tensor | None = None
     stats: dict[str, float] = field(default_factory=dict)
-    head_share: float = 1.0  # share of the positions the head ran on (forward(..., positions=))
+    head_share: float | torch.Tensor = 1.0  # share of the positions the head ran on (forward(..., positions=));
+    # a 0-dim tensor when computed (no host sync inside a compiled forward): float() it outside
     forward_only: float = 0.0  # of the applications, those run without backward (charged 1x in training)
     loss_weight: torch.Tensor | None = None  # (B, T) weight of each token's loss (LoopResult.loss_weight)
 
@@ -116,6 +117,10 @@ class LoopStrategy(nn.Module):
     # True: training passes the clean tokens (``ctx.targets``, ``ctx.mask_id``) so ``run`` can score
     # readouts of intermediate loops with the trainer's loss (a loss over exits, as Ouro's gate)
     uses_targets: ClassVar[bool] = False
+    # True: ``run`` may draw from ``ctx.generator``, so a call without a stream gets a fixed one. False
+    # (strategies that draw nothing inside the loop) leaves it None: creating a generator inside a
+    # torch.compile'd forward breaks the graph
+    draws_in_run: ClassVar[bool] = True
 
     def __init__(self, params: BaseModel, d_model: int):
         super().__init__()
@@ -253,7 +258,7 @@ class LoopedMDM(nn.Module):
         h = self.run_range(h, 0, self.loop_start)
         result = LoopResult(h, 0.0)
         if self.loop_end > self.loop_start:
-            if generator is None:  # a caller without a stream of its own: a fixed one, so a call is reproducible
+            if generator is None and self.strategy.draws_in_run:  # no stream of its own: a fixed one, reproducible
                 generator = torch.Generator().manual_seed(0)
             ctx = LoopContext(t=t, masked=x == b.mask_id, training=self.training, exit=exit, readout=self.readout,
                               generator=generator, mask_id=b.mask_id,
@@ -264,7 +269,9 @@ class LoopedMDM(nn.Module):
         if positions is None:
             return ModelOutput(b.head(h), result.applications, result.extra_flops, result.aux_loss, result.stats,
                                forward_only=result.forward_only, loss_weight=result.loss_weight)
-        share = float(positions.sum()) / max(positions.numel(), 1)
+        # a 0-dim tensor, not float(...): a host sync here broke the torch.compile graph and, as a Python
+        # constant that changes every step, recompiled the model until dynamo's limit (then ran eager)
+        share = positions.float().mean() if positions.numel() else torch.ones(())
         return ModelOutput(b.head(h[positions][None])[0], result.applications, result.extra_flops, result.aux_loss,
                            result.stats, head_share=share, forward_only=result.forward_only,
                            loss_weight=result.loss_weight)
@@ -286,7 +293,7 @@ class LoopedMDM(nn.Module):
         of the ``applications`` ran without backward (charged their forward FLOPs once)."""
         profile = self.flop_profile(seq_len)
         base = train_step_flops(profile, batch_size, self.loop_start, self.loop_end, applications - forward_only,
-                                head_share)
+                                float(head_share))
         block = sum(profile.layers[self.loop_start:self.loop_end])
         return base + batch_size * forward_only * block + TRAIN_MULTIPLIER * batch_size * extra_flops
 

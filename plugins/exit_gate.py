@@ -70,6 +70,7 @@ class ExitGate(LoopStrategy):
     """Ouro-style learned exit gate (see the module docstring)."""
 
     name = "exit_gate"
+    draws_in_run = False  # nothing random inside run(): no generator needed (compile-friendly)
     Params = ExitGateParams
     uses_targets = True
 

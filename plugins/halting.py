@@ -147,6 +147,7 @@ class Halting(LoopStrategy):
     """Per-token ACT halting over up to ``n_loops`` loops (see the module docstring)."""
 
     name = "halting"
+    draws_in_run = False  # nothing random inside run(): no generator needed (compile-friendly)
     Params = HaltingParams
 
     def __init__(self, params: HaltingParams, d_model: int):

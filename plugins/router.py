@@ -58,6 +58,7 @@ class Router(LoopStrategy):
     """Expert-choice token routing over recursions (see the module docstring)."""
 
     name = "router"
+    draws_in_run = False  # nothing random inside run(): no generator needed (compile-friendly)
     Params = RouterParams
 
     def __init__(self, params: RouterParams, d_model: int):

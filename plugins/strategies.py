@@ -37,6 +37,7 @@ class NoLoop(LoopStrategy):
     """The non-looped model: every layer runs once."""
 
     name = "none"
+    draws_in_run = False  # nothing random inside run(): no generator needed (compile-friendly)
     loops_block = False
 
 
@@ -55,6 +56,7 @@ class FixedParams(BaseModel):
 
 class FixedLoops(LoopStrategy):
     name = "fixed"
+    draws_in_run = False  # nothing random inside run(): no generator needed (compile-friendly)
     Params = FixedParams
 
     _cost: list[float] | None = None  # forward FLOPs at S = 1..n_loops (flop_proportional), from attach()

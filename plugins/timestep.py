@@ -103,6 +103,7 @@ class TimestepLoops(LoopStrategy):
     """Per-sequence loop counts from the mask rate t (see the module docstring)."""
 
     name = "timestep"
+    draws_in_run = False  # nothing random inside run(): no generator needed (compile-friendly)
     Params = TimestepParams
 
     def train_loops(self, generator: torch.Generator) -> int:

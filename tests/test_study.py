@@ -92,6 +92,12 @@ def test_leaderboard_rows_and_formats(finished_study, tmp_path):
     leaderboard.write(df, "parquet", str(tmp_path / "lb.parquet"))
     assert pl.read_parquet(tmp_path / "lb.parquet").shape == df.shape
     assert len(leaderboard.top(df, 1)) == 1
+    # --output without --format: the file's extension says which (a .csv file holds CSV, not a table)
+    for name, check in (("lb.csv", lambda t: t.splitlines()[0].startswith("study,") and "|" not in t),
+                        ("lb.json", lambda t: len(json.loads(t)) == 3)):
+        r = run_cli("leaderboard", "--study", "tiny", "--output", str(tmp_path / name))
+        assert r.returncode == 0, r.stderr
+        assert check((tmp_path / name).read_text()), (tmp_path / name).read_text()[:200]
 
 
 def test_rerun_of_a_finished_study_runs_nothing(finished_study):

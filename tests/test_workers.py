@@ -120,6 +120,28 @@ def test_claim_lets_the_lower_numbered_trial_win():
     assert workers.decide(st, limits, grace=60) == ("wait", "2 running trials may complete the study")
 
 
+def test_a_second_baseline_yields_to_the_first():
+    """Killing the baseline can queue two: a fresh one from a worker that found none alive, and the
+    dead one's retry. Only one may train: the later yields to one finished or alive before it
+    (the kill -9 experiment saw two baselines finish in 2 of 4 runs without this)."""
+    st = _study(optuna.storages.InMemoryStorage())
+    limits = workers.Limits(target=10, study_budget=None, trial_budget=1e9)
+    for _ in range(2):
+        st.enqueue_trial({"x": 0.5}, user_attrs={BASELINE_ATTR: True})
+    first, second = st.ask(), st.ask()
+    workers.claim(st, first, limits)  # the first baseline runs
+    with pytest.raises(workers.StudyLimitReached, match="baseline trial 0 is running"):
+        workers.claim(st, second, limits)
+    assert second.user_attrs[workers.SURPLUS_ATTR]
+    st.tell(second, state=TrialState.FAIL)
+    st.tell(first, 1.0)
+    st.enqueue_trial({"x": 0.5}, user_attrs={BASELINE_ATTR: True})  # a third, queued after the first finished
+    with pytest.raises(workers.StudyLimitReached, match="baseline trial 0 is complete"):
+        workers.claim(st, st.ask(), limits)
+    st.enqueue_trial({"x": 0.5}, user_attrs={BASELINE_ATTR: True, studies.CONFIRM_OF_ATTR: 0})
+    workers.claim(st, st.ask(), limits)  # retraining the baseline with more seeds is not a second baseline
+
+
 def test_dead_worker_on_journal_store_is_failed_and_retried_once(tmp_path):
     url = f"journal:{tmp_path / 'j.log'}"
     st = _study(studies.open_storage(url), n_complete=1)

@@ -287,8 +287,25 @@ def decide(study: optuna.Study, limits: Limits, grace: float) -> tuple[str, str]
 def claim(study: optuna.Study, trial: optuna.Trial, limits: Limits) -> None:
     """Inside the objective: raise StudyLimitReached if the trials numbered below this one
     (finished, running or waiting) already reach a limit. Lower numbers win, so of two workers
-    that passed ``decide`` together exactly the later trial yields. The baseline always runs."""
+    that passed ``decide`` together exactly the later trial yields. The baseline always runs, once:
+    a baseline trial yields only to another baseline that is finished, or alive (running or waiting)
+    with a lower number. Two can be queued when the baseline was killed: a worker that found none alive
+    enqueues a fresh one while the stale-trial watcher queues the dead one's retry (kill -9 experiment,
+    benchmarks/kill9_experiment.py: two baselines finished in 2 of 4 runs before this check)."""
     if trial.user_attrs.get(BASELINE_ATTR):
+        if trial.user_attrs.get(CONFIRM_OF_ATTR) is not None:  # retraining the baseline with more seeds
+            return
+        other = next((t for t in study.get_trials(deepcopy=False)
+                      if t.number != trial.number and t.user_attrs.get(BASELINE_ATTR)
+                      and not t.user_attrs.get(SURPLUS_ATTR) and t.user_attrs.get(CONFIRM_OF_ATTR) is None
+                      and (t.state in FINISHED
+                           or (t.state in (TrialState.RUNNING, TrialState.WAITING) and t.number < trial.number))),
+                     None)
+        if other is not None:
+            reason = f"baseline trial {other.number} is {other.state.name.lower()}: one baseline per study"
+            trial.set_user_attr(SURPLUS_ATTR, True)
+            trial.set_user_attr("failed", f"not run: {reason}")
+            raise StudyLimitReached(f"trial {trial.number} not run: {reason}")
         return
     trials = study.get_trials(deepcopy=False)
     ahead = [t for t in trials if t.number < trial.number
