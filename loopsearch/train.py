@@ -309,7 +309,8 @@ def train(model: LoopedMDM, data: PreparedData, cfg: TrainConfig, budget: float,
         model.eval()
         recorder.reset()  # keep what the latest validation executed
         w, k = (windows, window_keys) if final else (curve_windows, curve_keys)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with probe.attention_backend(compiled, device), \
+                torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             val = validation_elbo(recorder, w, k, mask_id, cfg.eval_draws, seed=eval_seed,
                                   batch_size=cfg.eval_batch_size)
         model.train()
@@ -329,7 +330,8 @@ def train(model: LoopedMDM, data: PreparedData, cfg: TrainConfig, budget: float,
         for group in opt.param_groups:
             group["lr"] = lr_at(state.spent / budget, cfg)
         x0 = random_batch(train_ids, cfg.batch_size, cfg.seq_len, gens["data"]).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with probe.attention_backend(compiled, device), \
+                torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss, out = diffusion_loss(step_forward, x0, mask_id, gens["masks"], n_loops, cfg.antithetic, shard=shard,
                                        positions=model.supports_positions,  # the head only where the loss is
                                        loop_generator=gens["loops"],  # what a strategy draws inside the loop
@@ -356,6 +358,24 @@ def train(model: LoopedMDM, data: PreparedData, cfg: TrainConfig, budget: float,
         for key, value in zip(keys + ["head_share"], stat_values + [head_share]):  # head_share: the trainer's own
             state.stats_sum[key] = state.stats_sum.get(key, 0.0) + value
 
+    # compile = "auto": the trial's first steps run compiled and are timed (probe.settle_trial_compile)
+    trying = {"warm": 0.0, "timed": 0.0, "n": 0, "want": probe.probe_steps(planned, 1)} if speed.trial_compile else None
+
+    def tried(dt: float) -> None:
+        """Time one compiled step; once enough are timed, keep compilation or go on eager."""
+        nonlocal forward, step_forward, compiled, trying
+        trying["n"] += 1
+        if trying["n"] <= probe.WARMUP_STEPS:
+            trying["warm"] += dt
+            return
+        trying["timed"] += dt
+        if trying["n"] < probe.WARMUP_STEPS + trying["want"]:
+            return
+        if not probe.settle_trial_compile(speed, trying["warm"], trying["timed"], trying["want"], planned):
+            forward = step_forward = recorder.model = model  # eager from here on (same weights, same optimizer)
+            compiled = False
+        trying = None
+
     # ---- the loop: a step runs only if its FLOPs (known before it runs) fit in the budget ----
     n_max = model.strategy.max_train_loops()
     worst_step = model.train_step_flops(cfg.seq_len, cfg.batch_size, n_max,
@@ -372,8 +392,11 @@ def train(model: LoopedMDM, data: PreparedData, cfg: TrainConfig, budget: float,
                                                     model.strategy.extra_flops_bound(n_loops, cfg.seq_len))
                 if state.spent + step_flops > budget:
                     break
+                began = time.perf_counter()
                 try:
                     step(n_loops, step_flops)
+                    if trying is not None:
+                        tried(time.perf_counter() - began)
                 finally:
                     if checkpointer is not None:
                         checkpointer.track(state.spent, state.steps)  # what a pruned or failed trial used

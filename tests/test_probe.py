@@ -142,3 +142,49 @@ def test_the_probe_stays_small_against_the_trial():
     assert probe.probe_steps(1700, 2) == probe.TIMED_STEPS
     assert probe.probe_steps(400, 2) == 4
     assert probe.probe_steps(10, 1) == 1
+
+
+def test_compile_auto_is_tried_on_the_trial_then_cached(monkeypatch, tmp_path):
+    """compile = "auto" on a long trial: no copy is compiled; the trial compiles its own model in the
+    best eager precision and keeps compilation only if its timed steps beat eager by the margin. The
+    outcome is cached: the next trial of the shape decides at once."""
+    monkeypatch.setenv("LOOPSEARCH_CACHE", str(tmp_path))
+    monkeypatch.setattr(probe, "bf16_supported", lambda device: True)
+    calls = []
+    _stub(monkeypatch, {FP32: (2.0, 0.0), BF16: (1.0, 0.0)}, calls)
+    shape = {"d_model": 256}
+    c = probe.choose(None, None, "auto", "auto", CPU, steps=1000, shape=shape)  # 1000 s eager: try compiling
+    assert c.setting == BF16C and c.trial_compile and c.eager_step_s == 1.0 and set(calls) == {FP32, BF16}
+    assert probe.settle_trial_compile(c, warm_s=30.0, timed_s=0.5, timed=1, steps=1000)  # 0.5 s vs 1.0 s: keep
+    assert c.setting == BF16C and c.compile_s["bf16 + compile"] == pytest.approx(29.0)
+    assert "-> bf16 + compile" in c.reason
+    calls.clear()
+    again = probe.choose(None, None, "auto", "auto", CPU, steps=1000, shape=shape)
+    assert again.setting == BF16C and not again.trial_compile and calls == []  # decided from the cache
+    slow = probe.choose(None, None, "auto", "auto", CPU, steps=1000, shape={"d_model": 64})
+    assert not probe.settle_trial_compile(slow, warm_s=30.0, timed_s=0.98, timed=1, steps=1000)  # within margin
+    assert slow.setting == BF16 and "-> bf16" in slow.reason
+    assert probe.choose(None, None, "auto", "auto", CPU, steps=1000, shape={"d_model": 64}).setting == BF16
+
+
+def test_a_trial_that_tries_compilation_goes_on_eager_when_it_does_not_pay(monkeypatch, tmp_path):
+    """The trainer side: the first steps run compiled and are timed; a compiled step no faster than
+    eager sends the rest of the trial eager, recorded in the trial's speed."""
+    from helpers import tiny_model
+    from loopsearch.data import PreparedData
+    from loopsearch.spec import TrainConfig
+    from loopsearch.train import train
+
+    monkeypatch.setenv("LOOPSEARCH_CACHE", str(tmp_path))
+    choice = probe.Choice(FP32C, "stub", {"fp32": 1e-9}, {}, False, trial_compile=True,
+                          eager_step_s=1e-9, cache_key="k")  # eager "takes" 1 ns a step: compiled cannot beat it
+    monkeypatch.setattr("loopsearch.train.choose_speed", lambda *a, **k: choice)
+    compiled_calls = []
+    monkeypatch.setattr(torch, "compile", lambda m, **k: compiled_calls.append(m) or m)  # no real compilation
+    ids = torch.randint(0, 49, (4000,), generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(batch_size=4, seq_len=16, min_steps=1, eval_sequences=8, eval_curve_sequences=8,
+                      eval_points=1, precision="fp32", compile="auto")
+    r = train(tiny_model(seq_len=16), PreparedData(ids, ids[:600].clone(), "", 49, "random"), cfg, 2e8, seed=0,
+              progress=False)
+    assert compiled_calls and r.speed["compile"] is False and "-> fp32" in r.speed["reason"]
+    assert "fp32 + compile" in r.speed["step_s"]
