@@ -186,6 +186,23 @@ class LoopStrategy(nn.Module):
         return LoopResult(h, float(n_loops))
 
 
+class EveryStepRunsAllLoops:
+    """Mixin for strategies whose every training step runs ``params.n_loops`` loops, which is also
+    the inference count (halting, exit_gate, router): the four loop-count methods in one place."""
+
+    def train_loops(self, generator: torch.Generator) -> int:
+        return self.params.n_loops
+
+    def max_train_loops(self) -> int:
+        return self.params.n_loops
+
+    def expected_train_loops(self) -> float:
+        return float(self.params.n_loops)
+
+    def eval_loops(self) -> int:
+        return self.params.n_loops
+
+
 def run_with_exit(h: torch.Tensor, block: BlockFn, n_loops: int, ctx: LoopContext,
                   step: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> LoopResult:
     """Loop up to ``n_loops`` times and stop the whole batch once the exit criterion holds for

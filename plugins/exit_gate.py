@@ -49,7 +49,7 @@ from torch import nn
 from loopsearch import hookimpl
 from loopsearch.diffusion import subs_log_probs
 from loopsearch.errors import SpecError
-from loopsearch.looping import BlockFn, LoopContext, LoopResult, LoopStrategy, run_with_exit
+from loopsearch.looping import BlockFn, EveryStepRunsAllLoops, LoopContext, LoopResult, LoopStrategy, run_with_exit
 
 EPS = 1e-9  # inside the log of the entropy bonus
 
@@ -66,7 +66,7 @@ class ExitGateParams(BaseModel):
                                                                   "0): exit probability sigmoid(init_bias) per loop")
 
 
-class ExitGate(LoopStrategy):
+class ExitGate(EveryStepRunsAllLoops, LoopStrategy):
     """Ouro-style learned exit gate (see the module docstring)."""
 
     name = "exit_gate"
@@ -83,19 +83,6 @@ class ExitGate(LoopStrategy):
 
     def attach(self, model) -> None:
         self._readout_flops = model.readout_flops
-
-    # ---- loop counts: every training step runs all K loops --------------------------------------
-    def train_loops(self, generator: torch.Generator) -> int:
-        return self.params.n_loops
-
-    def max_train_loops(self) -> int:
-        return self.params.n_loops
-
-    def expected_train_loops(self) -> float:
-        return float(self.params.n_loops)
-
-    def eval_loops(self) -> int:
-        return self.params.n_loops
 
     # ---- FLOPs ----------------------------------------------------------------------------------
     def gate_flops(self, seq_len: int) -> float:

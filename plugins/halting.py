@@ -87,7 +87,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from loopsearch import hookimpl
-from loopsearch.looping import BlockFn, LoopContext, LoopResult, LoopStrategy, renamed_params, run_with_exit
+from loopsearch.looping import (BlockFn, EveryStepRunsAllLoops, LoopContext, LoopResult, LoopStrategy, renamed_params,
+                                run_with_exit)
 
 
 class HaltingParams(BaseModel):
@@ -143,7 +144,7 @@ def act_weights(p: torch.Tensor, threshold: float, first_halt: torch.Tensor | No
     return torch.stack(ws), n, r
 
 
-class Halting(LoopStrategy):
+class Halting(EveryStepRunsAllLoops, LoopStrategy):
     """Per-token ACT halting over up to ``n_loops`` loops (see the module docstring)."""
 
     name = "halting"
@@ -156,17 +157,7 @@ class Halting(LoopStrategy):
         nn.init.zeros_(self.head.weight)  # p = sigmoid(init_bias) for every token at first
         nn.init.constant_(self.head.bias, params.init_bias)
 
-    def train_loops(self, generator: torch.Generator) -> int:
-        return self.params.n_loops  # training always runs every loop (halted tokens are masked)
-
-    def max_train_loops(self) -> int:
-        return self.params.n_loops
-
-    def expected_train_loops(self) -> float:
-        return float(self.params.n_loops)
-
-    def eval_loops(self) -> int:
-        return self.params.n_loops
+    # loop counts (EveryStepRunsAllLoops): training always runs every loop (halted tokens are masked)
 
     def extra_flops_bound(self, n_loops: int, seq_len: int) -> float:
         return self.head_flops(seq_len) * max(n_loops - 1, 0)

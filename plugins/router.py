@@ -41,7 +41,7 @@ from torch import nn
 
 from loopsearch import hookimpl
 from loopsearch.errors import SpecError
-from loopsearch.looping import BlockFn, LoopContext, LoopResult, LoopStrategy, run_with_exit
+from loopsearch.looping import BlockFn, EveryStepRunsAllLoops, LoopContext, LoopResult, LoopStrategy, run_with_exit
 
 
 class RouterParams(BaseModel):
@@ -54,7 +54,7 @@ class RouterParams(BaseModel):
     keep: float = Field(0.5, gt=0.0, le=1.0, description="geometric capacity: share of the tokens kept per loop")
 
 
-class Router(LoopStrategy):
+class Router(EveryStepRunsAllLoops, LoopStrategy):
     """Expert-choice token routing over recursions (see the module docstring)."""
 
     name = "router"
@@ -99,19 +99,10 @@ class Router(LoopStrategy):
         caps = self.capacities(seq_len, n_loops)
         return 2.0 * self.d_model * sum(caps[:-1]) if n_loops > 1 else 0.0
 
-    # ---- loop counts: fixed, like MoR ---------------------------------------------------------
-    def train_loops(self, generator: torch.Generator) -> int:
-        return self.params.n_loops
-
-    def max_train_loops(self) -> int:
-        return self.params.n_loops
-
+    # ---- loop counts: n_loops every step, like MoR (EveryStepRunsAllLoops) ---------------------------
     def expected_train_loops(self) -> float:
         """FLOP-equivalent block applications (what planning charges), at the backbone's length."""
         return self.equivalent_applications(self._seq_len, self.params.n_loops)
-
-    def eval_loops(self) -> int:
-        return self.params.n_loops
 
     def extra_flops_bound(self, n_loops: int, seq_len: int) -> float:
         return self.router_flops(seq_len, n_loops)

@@ -7,12 +7,10 @@ planned step count."""
 import pytest
 import torch
 
-from helpers import tiny_model
-from loopsearch.data import PreparedData
+from helpers import random_data, tiny_model, tiny_train_config
 from loopsearch.diffusion import diffusion_loss, elbo, mask_tokens, masked_nll, sample_t
 from loopsearch.errors import SpecError
 from loopsearch.looping import LoopedMDM
-from loopsearch.spec import TrainConfig
 from loopsearch.train import plan_steps, train
 from loopsearch_builtins.exit_gate import ExitGate, ExitGateParams
 from loopsearch_builtins.router import Router, RouterParams
@@ -24,13 +22,8 @@ def looped(cls, params_cls, seed=0, **params):
     return LoopedMDM(bb, cls(params_cls(**params), bb.d_model), 1, 3)
 
 
-def data(seed=0):
-    ids = torch.randint(0, 49, (4000,), generator=torch.Generator().manual_seed(seed))
-    return PreparedData(ids, ids[:600].clone(), "", 49, "random")
-
-
-CFG = TrainConfig(batch_size=4, seq_len=16, min_steps=1, eval_sequences=8, eval_curve_sequences=8, eval_points=1,
-                  precision="fp32", compile=False)
+data = random_data
+CFG = tiny_train_config()
 
 
 # ---- exit_gate ---------------------------------------------------------------------------------

@@ -7,11 +7,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from helpers import tiny_model
-from loopsearch.data import PreparedData
+from helpers import random_data, tiny_model, tiny_train_config
 from loopsearch.looping import LoopContext, LoopedMDM
 from loopsearch.search.space import load_space
-from loopsearch.spec import TrainConfig
 from loopsearch.train import plan_steps, train
 from loopsearch_builtins.recurrent import RecurrentDepth, RecurrentParams
 
@@ -22,13 +20,8 @@ def recurrent_model(seed=0, **params):
     return LoopedMDM(bb, RecurrentDepth(RecurrentParams(**params), bb.d_model), 1, 3)
 
 
-def data(seed=0):
-    ids = torch.randint(0, 49, (4000,), generator=torch.Generator().manual_seed(seed))
-    return PreparedData(ids, ids[:600].clone(), "", 49, "random")
-
-
-CFG = TrainConfig(batch_size=4, seq_len=16, min_steps=1, eval_sequences=8, eval_curve_sequences=8, eval_points=1,
-                  precision="fp32", compile=False)
+data = random_data
+CFG = tiny_train_config()
 
 
 def counted_step(model, n):
