@@ -49,6 +49,11 @@ from typing import Callable
 import torch
 
 COMPILE_MIN_S = 120.0  # probe compilation only for trials expected to run at least this long eager
+# ... and, with compile = "auto", try it on the trial only above these eager estimates per precision: a
+# failed try costs its compilation (30-40 s at 8L/d256 on one CPU core). Measured 2026-12-02 (AMX Xeon,
+# 8L/d256, one thread, math attention under compile): bf16 + compile 1.6-1.8x faster than bf16, fp32 +
+# compile 1.09x faster than fp32; so fp32 tries only where a failed try costs under about 6%
+TRY_COMPILE_MIN_S = {"bf16": 120.0, "fp32": 600.0}
 MARGIN = 0.05  # a more complex setting must be this much faster (whole trial) to be chosen
 WARMUP_STEPS, TIMED_STEPS = 2, 5  # warm-up steps (1 for an eager setting) and at most this many timed ones
 PROBE_SHARE = 0.02  # timed probe steps of all eager settings together: at most this share of the trial's steps
@@ -283,6 +288,11 @@ def choose(model, step_fn, precision: str, compile_: bool | str, device: torch.d
             cache[eager_key] = {"step_s": {json.dumps(asdict(s)): step_s[s] for s in eager}}
             _save_cache(cache)
         eager_best, eager_reason = decide(step_s, {}, steps, bf16_ok)
+        floor = TRY_COMPILE_MIN_S.get(eager_best.precision, COMPILE_MIN_S)
+        if step_s[eager_best] * steps < floor:
+            return Choice(eager_best, f"{eager_reason}; compile not tried (est. {step_s[eager_best] * steps:.0f} s "
+                                      f"{eager_best.label} < {floor:.0f} s)",
+                          {s.label: v for s, v in step_s.items()}, {}, cached)
         target = Setting(eager_best.precision, True)
         key = _key(device, shape, [target])
         chit = cache.get(key)

@@ -188,3 +188,17 @@ def test_a_trial_that_tries_compilation_goes_on_eager_when_it_does_not_pay(monke
               progress=False)
     assert compiled_calls and r.speed["compile"] is False and "-> fp32" in r.speed["reason"]
     assert "fp32 + compile" in r.speed["step_s"]
+
+
+def test_fp32_tries_compilation_only_on_long_trials(monkeypatch, tmp_path):
+    """A failed try costs its compilation; fp32 gained only 1.09x from compiling (bf16 1.6-1.8x), so an
+    fp32 trial tries it only above TRY_COMPILE_MIN_S["fp32"] (600 s eager), a bf16 one above 120 s."""
+    monkeypatch.setenv("LOOPSEARCH_CACHE", str(tmp_path))
+    monkeypatch.setattr(probe, "bf16_supported", lambda device: False)  # an AVX2-like CPU: fp32 only
+    _stub(monkeypatch, {FP32: (1.0, 0.0)}, [])
+    c = probe.choose(None, None, "auto", "auto", CPU, steps=300, shape={"a": 1})  # 300 s eager
+    assert c.setting == FP32 and not c.trial_compile and "compile not tried" in c.reason
+    assert probe.choose(None, None, "auto", "auto", CPU, steps=900, shape={"a": 2}).trial_compile
+    monkeypatch.setattr(probe, "bf16_supported", lambda device: True)
+    _stub(monkeypatch, {FP32: (2.0, 0.0), BF16: (1.0, 0.0)}, [])
+    assert probe.choose(None, None, "auto", "auto", CPU, steps=150, shape={"a": 3}).trial_compile  # 150 s bf16
