@@ -433,7 +433,7 @@ def study_run(name, n_trials, timeout, workers, study_budget, checkpoint_every, 
     if auto:  # the free cores, not all of them: two threads collapse when another process competes
         from .search.workers import worker_threads
 
-        threads = worker_threads(1)
+        threads = worker_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # torchrun: shared by its ranks
     if threads:
         import torch
 
