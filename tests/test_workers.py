@@ -367,7 +367,13 @@ def test_worker_killed_mid_trial_is_retried_from_its_checkpoint(pg, tmp_path):
         retry = next(t for t in trials if t.system_attrs.get("failed_trial") == victim.number)
         a = retry.user_attrs
         assert retry.state == TrialState.COMPLETE and retry.params == victim.params
-        assert a[studies.RESUME_ATTR] == str(state_dir) and a["loopsearch.resume_from"].startswith(str(state_dir))
+        rows = [(t.number, t.state.name, bool(t.user_attrs.get(BASELINE_ATTR)), t.system_attrs.get("failed_trial"))
+                for t in trials]
+        why = (f"victim {victim.number} (baseline {bool(victim.user_attrs.get(BASELINE_ATTR))}), retry {retry.number}; "
+               f"trials {rows}; state dir now "
+               f"{sorted(p.name for p in state_dir.iterdir()) if state_dir.exists() else 'gone'}")
+        assert a[studies.RESUME_ATTR] == str(state_dir) and "loopsearch.resume_from" in a, why
+        assert a["loopsearch.resume_from"].startswith(str(state_dir))
         assert seen <= a["resumed_from_flops"] <= at_death
         assert a["flops_lost"] == pytest.approx(at_death - a["resumed_from_flops"])
         assert 0 < a["flops_lost"] <= every  # lost at most one checkpoint interval
