@@ -36,6 +36,7 @@ speeds are recorded with the trial (``speed``) and shown in its line.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -98,8 +99,6 @@ def attention_backend(compiled: bool, device: torch.device):
     backend, which inductor fuses with the rest of the graph (2026-12-02, AMX Xeon, 8L/d256 bf16: the
     fused flash kernel left compile about 4% faster than eager, math about 1.8x, in
     benchmarks/train_throughput.py); elsewhere, and eager, torch's default choice."""
-    import contextlib
-
     if compiled and device.type == "cpu":
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -191,7 +190,7 @@ def _time_steps(model, step_fn: Callable[[torch.nn.Module, torch.optim.Optimizer
     return per_step, max(0.0, warm - warmup * per_step)
 
 
-def settle_trial_compile(choice: Choice, warm_s: float, timed_s: float, timed: int, steps: int) -> bool:
+def settle_trial_compile(choice: Choice, warm_s: float, timed_s: float, timed: int) -> bool:
     """After a trial's first steps ran compiled (``choice.trial_compile``): ``warm_s`` seconds for the
     ``WARMUP_STEPS`` warm-up steps (the compilation included), ``timed_s`` for ``timed`` steps after
     them. Keep compilation when its steps beat the eager probe's by more than ``MARGIN`` (the

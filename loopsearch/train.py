@@ -371,7 +371,7 @@ def train(model: LoopedMDM, data: PreparedData, cfg: TrainConfig, budget: float,
         trying["timed"] += dt
         if trying["n"] < probe.WARMUP_STEPS + trying["want"]:
             return
-        if not probe.settle_trial_compile(speed, trying["warm"], trying["timed"], trying["want"], planned):
+        if not probe.settle_trial_compile(speed, trying["warm"], trying["timed"], trying["want"]):
             forward = step_forward = recorder.model = model  # eager from here on (same weights, same optimizer)
             compiled = False
         trying = None

@@ -155,14 +155,14 @@ def test_compile_auto_is_tried_on_the_trial_then_cached(monkeypatch, tmp_path):
     shape = {"d_model": 256}
     c = probe.choose(None, None, "auto", "auto", CPU, steps=1000, shape=shape)  # 1000 s eager: try compiling
     assert c.setting == BF16C and c.trial_compile and c.eager_step_s == 1.0 and set(calls) == {FP32, BF16}
-    assert probe.settle_trial_compile(c, warm_s=30.0, timed_s=0.5, timed=1, steps=1000)  # 0.5 s vs 1.0 s: keep
+    assert probe.settle_trial_compile(c, warm_s=30.0, timed_s=0.5, timed=1)  # 0.5 s vs 1.0 s: keep
     assert c.setting == BF16C and c.compile_s["bf16 + compile"] == pytest.approx(29.0)
     assert "-> bf16 + compile" in c.reason
     calls.clear()
     again = probe.choose(None, None, "auto", "auto", CPU, steps=1000, shape=shape)
     assert again.setting == BF16C and not again.trial_compile and calls == []  # decided from the cache
     slow = probe.choose(None, None, "auto", "auto", CPU, steps=1000, shape={"d_model": 64})
-    assert not probe.settle_trial_compile(slow, warm_s=30.0, timed_s=0.98, timed=1, steps=1000)  # within margin
+    assert not probe.settle_trial_compile(slow, warm_s=30.0, timed_s=0.98, timed=1)  # within margin
     assert slow.setting == BF16 and "-> bf16" in slow.reason
     assert probe.choose(None, None, "auto", "auto", CPU, steps=1000, shape={"d_model": 64}).setting == BF16
 
