@@ -5,7 +5,11 @@ Markdown:
 
 - the signal-to-noise of the looped cells: the spread of their means over seeds (standard
   deviation) divided by the mean standard error of a cell mean (its seeds' sd / sqrt(seeds));
-  above 1, the cells differ from each other by more than their noise;
+- whether the looped cells differ from each other beyond noise, paired by seed: the F test of the
+  two-way table cells x seeds (``loopsearch.stats.blocked_anova``: the seed effect every cell
+  shares is removed, as in a paired difference), its p value and the paired signal-to-noise
+  sqrt(F) (about 1 when the cells do not differ), and how well one seed's ranking of the cells
+  repeats in another's (Spearman correlation per pair of seeds);
 - every cell against LoopMDM's hand placement (layers [1,3), S ~ U{1..3} in training, 3 loops at
   inference: ``[1,3)x3 U``) and against the no-loop baseline: the paired difference over seeds
   (same data order, initialisation and validation masks per seed) with a t interval on n - 1
@@ -27,7 +31,9 @@ from pathlib import Path
 
 import polars as pl
 
-from loopsearch.stats import mean_interval, t_quantile
+from scipy import stats as st
+
+from loopsearch.stats import blocked_anova, mean_interval, t_quantile
 
 HERE = Path(__file__).resolve().parent
 PAPER = (1, 3, 3, "uniform")
@@ -70,6 +76,23 @@ def words(lo: float, hi: float) -> str:
     return "better" if hi < 0 else "worse" if lo > 0 else "tie"
 
 
+def differ_line(cells: dict, keys: list, seeds: list[int]) -> str:
+    """Do these cells differ from each other beyond noise, paired by seed? (F test, rank agreement)"""
+    if len(keys) < 2:
+        return "Fewer than 2 looped cells: nothing to compare."
+    a = blocked_anova([[cells[k][s] for s in seeds] for k in keys])
+    rhos = []
+    for i, s1 in enumerate(seeds):
+        for s2 in seeds[i + 1:]:
+            rhos.append(float(st.spearmanr([cells[k][s1] for k in keys], [cells[k][s2] for k in keys]).statistic))
+    verdict = "differ beyond noise" if a.differ() else "do not differ beyond noise (a tie)"
+    return (f"Paired by seed (F test of cells x seeds, the seed effect removed): the {len(keys)} looped cells "
+            f"**{verdict}**: F({a.df_arms}, {a.df_residual}) = {a.f:.2f}, p = {a.p:.2g}; spread of cell means "
+            f"{a.spread:.3f} / residual SE of a cell mean {a.residual_se:.3f} = paired signal-to-noise "
+            f"**{a.snr:.1f}**. One seed's ranking of the cells against another's: Spearman "
+            f"{', '.join(f'{r:.2f}' for r in rhos)}.")
+
+
 def summary(path: Path, top: int) -> str:
     cells, seeds = load(path)
     looped = [k for k in cells if k != BASELINE]
@@ -81,6 +104,7 @@ def summary(path: Path, top: int) -> str:
         noise = statistics.fmean(ses[k] for k in looped)
         out.append(f"Signal-to-noise of the {len(looped)} looped cells: spread of cell means (sd) {spread:.3f} nats "
                    f"/ mean SE of a cell mean {noise:.3f} = **{spread / noise:.1f}**.")
+        out.append(differ_line(cells, looped, seeds))
     k = len(looped) - 1
     strict = 1 - 0.05 / max(1, k)
     ranked = sorted(cells, key=means.get)

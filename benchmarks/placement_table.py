@@ -47,6 +47,13 @@ settings are kept unless ``--fresh``), on two cores as two shards, then merged::
     OMP_NUM_THREADS=1 python benchmarks/placement_table.py --shard 1/2 --output /tmp/pt_s1.parquet
     python benchmarks/placement_table.py --merge /tmp/pt_s0.parquet /tmp/pt_s1.parquet
     OMP_NUM_THREADS=1 python benchmarks/placement_table.py --limit 1 --seeds 0 --output /tmp/b.parquet  # baseline only
+
+Rows are trained cell by cell (every seed of a cell before the next), so a partial table holds whole
+cells; ``--cells`` trains chosen cells first, in the order given, and a later run without it adds
+the rest to the same ``--output``. The 4-TFLOP table (docs/results.md) was started so::
+
+    OMP_NUM_THREADS=1 python benchmarks/placement_table.py --budget 4e12 --shard 0/2 \
+        --output /tmp/pt4_s0.parquet --cells baseline '[1,3)x3 U' '[0,1)x2' '[5,6)x2' ...
 """
 
 from __future__ import annotations
@@ -241,6 +248,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seeds (data order, init and validation masks); every configuration runs once per seed, "
                         "seed by seed, so a partial table holds whole seeds")
     p.add_argument("--limit", type=int, default=None, help="train only the first N configurations (baseline first)")
+    p.add_argument("--cells", nargs="+", default=None, metavar="LABEL",
+                   help="train only these cells, in this order (labels as in the table: baseline, '[1,3)x3 U', "
+                        "'[4,6)x2'); a later run without --cells adds the rest to the same --output")
     p.add_argument("--shard", default="0/1", help="I/N: train only every N-th row still to do, from the I-th "
                    "(N processes, each with its own --output copied from the same partial table, then --merge)")
     p.add_argument("--merge", type=Path, nargs="+", default=None,
@@ -281,9 +291,20 @@ def main(argv: list[str] | None = None) -> None:
     data = load_data(args.vocab_size)
     meta = settings(args, data)
     grid = placements(args.n_layer, args.max_block, args.loops, args.uniform_loops)[: args.limit]
+    number = {placement: i for i, placement in enumerate(grid)}  # a cell's trial number: its place in the full grid
+    if args.cells:
+        by_label = {placement.label(): placement for placement in grid}
+        unknown = [label for label in args.cells if label not in by_label]
+        if unknown:
+            loops, uniform = " ".join(map(str, args.loops)), " ".join(map(str, args.uniform_loops))
+            raise SystemExit(f"--cells: no cell {', '.join(map(repr, unknown))} in this grid; labels look like "
+                             f"'baseline', '[1,3)x3 U', '[4,6)x2' (--max-block {args.max_block}, --loops {loops}, "
+                             f"--uniform-loops {uniform})")
+        grid = [by_label[label] for label in dict.fromkeys(args.cells)]
     rows = [] if args.fresh else resumable_rows(args.output, meta)
     done = {(row["loop_start"], row["loop_end"], row["n_loops"], row["train_loops"], row["seed"]) for row in rows}
-    todo = [(seed, i, placement) for seed in args.seeds for i, placement in enumerate(grid)
+    # cell-major: every seed of a cell before the next cell, so a partial table holds whole cells
+    todo = [(seed, number[placement], placement) for placement in grid for seed in args.seeds
             if (*placement.key, seed) not in done]
     shard, shards = (int(x) for x in args.shard.split("/"))
     todo = todo[shard::shards]

@@ -167,3 +167,54 @@ def tie_words(delta: Interval, better: str = "better", worse: str = "worse") -> 
     if delta.tie:
         return "tie"
     return better if delta.hi < 0 else worse
+
+
+@dataclass(frozen=True)
+class BlockedAnova:
+    """Do k arms differ beyond noise, when each was measured once per block (seed)? The two-way
+    analysis of variance without replication: arms x blocks, the block (seed) effect removed, as
+    a paired comparison removes it from two arms.
+
+    ``f`` = MS_arms / MS_residual on (``df_arms``, ``df_residual``) degrees of freedom; ``p`` its
+    upper tail (the chance of an F this large when every arm has the same mean). ``residual_se``:
+    the standard error of one arm's mean once the seed effect is removed, sqrt(MS_residual / n);
+    ``spread``: the standard deviation of the arm means; ``snr`` = spread / residual_se =
+    sqrt(f), the paired signal-to-noise (about 1 when the arms do not differ)."""
+
+    f: float
+    df_arms: int
+    df_residual: int
+    p: float
+    spread: float
+    residual_se: float
+
+    @property
+    def snr(self) -> float:
+        return self.spread / self.residual_se if self.residual_se > 0 else math.inf
+
+    def differ(self, alpha: float = 1 - LEVEL) -> bool:
+        return self.p < alpha
+
+
+def blocked_anova(rows: Sequence[Sequence[float]]) -> BlockedAnova:
+    """``rows[i][j]``: arm i measured in block (seed) j, every arm in every block (a complete
+    table: drop seeds some arm lacks first). Needs >= 2 arms and >= 2 blocks."""
+    from scipy import stats as st
+
+    y = [[float(v) for v in r] for r in rows]
+    k = len(y)
+    n = len(y[0]) if y else 0
+    if k < 2 or n < 2:
+        raise ValueError(f"an F test needs >= 2 arms and >= 2 seeds each, got {k} arms x {n} seeds")
+    if any(len(r) != n for r in y):
+        raise ValueError("every arm needs a value in every block (seed): use the seeds all arms have")
+    grand = statistics.fmean(v for r in y for v in r)
+    arm = [statistics.fmean(r) for r in y]
+    block = [statistics.fmean(y[i][j] for i in range(k)) for j in range(n)]
+    ss_arms = n * sum((a - grand) ** 2 for a in arm)
+    ss_res = sum((y[i][j] - arm[i] - block[j] + grand) ** 2 for i in range(k) for j in range(n))
+    df_arms, df_res = k - 1, (k - 1) * (n - 1)
+    ms_res = ss_res / df_res
+    f = (ss_arms / df_arms) / ms_res if ms_res > 0 else math.inf
+    p = float(st.f.sf(f, df_arms, df_res)) if math.isfinite(f) else 0.0
+    return BlockedAnova(f, df_arms, df_res, p, statistics.stdev(arm), math.sqrt(ms_res / n))

@@ -1,5 +1,7 @@
 """Every builtin search space validates against the tiny model and produces a trainable trial."""
 
+from pathlib import Path
+
 import optuna
 import pytest
 
@@ -10,7 +12,7 @@ from loopsearch.search.space import load_space, suggest
 from loopsearch.spec import SearchSpace, validate
 
 
-@pytest.mark.parametrize("space", ["early_middle", "anywhere", "depth", "strategies"])
+@pytest.mark.parametrize("space", ["early_middle", "anywhere", "depth", "strategies", "placement"])
 def test_builtin_space_runs_a_trial(space, tiny_recipe):
     studies.create(studies.spec_from_options(space, space, str(tiny_recipe), None, None, None, "random", None))
     workers.run(space, n_trials=2, progress=False)
@@ -66,3 +68,14 @@ def test_jointly_invalid_parameters_prune_one_trial_not_the_study(tiny_recipe, t
     trials = studies.load("joint")[0].get_trials()
     assert trials[0].state.name == "COMPLETE"
     assert trials[1].state.name == "PRUNED" and "invalid configuration" in trials[1].user_attrs["rejected"]
+
+
+STUDIES = Path(__file__).resolve().parents[1] / "studies"
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in STUDIES.glob("*.toml")))
+def test_every_shipped_recipe_resolves_to_a_study(recipe):
+    """Each studies/*.toml validates and names a space that exists."""
+    spec = studies.spec_from_options(recipe, None, recipe, None, None, None, None, None)
+    assert spec.budget > 0 and spec.n_trials >= 1
+    assert load_space(spec.space.name).name == spec.space.name

@@ -105,3 +105,44 @@ def test_wilson_interval_for_accuracies():
     assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
     with pytest.raises(ValueError):
         proportion_interval(0, 0)
+
+
+def test_blocked_anova_matches_the_textbook_two_way_table():
+    # arms x seeds; a seed effect shared by every arm must not count as noise
+    rows = [[1.0, 2.0, 3.0], [1.5, 2.5, 3.5], [1.2, 2.1, 3.3]]
+    a = stats.blocked_anova(rows)
+    # by hand: arm means 2, 2.5, 2.2; grand 2.2333; residual SS 0.06 on 4 df
+    assert (a.df_arms, a.df_residual) == (2, 4)
+    ss_arms = 3 * ((2 - 6.7 / 3) ** 2 + (2.5 - 6.7 / 3) ** 2 + (2.2 - 6.7 / 3) ** 2)
+    block = [(1 + 1.5 + 1.2) / 3, (2 + 2.5 + 2.1) / 3, (3 + 3.5 + 3.3) / 3]
+    arm = [2.0, 2.5, 2.2]
+    ss_res = sum((rows[i][j] - arm[i] - block[j] + 6.7 / 3) ** 2 for i in range(3) for j in range(3))
+    assert a.f == pytest.approx((ss_arms / 2) / (ss_res / 4))
+    from scipy import stats as st
+    assert a.p == pytest.approx(st.f.sf(a.f, 2, 4))
+    assert a.snr == pytest.approx(math.sqrt(a.f))
+    assert a.differ()  # 0.5 nats apart with residual noise ~0.1
+    # the same arms without the shared seed effect but with the residuals: identical F
+    shifted = [[v - b for v, b in zip(r, block)] for r in rows]
+    assert stats.blocked_anova(shifted).f == pytest.approx(a.f)
+
+
+def test_blocked_anova_calls_arms_of_one_mean_a_tie_about_as_often_as_it_should():
+    import random
+    rng = random.Random(0)
+    rejections = 0
+    for _ in range(400):
+        seed_effect = [rng.gauss(0, 1.0) for _ in range(3)]  # large, shared: removed by blocking
+        rows = [[3.0 + s + rng.gauss(0, 0.05) for s in seed_effect] for _ in range(10)]
+        rejections += stats.blocked_anova(rows).differ()
+    assert 5 <= rejections <= 40  # 5% of 400 = 20
+    # a real difference of 4 residual sds between two halves of ten arms is found
+    rows = [[3.0 + s + rng.gauss(0, 0.05) + (0.2 if i < 5 else 0) for s in (0.3, -0.2, 0.5)] for i in range(10)]
+    assert stats.blocked_anova(rows).p < 0.05
+
+
+def test_blocked_anova_refuses_an_incomplete_table():
+    with pytest.raises(ValueError, match=">= 2 arms and >= 2 seeds"):
+        stats.blocked_anova([[1.0, 2.0]])
+    with pytest.raises(ValueError, match="every arm needs a value in every block"):
+        stats.blocked_anova([[1.0, 2.0], [1.0]])
