@@ -692,6 +692,8 @@ def leaderboard(studies_, top, fmt, output, scaling, pareto, wide, storage):
     val_nll_lo, val_nll_hi, seeds, delta_nll, delta_se, delta_lo, delta_hi, delta_basis
     ("N seeds", "masks" or "unpaired"), tie (true/false), vs_baseline (better, worse, tie).
     Pruned trials are listed with the training FLOPs they used before they were stopped.
+    Under the table, for each study whose trials share 2+ seeds (replicates, or `study confirm`):
+    whether those trials differ from each other beyond seed noise (F test, seed effect removed).
 
     Examples: loopsearch leaderboard --study quick --top 5 --format csv --output quick.csv;
     loopsearch leaderboard --study multi --pareto
@@ -714,6 +716,9 @@ def leaderboard(studies_, top, fmt, output, scaling, pareto, wide, storage):
         fmt = {".csv": "csv", ".json": "json", ".parquet": "parquet", ".md": "markdown"}.get(suffix, "table")
     if fmt == "table" and not output:
         _console().print(table())
+        if not scaling:
+            for line in lb.spread_tests(storage, list(studies_) or None):
+                _console().print(f"[dim]{line}[/]", highlight=False)
         return
     text = lb.write(df, fmt, output)
     if text is not None:

@@ -19,6 +19,7 @@ from loopsearch.search import workers
 from loopsearch.data import PreparedData, validation_windows
 from loopsearch.diffusion import validation_elbo
 from loopsearch.spec import TrainConfig
+from loopsearch import stats
 from loopsearch.stats import paired_window_interval
 from loopsearch.train import streams, train
 
@@ -110,6 +111,14 @@ def test_seeds_train_every_configuration_with_each_seed(seeded_study):
     assert looped["delta_lo"] < looped["delta_nll"] < looped["delta_hi"]
     # t with 1 degree of freedom: the half-width is 12.706 standard errors
     assert (looped["delta_hi"] - looped["delta_nll"]) == pytest.approx(12.706 * looped["delta_se"], rel=1e-3)
+    # do the 3 trials differ from each other beyond seed noise? the F test on their 2 shared seeds
+    (line,) = lb.spread_tests(studies=["rep"])
+    by_seed = [[r["val_nll"] for r in t.user_attrs["seed_results"]] for t in st.get_trials()]
+    a = stats.blocked_anova(by_seed)
+    assert line.startswith("rep: the 3 trials with seeds 0, 1 ") and f"F(2, 2) = {a.f:.2f}, p = {a.p:.2g}" in line
+    assert ("do not differ" in line) == (not a.differ())
+    table = run_cli("leaderboard", "--study", "rep")
+    assert "the 3 trials with seeds 0, 1" in " ".join(table.stdout.split())
 
 
 def test_confirm_retrains_top_trials_and_the_baseline_with_new_seeds(seeded_study):
@@ -157,6 +166,7 @@ def test_leaderboard_json_carries_errors_intervals_and_ties(tiny_recipe):
     assert looped["vs_baseline"] == ("tie" if looped["tie"] else ("better" if looped["delta_hi"] < 0 else "worse"))
     table = run_cli("leaderboard", "--study", "one")
     assert "Δ base [95% CI]" in table.stdout and looped["vs_baseline"] in table.stdout
+    assert lb.spread_tests(studies=["one"]) == [] and "seed noise" not in table.stdout  # one seed: no F test
 
 
 def test_head_only_at_masked_positions_gives_the_same_validation():

@@ -32,7 +32,8 @@ from ..search.storage import mask, open_storage, storage_url
 from ..search.study import CONFIRM_OF_ATTR
 from ..search.workers import SURPLUS_ATTR
 from .page import md_escape
-from ..stats import Interval, mean_interval, paired_results, tie_words
+from ..stats import Interval, blocked_anova, mean_interval, paired_results, tie_words
+from ..units import format_flops
 
 FORMATS = ("table", "csv", "json", "markdown", "parquet")
 
@@ -206,22 +207,60 @@ def frame(storage: str | None = None, studies: list[str] | None = None) -> pl.Da
                   if not t.user_attrs.get(SURPLUS_ATTR) and t.user_attrs.get("duplicate_of") is None]
         retried_as = {t.system_attrs["retry_history"][-1]: t.number
                       for t in trials if t.system_attrs.get("retry_history")}
-        confirms: dict[int, list] = {}
-        for t in trials:
-            if t.user_attrs.get(CONFIRM_OF_ATTR) is not None:
-                confirms.setdefault(int(t.user_attrs[CONFIRM_OF_ATTR]), []).append(t)
-        originals = [t for t in trials if t.user_attrs.get(CONFIRM_OF_ATTR) is None]
-        seeds = {}
-        for t in originals:
-            values = seed_values(t)
-            for c in confirms.get(t.number, []):
-                values.update(seed_values(c))
-            seeds[t.number] = values
+        originals, seeds, confirms = _merge_confirmations(trials)
         study_rows = [_row(name, t, evaluated.get(t.number), retried_as) for t in originals]
         _add_intervals(study_rows, originals, seeds, set(confirms))
         rows += study_rows
     df = pl.DataFrame(rows, schema=SCHEMA)
     return df.sort(["study", "val_nll", "trial"], nulls_last=True)
+
+
+def _merge_confirmations(trials: list) -> tuple[list, dict[int, dict[int, dict]], dict[int, list]]:
+    """(the trials that are not confirmations, {trial: {seed: values}} with each confirmation's
+    seeds merged into the trial it confirms, {trial: its confirmation trials})."""
+    confirms: dict[int, list] = {}
+    for t in trials:
+        if t.user_attrs.get(CONFIRM_OF_ATTR) is not None:
+            confirms.setdefault(int(t.user_attrs[CONFIRM_OF_ATTR]), []).append(t)
+    originals = [t for t in trials if t.user_attrs.get(CONFIRM_OF_ATTR) is None]
+    seeds = {}
+    for t in originals:
+        values = seed_values(t)
+        for c in confirms.get(t.number, []):
+            values.update(seed_values(c))
+        seeds[t.number] = values
+    return originals, seeds, confirms
+
+
+def spread_tests(storage: str | None = None, studies: list[str] | None = None) -> list[str]:
+    """One line per study and budget with 2+ trials that share 2+ seeds (replicates, or trials
+    confirmed by ``study confirm``): do those trials differ from each other beyond seed noise?
+    The F test of trials x seeds with the seed effect removed (``stats.blocked_anova``), on the
+    seeds all of them trained. A study without such trials gets no line."""
+    store = open_storage(storage)
+    names = studies or [s.study_name for s in optuna.get_all_study_summaries(store, include_best_trial=False)]
+    lines = []
+    for name in names:
+        study = optuna.load_study(study_name=name, storage=store)
+        trials = [t for t in study.get_trials(deepcopy=False)
+                  if not t.user_attrs.get(SURPLUS_ATTR) and t.user_attrs.get("duplicate_of") is None]
+        originals, seeds, _ = _merge_confirmations(trials)
+        by_budget: dict[float, list] = {}
+        for t in originals:
+            if len(seeds[t.number]) >= 2:
+                budget = float(TrialRecord.of(t).budget or 0.0)
+                by_budget.setdefault(budget, []).append(t.number)
+        for budget, numbers in sorted(by_budget.items()):
+            common = sorted(set.intersection(*(set(seeds[n]) for n in numbers))) if numbers else []
+            if len(numbers) < 2 or len(common) < 2:
+                continue
+            a = blocked_anova([[seeds[n][s]["val_nll"] for s in common] for n in numbers])
+            words = "differ beyond seed noise" if a.differ() else "do not differ beyond seed noise (a tie)"
+            at = f" at {format_flops(budget)}" if len(by_budget) > 1 else ""
+            lines.append(f"{name}{at}: the {len(numbers)} trials with seeds {', '.join(map(str, common))} "
+                         f"{words}: F({a.df_arms}, {a.df_residual}) = {a.f:.2f}, p = {a.p:.2g} (seed effect "
+                         f"removed; spread of their means {a.spread:.4f} vs residual SE {a.residual_se:.4f})")
+    return lines
 
 
 def _add_intervals(rows: list[dict], trials: list, seeds: dict[int, dict], confirmed: set[int]) -> None:
