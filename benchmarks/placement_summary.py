@@ -47,8 +47,11 @@ def label(key) -> str:
     return f"[{start},{end})x{n}" + (" U" if train_loops == "uniform" else "")
 
 
-def load(path: Path) -> tuple[dict, list[int]]:
-    """{cell key: {seed: val NLL}} over the seeds every cell has, and those seeds."""
+def load(path: Path) -> tuple[dict, list[int], int]:
+    """{cell key: {seed: val NLL}}, the seeds used and how many cells were left out. A table still
+    being trained (cell by cell) has a last cell with fewer seeds: cells lacking one of the seeds
+    the table holds are left out, unless that leaves fewer than 2; then every cell is kept on the
+    seeds all of them have."""
     frame = pl.read_parquet(path)
     cells: dict = {}
     for r in frame.iter_rows(named=True):
@@ -56,8 +59,12 @@ def load(path: Path) -> tuple[dict, list[int]]:
         if r["n_loops"] == 1:
             key = BASELINE
         cells.setdefault(key, {})[r["seed"]] = r["val_nll"]
+    every = set().union(*(set(v) for v in cells.values()))
+    complete = {k: v for k, v in cells.items() if set(v) == every}
+    if len(complete) >= 2:
+        return complete, sorted(every), len(cells) - len(complete)
     common = sorted(set.intersection(*(set(v) for v in cells.values())))
-    return {k: {s: v[s] for s in common} for k, v in cells.items()}, common
+    return {k: {s: v[s] for s in common} for k, v in cells.items()}, common, 0
 
 
 def paired(cells: dict, a, b, seeds: list[int], level: float = 0.95):
@@ -94,11 +101,12 @@ def differ_line(cells: dict, keys: list, seeds: list[int]) -> str:
 
 
 def summary(path: Path, top: int) -> str:
-    cells, seeds = load(path)
+    cells, seeds, left_out = load(path)
     looped = [k for k in cells if k != BASELINE]
     means = {k: statistics.fmean(cells[k].values()) for k in cells}
     ses = {k: statistics.stdev(cells[k].values()) / math.sqrt(len(seeds)) for k in cells} if len(seeds) > 1 else {}
-    out = [f"Table {path.name}: {len(cells)} cells x {len(seeds)} seeds ({', '.join(map(str, seeds))})."]
+    partial = f" ({left_out} cell{'s' * (left_out != 1)} without every seed yet left out)" if left_out else ""
+    out = [f"Table {path.name}: {len(cells)} cells x {len(seeds)} seeds ({', '.join(map(str, seeds))}){partial}."]
     if len(seeds) > 1:
         spread = statistics.stdev(means[k] for k in looped)
         noise = statistics.fmean(ses[k] for k in looped)

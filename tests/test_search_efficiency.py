@@ -193,8 +193,8 @@ def test_placement_summary_pairs_seeds_against_the_paper(tmp_path):
     spec.loader.exec_module(ps)
     path = tmp_path / "t.parquet"
     synthetic_frame().write_parquet(path)
-    cells, seeds = ps.load(path)
-    assert seeds == [0, 1, 2] and ps.PAPER in cells and ps.BASELINE in cells
+    cells, seeds, left_out = ps.load(path)
+    assert seeds == [0, 1, 2] and left_out == 0 and ps.PAPER in cells and ps.BASELINE in cells
     m, lo, hi = ps.paired(cells, (1, 3, 3, "constant"), ps.PAPER, seeds)
     d = [cells[(1, 3, 3, "constant")][s] - cells[ps.PAPER][s] for s in seeds]
     assert m == pytest.approx(sum(d) / 3) and lo < m < hi
@@ -203,3 +203,25 @@ def test_placement_summary_pairs_seeds_against_the_paper(tmp_path):
     assert "Cells better than the paper's [1,3)x3 U beyond noise (95% paired t, 3 seeds): 0 of 45" in text
     assert "The paper's placement ranks 1 of 46" in text
     assert "| baseline |" in text and "| worse |" in text
+
+
+def test_placement_summary_on_a_table_still_being_trained(tmp_path):
+    """benchmarks/placement_summary.py: the paired F test finds the synthetic cells' real
+    differences (the shared seed effect removed), and a last cell with fewer seeds is left out."""
+    spec = importlib.util.spec_from_file_location("placement_summary", BENCH / "placement_summary.py")
+    ps = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ps)
+    frame = synthetic_frame()
+    # training goes cell by cell: the last cell has only seed 0 so far
+    partial = frame.filter(~((pl.col("loop_start") == 3) & (pl.col("loop_end") == 6) & (pl.col("n_loops") == 3)
+                             & (pl.col("train_loops") == "uniform") & (pl.col("seed") > 0)))
+    path = tmp_path / "t.parquet"
+    partial.write_parquet(path)
+    cells, seeds, left_out = ps.load(path)
+    assert seeds == [0, 1, 2] and left_out == 1 and len(cells) == 45
+    text = ps.summary(path, top=3)
+    assert "(1 cell without every seed yet left out)" in text
+    assert "the 44 looped cells **differ beyond noise**: F(43, 86) =" in text
+    # the paper's cell is the synthetic best: nothing beats it, and it ranks first
+    assert "Cells better than the paper's [1,3)x3 U beyond noise (95% paired t, 3 seeds): 0 of 44" in text
+    assert "The paper's placement ranks 1 of 45 by mean." in text
