@@ -113,7 +113,7 @@ def summary(path: Path, top: int) -> str:
         out.append(f"Signal-to-noise of the {len(looped)} looped cells: spread of cell means (sd) {spread:.3f} nats "
                    f"/ mean SE of a cell mean {noise:.3f} = **{spread / noise:.1f}**.")
         out.append(differ_line(cells, looped, seeds))
-    k = len(looped) - 1
+    k = len(cells) - 1  # comparisons with the paper's cell (every other cell), or with the baseline (every looped cell)
     strict = 1 - 0.05 / max(1, k)
     ranked = sorted(cells, key=means.get)
     shown = ranked[:top] + [c for c in (PAPER, BASELINE) if c in cells and c not in ranked[:top]]
@@ -143,8 +143,8 @@ def summary(path: Path, top: int) -> str:
             beats += [key] if hi < 0 else []
             beats_strict += [key] if shi < 0 else []
         out += ["", f"Cells better than the paper's [1,3)x3 U beyond noise (95% paired t, {len(seeds)} seeds): "
-                f"{len(beats)} of {k + 1} ({', '.join(map(label, beats)) or 'none'}); after Bonferroni over "
-                f"{k + 1} comparisons: {len(beats_strict)} ({', '.join(map(label, beats_strict)) or 'none'}). "
+                f"{len(beats)} of {k} ({', '.join(map(label, beats)) or 'none'}); after Bonferroni over "
+                f"{k} comparisons: {len(beats_strict)} ({', '.join(map(label, beats_strict)) or 'none'}). "
                 f"The paper's placement ranks {ranked.index(PAPER) + 1} of {len(cells)} by mean."]
     if BASELINE in cells and len(seeds) > 1:
         verdicts = {"better": [], "worse": [], "tie": []}
