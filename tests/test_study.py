@@ -10,6 +10,7 @@ import sys
 import time
 
 import optuna
+from optuna.trial import TrialState
 import polars as pl
 import pytest
 
@@ -231,6 +232,20 @@ def test_a_repeated_configuration_is_not_retrained(tiny_recipe, tmp_path):
     assert "its result reused" in studies.trial_line(again)
     df = leaderboard.frame(None, ["one"])
     assert df.height == 2 and again.number not in df["trial"].to_list()
+    # a worker died in a third attempt at it, leaving its training state; the retry finds the
+    # configuration finished meanwhile: it reuses the result and removes the dead attempt's state
+    st.add_trial(optuna.trial.create_trial(state=TrialState.FAIL, params=first.params,
+                                           distributions=first.distributions, user_attrs={"seed": 0}))
+    dead = st.get_trials()[-1]
+    state = studies.artifacts_root(studies.load("one")[1]) / f"trial-{dead.number:04d}" / "state"
+    (state / "ckpt-00000010").mkdir(parents=True)
+    (state / "latest").write_text("ckpt-00000010")
+    workers.requeue(st, dead)
+    workers.run("one", n_trials=1, progress=False)
+    retry = st.get_trials()[-1]
+    assert retry.system_attrs["retry_history"] == [dead.number] and retry.state == TrialState.COMPLETE
+    assert retry.user_attrs["duplicate_of"] == first.number and retry.user_attrs["train_flops"] == 0.0
+    assert not state.exists() and not state.parent.exists()
 
 
 def test_independent_processes_get_distinct_sampler_seeds():

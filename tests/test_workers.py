@@ -27,6 +27,7 @@ from conftest import run_cli
 from helpers import tiny_model
 from loopsearch.resume import Checkpointer
 from loopsearch.results import leaderboard
+from loopsearch.search import manage
 from loopsearch.search import study as studies
 from loopsearch.search import workers
 from loopsearch.search.space import BASELINE_ATTR
@@ -335,6 +336,11 @@ def test_worker_killed_mid_trial_is_retried_from_its_checkpoint(pg, tmp_path):
     every = 2e9
     path = recipe(tmp_path, budget="1.6e10", n_trials=3, extra=f"checkpoint_every = {every}\n")
     studies.create(studies.spec_from_options(name, "early_middle", str(path), None, None, None, None, None), pg)
+    # two distinct looped configurations after the baseline: a retry whose configuration another trial
+    # finished meanwhile reuses that result instead of resuming (it failed this test once, 2026-12-02)
+    for n_loops in (2, 3):
+        manage.enqueue(name, {"strategy": "fixed", "fixed.n_loops": n_loops, "fixed.train_loops": "constant",
+                              "block_length": 1, "loop_start": 1}, pg)
     env = {**os.environ, **ENV1, "LOOPSEARCH_STORAGE": pg}
     cmd = [sys.executable, "-m", "loopsearch", "study", "run", name, "--no-progress", "--heartbeat", "1",
            "--grace", "4"]

@@ -464,6 +464,10 @@ class Objective:
         offsets = self.seed_offsets(trial, choice)
         source = self.duplicate_of(trial, choice, offsets)
         if source is not None:
+            # a retry whose configuration another trial finished meanwhile: nothing will resume
+            # from the dead attempt's training state, so it goes too
+            for i, offset in enumerate(offsets):
+                Checkpointer(self.state_dir(trial, f"-seed{offset}" if len(offsets) > 1 and i else ""), None).clear()
             return self.reuse(trial, source)
         done = {int(r["seed_offset"]): r for r in trial.user_attrs.get("seed_results", [])}
         for i, offset in enumerate(offsets):
@@ -597,16 +601,20 @@ class Objective:
                "train_flops": result.train_flops, "steps": result.steps, "checkpoint": results["checkpoint"]}
         return {"row": {**row, "attrs": results}}
 
-    def checkpointer(self, trial: optuna.Trial, config: TrialConfig, suffix: str = "") -> Checkpointer:
-        """The trial's training-state directory: its own, or (a retry of a trial whose worker died)
-        the one it inherited, whose newest checkpoint training resumes from. ``suffix``: a further
-        seed of the trial (``-seedK``), beside the first seed's directory."""
+    def state_dir(self, trial: optuna.Trial, suffix: str = "") -> Path:
+        """The training-state directory of a trial's seed: its first attempt's (a retry inherits it)."""
         # derived here from the study's name and the first attempt's number (Optuna's retry history),
         # never read from storage: a path written into the database must not choose what gets deleted
         history = trial.study._storage.get_trial(trial._trial_id).system_attrs.get("retry_history")
         first = int((history or [trial.number])[0])
         root = artifacts_root(self.spec)
-        directory = str(inside(root / f"trial-{first:04d}{suffix}" / "state", root))
+        return inside(root / f"trial-{first:04d}{suffix}" / "state", root)
+
+    def checkpointer(self, trial: optuna.Trial, config: TrialConfig, suffix: str = "") -> Checkpointer:
+        """The trial's training-state directory: its own, or (a retry of a trial whose worker died)
+        the one it inherited, whose newest checkpoint training resumes from. ``suffix``: a further
+        seed of the trial (``-seedK``), beside the first seed's directory."""
+        directory = str(self.state_dir(trial, suffix))
         if not suffix:
             trial.set_user_attr(RESUME_ATTR, directory)  # for people and the dashboard; never read back
         ckpt = Checkpointer(directory, config.train.checkpoint_every, writer=distributed()[0] == 0)
