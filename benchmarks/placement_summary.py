@@ -19,7 +19,8 @@ Markdown:
 
 Only seeds that every cell has are used (a partial table is compared on equal terms).
 
-    python benchmarks/placement_summary.py [--table benchmarks/placement_table.parquet] [--top 12]
+    python benchmarks/placement_summary.py [--table benchmarks/placement_table.parquet] [--top 12] \
+        [--only-cells-of OTHER.parquet]
 """
 
 from __future__ import annotations
@@ -100,12 +101,17 @@ def differ_line(cells: dict, keys: list, seeds: list[int]) -> str:
             f"{', '.join(f'{r:.2f}' for r in rhos)}.")
 
 
-def summary(path: Path, top: int) -> str:
+def summary(path: Path, top: int, only_cells_of: Path | None = None) -> str:
     cells, seeds, left_out = load(path)
+    if only_cells_of is not None:  # the same cells as another table (e.g. one at another budget still being trained)
+        keep = set(load(only_cells_of)[0])
+        cells = {k: v for k, v in cells.items() if k in keep}
     looped = [k for k in cells if k != BASELINE]
     means = {k: statistics.fmean(cells[k].values()) for k in cells}
     ses = {k: statistics.stdev(cells[k].values()) / math.sqrt(len(seeds)) for k in cells} if len(seeds) > 1 else {}
     partial = f" ({left_out} cell{'s' * (left_out != 1)} without every seed yet left out)" if left_out else ""
+    if only_cells_of is not None:
+        partial += f", only the cells {only_cells_of.name} has"
     out = [f"Table {path.name}: {len(cells)} cells x {len(seeds)} seeds ({', '.join(map(str, seeds))}){partial}."]
     if len(seeds) > 1:
         spread = statistics.stdev(means[k] for k in looped)
@@ -165,8 +171,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--table", type=Path, default=HERE / "placement_table.parquet")
     ap.add_argument("--top", type=int, default=12, help="best cells shown (the paper's and the baseline always)")
+    ap.add_argument("--only-cells-of", type=Path, default=None, metavar="TABLE",
+                    help="summarise only the cells another table has (its complete ones): e.g. the 1-TFLOP "
+                         "table on the cells a 4-TFLOP table has trained so far")
     args = ap.parse_args()
-    print(summary(args.table, args.top))
+    print(summary(args.table, args.top, args.only_cells_of))
 
 
 if __name__ == "__main__":

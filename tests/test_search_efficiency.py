@@ -225,3 +225,8 @@ def test_placement_summary_on_a_table_still_being_trained(tmp_path):
     # the paper's cell is the synthetic best: nothing beats it, and it ranks first
     assert "Cells better than the paper's [1,3)x3 U beyond noise (95% paired t, 3 seeds): 0 of 44" in text
     assert "The paper's placement ranks 1 of 45 by mean." in text
+    # the full table on the partial one's complete cells: the same 45 cells, every seed
+    full = tmp_path / "full.parquet"
+    frame.write_parquet(full)
+    same = ps.summary(full, top=3, only_cells_of=path)
+    assert "45 cells x 3 seeds (0, 1, 2), only the cells t.parquet has." in same and "the 44 looped cells" in same
