@@ -17,7 +17,9 @@ Markdown:
   With K cells compared, a few intervals exclude 0 by chance (5% each): the Bonferroni column
   widens each interval to 1 - 0.05 / K, and only a cell that beats the paper there is a finding.
 
-Only seeds that every cell has are used (a partial table is compared on equal terms).
+A table still being trained (cell by cell) is compared on equal terms: cells without every seed the
+table holds are left out (the first line says how many); if fewer than 2 cells have every seed, all
+cells are kept on the seeds they all have.
 
     python benchmarks/placement_summary.py [--table benchmarks/placement_table.parquet] [--top 12] \
         [--only-cells-of OTHER.parquet]
@@ -103,6 +105,8 @@ def differ_line(cells: dict, keys: list, seeds: list[int]) -> str:
 
 def summary(path: Path, top: int, only_cells_of: Path | None = None) -> str:
     cells, seeds, left_out = load(path)
+    if not seeds:
+        return f"Table {path.name}: no seed that every cell has yet; nothing to compare."
     if only_cells_of is not None:  # the same cells as another table (e.g. one at another budget still being trained)
         keep = set(load(only_cells_of)[0])
         cells = {k: v for k, v in cells.items() if k in keep}
@@ -113,7 +117,7 @@ def summary(path: Path, top: int, only_cells_of: Path | None = None) -> str:
     if only_cells_of is not None:
         partial += f", only the cells {only_cells_of.name} has"
     out = [f"Table {path.name}: {len(cells)} cells x {len(seeds)} seeds ({', '.join(map(str, seeds))}){partial}."]
-    if len(seeds) > 1:
+    if len(seeds) > 1 and len(looped) >= 2:
         spread = statistics.stdev(means[k] for k in looped)
         noise = statistics.fmean(ses[k] for k in looped)
         out.append(f"Signal-to-noise of the {len(looped)} looped cells: spread of cell means (sd) {spread:.3f} nats "

@@ -50,7 +50,10 @@ settings are kept unless ``--fresh``), on two cores as two shards, then merged::
 
 Rows are trained cell by cell (every seed of a cell before the next), so a partial table holds whole
 cells; ``--cells`` trains chosen cells first, in the order given, and a later run without it adds
-the rest to the same ``--output``. The 4-TFLOP table (docs/results.md) was started so::
+the rest to the same ``--output``. Shards split the rows still to do, so only their merge holds
+whole cells, and each shard decides what is left from its own ``--output``: to continue a sharded
+run with other cells, merge the shards first and copy the merged table to every shard's output.
+The 4-TFLOP table (docs/results.md) was started so::
 
     OMP_NUM_THREADS=1 python benchmarks/placement_table.py --budget 4e12 --shard 0/2 \
         --output /tmp/pt4_s0.parquet --cells baseline '[1,3)x3 U' '[0,1)x2' '[5,6)x2' ...
@@ -246,7 +249,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="loop counts k of rows trained with S ~ U{1..k} (LoopMDM's strategy; [1,3) U is the paper's)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="seeds (data order, init and validation masks); every configuration runs once per seed, "
-                        "seed by seed, so a partial table holds whole seeds")
+                        "cell by cell, so a partial table holds whole cells")
     p.add_argument("--limit", type=int, default=None, help="train only the first N configurations (baseline first)")
     p.add_argument("--cells", nargs="+", default=None, metavar="LABEL",
                    help="train only these cells, in this order (labels as in the table: baseline, '[1,3)x3 U', "

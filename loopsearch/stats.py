@@ -190,7 +190,9 @@ class BlockedAnova:
 
     @property
     def snr(self) -> float:
-        return self.spread / self.residual_se if self.residual_se > 0 else math.inf
+        if self.residual_se > 0:
+            return self.spread / self.residual_se
+        return math.inf if self.spread > 0 else math.nan
 
     def differ(self, alpha: float = 1 - LEVEL) -> bool:
         return self.p < alpha
@@ -208,6 +210,8 @@ def blocked_anova(rows: Sequence[Sequence[float]]) -> BlockedAnova:
         raise ValueError(f"an F test needs >= 2 arms and >= 2 seeds each, got {k} arms x {n} seeds")
     if any(len(r) != n for r in y):
         raise ValueError("every arm needs a value in every block (seed): use the seeds all arms have")
+    if not all(math.isfinite(v) for r in y for v in r):
+        raise ValueError("an F test needs finite values (a diverged run has none): leave that arm out")
     grand = statistics.fmean(v for r in y for v in r)
     arm = [statistics.fmean(r) for r in y]
     block = [statistics.fmean(y[i][j] for i in range(k)) for j in range(n)]
@@ -215,6 +219,12 @@ def blocked_anova(rows: Sequence[Sequence[float]]) -> BlockedAnova:
     ss_res = sum((y[i][j] - arm[i] - block[j] + grand) ** 2 for i in range(k) for j in range(n))
     df_arms, df_res = k - 1, (k - 1) * (n - 1)
     ms_res = ss_res / df_res
-    f = (ss_arms / df_arms) / ms_res if ms_res > 0 else math.inf
-    p = float(st.f.sf(f, df_arms, df_res)) if math.isfinite(f) else 0.0
+    scale = max(1.0, max(abs(v) for r in y for v in r)) ** 2
+    if ss_arms <= 1e-24 * scale:  # the arms' means agree (identical runs, say): nothing to detect
+        f, p = 0.0, 1.0
+    elif ms_res <= 1e-24 * scale:  # the arms differ by exact constants across seeds: no noise at all
+        f, p = math.inf, 0.0
+    else:
+        f = (ss_arms / df_arms) / ms_res
+        p = float(st.f.sf(f, df_arms, df_res))
     return BlockedAnova(f, df_arms, df_res, p, statistics.stdev(arm), math.sqrt(ms_res / n))

@@ -76,6 +76,9 @@ def test_retry_queues_a_failed_trial_with_its_parameters_and_history(created):
     assert retry.system_attrs["failed_trial"] == number and retry.system_attrs["retry_history"] == [number]
     with pytest.raises(LoopsearchError, match="is waiting: only failed trials are retried"):
         manage.retry(created, retry.number)
+    # a second retry of the same failure would train beside the first in one state directory
+    with pytest.raises(LoopsearchError, match=f"was retried already \\(as trial {retry.number}\\)"):
+        manage.retry(created, number)
     with pytest.raises(LoopsearchError, match="has no trial 99"):
         manage.retry(created, 99)
 

@@ -111,8 +111,10 @@ def test_blocked_anova_matches_the_textbook_two_way_table():
     # arms x seeds; a seed effect shared by every arm must not count as noise
     rows = [[1.0, 2.0, 3.0], [1.5, 2.5, 3.5], [1.2, 2.1, 3.3]]
     a = stats.blocked_anova(rows)
-    # by hand: arm means 2, 2.5, 2.2; grand 2.2333; residual SS 0.06 on 4 df
+    # by hand: arm means 2, 2.5, 2.2; grand 2.2333; SS arms 0.38 on 2 df, residual SS 0.01333 on 4 df:
+    # F = 0.19 / 0.003333 = 57, p = 0.00115 (F(2, 4) upper tail)
     assert (a.df_arms, a.df_residual) == (2, 4)
+    assert a.f == pytest.approx(57.0) and a.p == pytest.approx(0.001149, rel=1e-3)
     ss_arms = 3 * ((2 - 6.7 / 3) ** 2 + (2.5 - 6.7 / 3) ** 2 + (2.2 - 6.7 / 3) ** 2)
     block = [(1 + 1.5 + 1.2) / 3, (2 + 2.5 + 2.1) / 3, (3 + 3.5 + 3.3) / 3]
     arm = [2.0, 2.5, 2.2]
@@ -139,6 +141,15 @@ def test_blocked_anova_calls_arms_of_one_mean_a_tie_about_as_often_as_it_should(
     # a real difference of 4 residual sds between two halves of ten arms is found
     rows = [[3.0 + s + rng.gauss(0, 0.05) + (0.2 if i < 5 else 0) for s in (0.3, -0.2, 0.5)] for i in range(10)]
     assert stats.blocked_anova(rows).p < 0.05
+
+
+def test_blocked_anova_edge_cases():
+    same = stats.blocked_anova([[1.0, 2.0], [1.0, 2.0]])  # two identical runs: no difference, not infinite F
+    assert same.f == 0.0 and same.p == 1.0 and not same.differ() and math.isnan(same.snr)
+    exact = stats.blocked_anova([[1.0, 2.0], [1.5, 2.5]])  # a constant difference, no noise at all
+    assert exact.f == math.inf and exact.p == 0.0 and exact.differ()
+    with pytest.raises(ValueError, match="finite values"):
+        stats.blocked_anova([[1.0, float("nan")], [1.0, 2.0]])
 
 
 def test_blocked_anova_refuses_an_incomplete_table():

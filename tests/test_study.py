@@ -240,7 +240,13 @@ def test_a_repeated_configuration_is_not_retrained(tiny_recipe, tmp_path):
     state = studies.artifacts_root(studies.load("one")[1]) / f"trial-{dead.number:04d}" / "state"
     (state / "ckpt-00000010").mkdir(parents=True)
     (state / "latest").write_text("ckpt-00000010")
+    # two retries of it queued: while the second waits, the first must leave the shared state alone
     workers.requeue(st, dead)
+    workers.requeue(st, dead)
+    workers.run("one", n_trials=1, progress=False)
+    first_retry, retry = st.get_trials()[-2:]
+    assert first_retry.user_attrs.get("duplicate_of") == first.number and state.exists()
+    assert retry.state == TrialState.WAITING
     workers.run("one", n_trials=1, progress=False)
     retry = st.get_trials()[-1]
     assert retry.system_attrs["retry_history"] == [dead.number] and retry.state == TrialState.COMPLETE

@@ -16,6 +16,7 @@ from helpers import tiny_model
 from loopsearch.results import leaderboard as lb
 from loopsearch.search import study as studies
 from loopsearch.search import workers
+from loopsearch.search.space import BASELINE_ATTR
 from loopsearch.data import PreparedData, validation_windows
 from loopsearch.diffusion import validation_elbo
 from loopsearch.spec import TrainConfig
@@ -111,14 +112,15 @@ def test_seeds_train_every_configuration_with_each_seed(seeded_study):
     assert looped["delta_lo"] < looped["delta_nll"] < looped["delta_hi"]
     # t with 1 degree of freedom: the half-width is 12.706 standard errors
     assert (looped["delta_hi"] - looped["delta_nll"]) == pytest.approx(12.706 * looped["delta_se"], rel=1e-3)
-    # do the 3 trials differ from each other beyond seed noise? the F test on their 2 shared seeds
+    # does a looped trial differ from the other beyond seed noise? the F test on their 2 shared seeds
     (line,) = lb.spread_tests(studies=["rep"])
-    by_seed = [[r["val_nll"] for r in t.user_attrs["seed_results"]] for t in st.get_trials()]
+    by_seed = [[r["val_nll"] for r in t.user_attrs["seed_results"]] for t in st.get_trials()
+               if not t.user_attrs.get(BASELINE_ATTR)]
     a = stats.blocked_anova(by_seed)
-    assert line.startswith("rep: the 3 trials with seeds 0, 1 ") and f"F(2, 2) = {a.f:.2f}, p = {a.p:.2g}" in line
-    assert ("do not differ" in line) == (not a.differ())
+    assert line.startswith("rep: of its 2 looped trials (paired by seeds 0, 1), ")
+    assert f"F(1, 1) = {a.f:.2f}, p = {a.p:.2g}" in line and ("a tie" in line) == (not a.differ())
     table = run_cli("leaderboard", "--study", "rep")
-    assert "the 3 trials with seeds 0, 1" in " ".join(table.stdout.split())
+    assert "of its 2 looped trials (paired by seeds 0, 1)" in " ".join(table.stdout.split())
 
 
 def test_confirm_retrains_top_trials_and_the_baseline_with_new_seeds(seeded_study):
@@ -138,6 +140,8 @@ def test_confirm_retrains_top_trials_and_the_baseline_with_new_seeds(seeded_stud
     assert others["seeds"].to_list() == [2] and not others["confirmed"].any()  # 2 seeds, never confirmed
     looped = confirmed.filter(~confirmed["baseline"]).row(0, named=True)
     assert looped["delta_basis"] == "3 seeds"
+    # after a confirmation only the confirmed looped trials count, on the new seeds: one trial, one seed
+    assert lb.spread_tests(studies=["rep"]) == []
     # the study's own trial count is unchanged: `study run` has nothing more to do
     assert workers.run("rep", progress=False) == 0
     # a second confirmation uses seeds after every one used so far
@@ -145,6 +149,16 @@ def test_confirm_retrains_top_trials_and_the_baseline_with_new_seeds(seeded_stud
 
     planned = confirm.plan(st, top=1, seeds=2)
     assert all(offsets == [3, 4] for _, offsets in planned)
+    # confirming both looped trials with 2 new seeds each (after each one's own: 3, 4 and 2, 3): the F
+    # test pairs them on the confirmation seeds both have (2, 3), never on 0 and 1, which ranked them
+    r = run_cli("study", "confirm", "rep", "--top", "2", "--seeds", "2", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    again = [t for t in studies.load("rep")[0].get_trials() if t.user_attrs.get(studies.CONFIRM_SEEDS_ATTR) == [3, 4]
+             or t.user_attrs.get(studies.CONFIRM_SEEDS_ATTR) == [2, 3]]
+    # never pruned: Optuna's default median pruner pruned these once the study had 5 finished trials
+    assert len(again) == 3 and all(t.state == optuna.trial.TrialState.COMPLETE for t in again)
+    (line,) = lb.spread_tests(studies=["rep"])
+    assert line.startswith("rep: of its 2 confirmed trials (paired by their confirmation seeds 2, 3), ")
 
 
 def test_leaderboard_json_carries_errors_intervals_and_ties(tiny_recipe):

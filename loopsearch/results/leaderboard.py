@@ -233,10 +233,13 @@ def _merge_confirmations(trials: list) -> tuple[list, dict[int, dict[int, dict]]
 
 
 def spread_tests(storage: str | None = None, studies: list[str] | None = None) -> list[str]:
-    """One line per study and budget with 2+ trials that share 2+ seeds (replicates, or trials
-    confirmed by ``study confirm``): do those trials differ from each other beyond seed noise?
-    The F test of trials x seeds with the seed effect removed (``stats.blocked_anova``), on the
-    seeds all of them trained. A study without such trials gets no line."""
+    """One line per study and budget whose looped trials share 2+ seeds: does at least one of them
+    differ from the others beyond seed noise? The F test of trials x seeds with the seed effect
+    removed (``stats.blocked_anova``). The baseline is left out (each trial's paired difference from
+    it is in the table). After ``study confirm`` only the confirmed trials count, on their
+    confirmation seeds: the seeds that picked them as the best would bias the test. Trials with
+    other seeds than the most common set are left out, and said so. Arms grids (one seed per
+    trial) get no line: ``repro`` and ``sweep`` report their own intervals."""
     store = open_storage(storage)
     names = studies or [s.study_name for s in optuna.get_all_study_summaries(store, include_best_trial=False)]
     lines = []
@@ -244,22 +247,36 @@ def spread_tests(storage: str | None = None, studies: list[str] | None = None) -
         study = optuna.load_study(study_name=name, storage=store)
         trials = [t for t in study.get_trials(deepcopy=False)
                   if not t.user_attrs.get(SURPLUS_ATTR) and t.user_attrs.get("duplicate_of") is None]
-        originals, seeds, _ = _merge_confirmations(trials)
-        by_budget: dict[float, list] = {}
-        for t in originals:
-            if len(seeds[t.number]) >= 2:
-                budget = float(TrialRecord.of(t).budget or 0.0)
-                by_budget.setdefault(budget, []).append(t.number)
-        for budget, numbers in sorted(by_budget.items()):
-            common = sorted(set.intersection(*(set(seeds[n]) for n in numbers))) if numbers else []
-            if len(numbers) < 2 or len(common) < 2:
+        originals, seeds, confirms = _merge_confirmations(trials)
+        looped = [t for t in originals if not t.user_attrs.get(BASELINE_ATTR)]
+        if confirms:
+            values = {t.number: {s: v for c in confirms[t.number] for s, v in seed_values(c).items()}
+                      for t in looped if t.number in confirms}
+            which, basis = "confirmed trials", "their confirmation seeds"
+        else:
+            values = {t.number: seeds[t.number] for t in looped}
+            which, basis = "looped trials", "seeds"
+        by_budget: dict[float, dict[int, dict]] = {}
+        for t in looped:
+            if len(values.get(t.number, {})) >= 2:
+                by_budget.setdefault(float(TrialRecord.of(t).budget or 0.0), {})[t.number] = values[t.number]
+        for budget, group in sorted(by_budget.items()):
+            sets = [frozenset(v) for v in group.values()]
+            common = max(set(sets), key=lambda s: (sum(s <= other for other in sets), len(s), -min(s)))
+            members = [n for n, v in group.items() if common <= set(v)]
+            if len(members) < 2:
                 continue
-            a = blocked_anova([[seeds[n][s]["val_nll"] for s in common] for n in numbers])
-            words = "differ beyond seed noise" if a.differ() else "do not differ beyond seed noise (a tie)"
+            order = sorted(common)
+            a = blocked_anova([[group[n][s]["val_nll"] for s in order] for n in members])
+            verdict = ("at least one differs from the others beyond seed noise" if a.differ()
+                       else "none differs from the others beyond seed noise: a tie")
             at = f" at {format_flops(budget)}" if len(by_budget) > 1 else ""
-            lines.append(f"{name}{at}: the {len(numbers)} trials with seeds {', '.join(map(str, common))} "
-                         f"{words}: F({a.df_arms}, {a.df_residual}) = {a.f:.2f}, p = {a.p:.2g} (seed effect "
-                         f"removed; spread of their means {a.spread:.4f} vs residual SE {a.residual_se:.4f})")
+            left = len(group) - len(members)
+            rest = f"; {left} trial{'s' * (left != 1)} with other seeds left out" if left else ""
+            paired = f"paired by {basis} {', '.join(map(str, order))}"
+            lines.append(f"{name}{at}: of its {len(members)} {which} ({paired}), {verdict}: "
+                         f"F({a.df_arms}, {a.df_residual}) = {a.f:.2f}, p = {a.p:.2g} (seed effect removed; "
+                         f"spread of their means {a.spread:.4f} vs residual SE {a.residual_se:.4f}{rest})")
     return lines
 
 

@@ -99,6 +99,10 @@ def retry(name: str, number: int, storage: str | None = None) -> int:
     if trial.state != TrialState.FAIL:
         raise LoopsearchError(f"trial {number} of {name!r} is {trial.state.name.lower()}: only failed trials are "
                               f"retried (queue a configuration again with `loopsearch study enqueue`)")
+    later = [t.number for t in trials.values() if number in (t.system_attrs.get("retry_history") or [])]
+    if later:
+        raise LoopsearchError(f"trial {number} of {name!r} was retried already (as trial {later[-1]}); retry "
+                              f"that one if it failed too")
     requeue(study, trial)
     return sum(t.state == TrialState.WAITING for t in study.get_trials(deepcopy=False))
 

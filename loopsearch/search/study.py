@@ -464,11 +464,15 @@ class Objective:
         offsets = self.seed_offsets(trial, choice)
         source = self.duplicate_of(trial, choice, offsets)
         if source is not None:
-            # a retry whose configuration another trial finished meanwhile: nothing will resume
-            # from the dead attempt's training state, so it goes too
-            for i, offset in enumerate(offsets):
-                Checkpointer(self.state_dir(trial, f"-seed{offset}" if len(offsets) > 1 and i else ""), None).clear()
-            return self.reuse(trial, source)
+            value = self.reuse(trial, source)
+            # a retry whose configuration another trial finished meanwhile: nothing will resume from
+            # the dead attempt's training state, so it goes too, unless another live retry of the
+            # same first attempt (`study retry` beside the automatic one) still trains from it
+            if not self.shares_state(trial):
+                for i, offset in enumerate(offsets):
+                    suffix = f"-seed{offset}" if len(offsets) > 1 and i else ""
+                    Checkpointer(self.state_dir(trial, suffix), None).clear()
+            return value
         done = {int(r["seed_offset"]): r for r in trial.user_attrs.get("seed_results", [])}
         for i, offset in enumerate(offsets):
             if offset in done:
@@ -556,7 +560,8 @@ class Objective:
             if first and gflops not in reported:  # tiny budgets: two checkpoints can round to one GFLOP
                 reported.add(gflops)
                 trial.report(nll, gflops)
-                prune = trial.should_prune()
+                # a confirmation runs to the end whatever the pruner
+                prune = trial.user_attrs.get(CONFIRM_OF_ATTR) is None and trial.should_prune()
             if self.share is not None:  # data-parallel followers wait for a decision at every report
                 self.share({"prune": prune})
             if prune:
@@ -600,6 +605,17 @@ class Objective:
         row = {"seed_offset": offset, "seed": config.seed, "val_nll": result.val_nll, "val_nll_se": result.val_se,
                "train_flops": result.train_flops, "steps": result.steps, "checkpoint": results["checkpoint"]}
         return {"row": {**row, "attrs": results}}
+
+    def shares_state(self, trial: optuna.Trial) -> bool:
+        """Whether another running or waiting trial is an attempt of the same first trial (and so
+        uses the same training-state directory)."""
+        def first(t: FrozenTrial) -> int:
+            return int((t.system_attrs.get("retry_history") or [t.number])[0])
+
+        mine = first(trial.study._storage.get_trial(trial._trial_id))
+        return any(first(t) == mine for t in trial.study.get_trials(deepcopy=False,
+                                                                    states=(TrialState.RUNNING, TrialState.WAITING))
+                   if t.number != trial.number)
 
     def state_dir(self, trial: optuna.Trial, suffix: str = "") -> Path:
         """The training-state directory of a trial's seed: its first attempt's (a retry inherits it)."""
