@@ -10,6 +10,8 @@ Markdown:
   shares is removed, as in a paired difference), its p value and the paired signal-to-noise
   sqrt(F) (about 1 when the cells do not differ), and how well one seed's ranking of the cells
   repeats in another's (Spearman correlation per pair of seeds);
+- whether the placement matters once the cost is fixed: the same F test within each group of cells
+  that add the same layer applications per training step (and so get the same optimizer steps);
 - every cell against LoopMDM's hand placement (layers [1,3), S ~ U{1..3} in training, 3 loops at
   inference: ``[1,3)x3 U``) and against the no-loop baseline: the paired difference over seeds
   (same data order, initialisation and validation masks per seed) with a t interval on n - 1
@@ -103,6 +105,36 @@ def differ_line(cells: dict, keys: list, seeds: list[int]) -> str:
             f"{', '.join(f'{r:.2f}' for r in rhos)}.")
 
 
+def extra_layers(key) -> float:
+    """Extra layer applications per training step over the baseline: block length x (mean loops - 1);
+    S ~ U{1..n} in training has mean (n + 1) / 2 loops. Cells of one cost get the same optimizer steps."""
+    start, end, n, train_loops = key
+    if n == 1:
+        return 0.0
+    return (end - start) * (((n + 1) / 2 if train_loops == "uniform" else n) - 1)
+
+
+def cost_lines(cells: dict, seeds: list[int]) -> list[str]:
+    """Does the placement matter once the cost is fixed? Per group of looped cells of equal training
+    cost (the same extra layers per step, so the same steps): the paired F test within the group."""
+    groups: dict[float, list] = {}
+    for key in cells:
+        if key != BASELINE:
+            groups.setdefault(extra_layers(key), []).append(key)
+    out = ["", "| extra layers per step (same steps) | cells, best first (mean val NLL) | within the group: F test, "
+               "paired by seed | verdict |", "|---|---|---|---|"]
+    for cost, keys in sorted(groups.items()):
+        keys.sort(key=lambda k: statistics.fmean(cells[k].values()))
+        listed = ", ".join(f"{label(k)} {statistics.fmean(cells[k].values()):.3f}" for k in keys)
+        if len(keys) < 2 or len(seeds) < 2:
+            out.append(f"| {cost:g} | {listed} | - | - |")
+            continue
+        a = blocked_anova([[cells[k][s] for s in seeds] for k in keys])
+        verdict = "differ" if a.differ() else "tie"
+        out.append(f"| {cost:g} | {listed} | F({a.df_arms}, {a.df_residual}) = {a.f:.2f}, p = {a.p:.2g} | {verdict} |")
+    return out
+
+
 def summary(path: Path, top: int, only_cells_of: Path | None = None) -> str:
     cells, seeds, left_out = load(path)
     if not seeds:
@@ -168,6 +200,7 @@ def summary(path: Path, top: int, only_cells_of: Path | None = None) -> str:
                    f"({', '.join(map(label, verdicts['better'])) or 'none'}), {len(verdicts['worse'])} worse, "
                    f"{len(verdicts['tie'])} tie; better after Bonferroni: {len(strict_better)} "
                    f"({', '.join(map(label, strict_better)) or 'none'}).")
+    out += cost_lines(cells, seeds)
     return "\n".join(out)
 
 

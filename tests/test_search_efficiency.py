@@ -203,6 +203,11 @@ def test_placement_summary_pairs_seeds_against_the_paper(tmp_path):
     assert "Cells better than the paper's [1,3)x3 U beyond noise (95% paired t, 3 seeds): 0 of 45" in text
     assert "The paper's placement ranks 1 of 46" in text
     assert "| baseline |" in text and "| worse |" in text
+    # within a cost group (same extra layers, same steps) the synthetic cells still differ by placement
+    assert ps.extra_layers((1, 3, 3, "uniform")) == 2 == ps.extra_layers((0, 2, 2, "constant"))
+    assert ps.extra_layers((0, 3, 3, "constant")) == 6 and ps.extra_layers(ps.BASELINE) == 0
+    row = next(line for line in text.splitlines() if line.startswith("| 2 | [1,3)x3 U 3.0"))
+    assert row.endswith("| differ |")
 
 
 def test_placement_summary_on_a_table_still_being_trained(tmp_path):
