@@ -692,8 +692,9 @@ def leaderboard(studies_, top, fmt, output, scaling, pareto, wide, storage):
     val_nll_lo, val_nll_hi, seeds, delta_nll, delta_se, delta_lo, delta_hi, delta_basis
     ("N seeds", "masks" or "unpaired"), tie (true/false), vs_baseline (better, worse, tie).
     Pruned trials are listed with the training FLOPs they used before they were stopped.
-    Under the table, for each study whose trials share 2+ seeds (replicates, or `study confirm`):
-    whether those trials differ from each other beyond seed noise (F test, seed effect removed).
+    Under the table, for each study whose looped trials share 2+ seeds (replicates, or the trials
+    `study confirm` retrained, on its new seeds): whether any of them differs from the others beyond
+    seed noise (F test, seed effect removed).
 
     Examples: loopsearch leaderboard --study quick --top 5 --format csv --output quick.csv;
     loopsearch leaderboard --study multi --pareto

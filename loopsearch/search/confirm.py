@@ -105,10 +105,7 @@ def confirm(name: str, storage: str | None = None, *, top: int = 3, seeds: int =
         confirmed = enqueue(study, planned)
         say(f"confirming trials {confirmed} (the first is the baseline) with {seeds} more seed(s) each: "
             f"{format_flops(need)} of training")
-    objective = Objective(spec, progress)
-    # a confirmation re-measures a chosen configuration to the end: never pruned. (load() gives Optuna's
-    # default MedianPruner, which pruned confirmations once a study had 5 finished trials.)
-    study.pruner = optuna.pruners.NopPruner()
+    objective = Objective(spec, progress)  # it never prunes a confirmation, whatever study.pruner is
     with interrupt.deferred():
         while True:
             interrupt.check()

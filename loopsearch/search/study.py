@@ -560,7 +560,8 @@ class Objective:
             if first and gflops not in reported:  # tiny budgets: two checkpoints can round to one GFLOP
                 reported.add(gflops)
                 trial.report(nll, gflops)
-                # a confirmation runs to the end whatever the pruner
+                # a confirmation re-measures a chosen configuration to the end, whatever the pruner (confirm
+                # runs with Optuna's default MedianPruner, which pruned them once a study had 5 finished trials)
                 prune = trial.user_attrs.get(CONFIRM_OF_ATTR) is None and trial.should_prune()
             if self.share is not None:  # data-parallel followers wait for a decision at every report
                 self.share({"prune": prune})
@@ -609,11 +610,8 @@ class Objective:
     def shares_state(self, trial: optuna.Trial) -> bool:
         """Whether another running or waiting trial is an attempt of the same first trial (and so
         uses the same training-state directory)."""
-        def first(t: FrozenTrial) -> int:
-            return int((t.system_attrs.get("retry_history") or [t.number])[0])
-
-        mine = first(trial.study._storage.get_trial(trial._trial_id))
-        return any(first(t) == mine for t in trial.study.get_trials(deepcopy=False,
+        mine = first_attempt(trial.study._storage.get_trial(trial._trial_id))
+        return any(first_attempt(t) == mine for t in trial.study.get_trials(deepcopy=False,
                                                                     states=(TrialState.RUNNING, TrialState.WAITING))
                    if t.number != trial.number)
 
@@ -621,8 +619,7 @@ class Objective:
         """The training-state directory of a trial's seed: its first attempt's (a retry inherits it)."""
         # derived here from the study's name and the first attempt's number (Optuna's retry history),
         # never read from storage: a path written into the database must not choose what gets deleted
-        history = trial.study._storage.get_trial(trial._trial_id).system_attrs.get("retry_history")
-        first = int((history or [trial.number])[0])
+        first = first_attempt(trial.study._storage.get_trial(trial._trial_id))
         root = artifacts_root(self.spec)
         return inside(root / f"trial-{first:04d}{suffix}" / "state", root)
 
@@ -675,6 +672,11 @@ class Objective:
         if steps < config.train.min_steps:
             trial.set_user_attr("rejected", reason)
             raise optuna.TrialPruned(reason)
+
+
+def first_attempt(t: FrozenTrial) -> int:
+    """The number of a trial's first attempt (a retry's, from Optuna's retry history)."""
+    return int((t.system_attrs.get("retry_history") or [t.number])[0])
 
 
 class TrialFailed(RuntimeError):
