@@ -169,6 +169,25 @@ class Table:
         best = ranked[0]
         return {k for k in ranked if self.cells[k].mean - self.cells[best].mean <= self.paired_se(k, best)}
 
+    def space_keys(self) -> set[Key]:
+        """Every cell the search space can propose (``suggest_placement``'s space)."""
+        keys = set()
+        for n in self.loop_counts:
+            if n == 1:
+                keys.add(key_of(1, 0, 0))
+                continue
+            for length in range(1, self.max_block + 1):
+                for start in range(self.n_layer - length + 1):
+                    keys.add(key_of(n, start, start + length))
+                    if n in self.uniform_counts:
+                        keys.add(key_of(n, start, start + length, "uniform"))
+        return keys
+
+    def missing(self) -> list[Key]:
+        """Cells the space can propose that the table has no complete row set for (a table still
+        being trained): a replay would propose them and find nothing to draw."""
+        return sorted(self.space_keys() - set(self.cells))
+
     def signal_to_noise(self) -> tuple[float, float, float]:
         """(spread of cell means, their mean SE, spread / mean SE): the spread is the standard
         deviation of the cell means; the SE of a cell mean is its seeds' sd / sqrt(seeds)."""
@@ -229,6 +248,15 @@ def table_from_frame(frame: pl.DataFrame, looped_only: bool = False, settings: d
 
 def load_table(path: Path, looped_only: bool = False) -> Table:
     return table_from_frame(pl.read_parquet(path), looped_only, read_settings(path))
+
+
+def check_complete(table: Table, path: Path) -> None:
+    """Refuse a table with holes in its space, in one line that names them and the fix."""
+    missing = table.missing()
+    if missing:
+        shown = ", ".join(label(k) for k in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise SystemExit(f"{path}: {len(missing)} of {len(table.space_keys())} cells of the space have no rows "
+                         f"({shown}); finish the table first (placement_table.py resumes from its --output)")
 
 
 # ---- one replayed study ---------------------------------------------------------------------------
@@ -478,6 +506,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
     searches = {name: load_table(args.table, looped_only=name == "looped") for name in args.searches}
+    for table in searches.values():
+        check_complete(table, args.table)
     results = {}
     for name, table in searches.items():
         targets = table.targets(args.target)

@@ -86,6 +86,18 @@ def test_incomplete_seed_is_left_out(se):
     assert table.seeds == [0, 1] and all(len(c.runs) == 2 for c in table.cells.values())
 
 
+def test_a_table_with_holes_is_refused_by_name(se, tmp_path):
+    frame = synthetic_frame()
+    assert se.table_from_frame(frame).missing() == []
+    holed = frame.filter(~((pl.col("loop_start") == 4) & (pl.col("loop_end") == 6) & (pl.col("n_loops") == 2)))
+    table = se.table_from_frame(holed)
+    assert table.missing() == [(2, 4, 6, "constant")]
+    path = tmp_path / "holed.parquet"
+    holed.write_parquet(path)
+    with pytest.raises(SystemExit, match=r"1 of 46 cells of the space have no rows \(\[4,6\)x2\); finish the table"):
+        se.main(["--table", str(path), "--replays", "1", "--methods", "random", "--output", "-"])
+
+
 def test_pruned_trial_costs_its_last_report(se):
     import optuna
 
