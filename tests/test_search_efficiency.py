@@ -98,6 +98,14 @@ def test_a_table_with_holes_is_refused_by_name(se, tmp_path):
         se.main(["--table", str(path), "--replays", "1", "--methods", "random", "--output", "-"])
 
 
+def test_a_replay_is_reproducible_with_hyperband(se):
+    table = se.table_from_frame(synthetic_frame())
+    targets = {table.best_key()}
+    first = se.replay(table, "tpe", "hyperband", 3, targets, 1.0)
+    second = se.replay(table, "tpe", "hyperband", 3, targets, 1.0)
+    assert first.history == second.history and first.pruned == second.pruned
+
+
 def test_pruned_trial_costs_its_last_report(se):
     import optuna
 
